@@ -1,0 +1,118 @@
+"""The ``netwatch`` command line: one sentence per error, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any, NoReturn
+
+from . import config as config_mod
+from . import control, events
+from .errors import ConfigError, NetwatchError
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"netwatch: {message} (see 'netwatch --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="netwatch", description="Keep running QEMU VMs' NICs on their host links.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("-c", "--config", default=None,
+                         help=f"config file (default: $NETWATCH_CONFIG or {config_mod.DEFAULT_PATH})")
+        return cmd
+
+    run = command("run", "run the service in the foreground")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    command("check", "validate the config file")
+    qemu_args = command("qemu-args", "print the QEMU arguments netwatch needs for a VM")
+    qemu_args.add_argument("--json", action="store_true", help="a JSON array instead of a shell line")
+    qemu_args.add_argument("vm", help="VM name")
+    status = command("status", "show every VM and NIC as the running service sees it")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    demo = sub.add_parser("demo", help="flap a lower under a sandboxed VM and show netwatch reattaching it")
+    demo.add_argument("--flaps", type=int, default=5, help="how many times to flap the lower (default 5)")
+    return parser
+
+
+def _load(path: str | None) -> config_mod.Config:
+    return config_mod.load(path or config_mod.default_config_path())
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"netwatch: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except NetwatchError as exc:
+        return _fail(str(exc), EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        cfg = _load(args.config)
+        nics = sum(len(vm.nics) for vm in cfg.vms)
+        print(f"{cfg.path}: OK ({len(cfg.vms)} VMs, {nics} NICs)")
+        return 0
+    if args.command == "qemu-args":
+        cfg = _load(args.config)
+        vm = cfg.vm(args.vm)
+        if vm is None:
+            return _fail(f"no VM named '{args.vm}' in {cfg.path}", EXIT_USAGE)
+        from .qemu_args import render
+        print(render(vm, args.json))
+        return 0
+    if args.command == "status":
+        cfg = _load(args.config)
+        result = control.request(cfg.settings.state_dir, "status")
+        print(json.dumps(result, indent=2) if args.json else _status_text(result))
+        return 0
+    if args.command == "run":
+        cfg = _load(args.config)
+        events.setup(verbose=args.verbose)
+        from .service import Service
+        asyncio.run(Service(cfg).run())
+        return 0
+    if args.command == "demo":
+        if args.flaps < 1:
+            return _fail("--flaps must be at least 1", EXIT_USAGE)
+        from .demo import run_demo
+        return run_demo(args.flaps)
+    raise AssertionError(args.command)
+
+
+def _status_text(result: dict[str, Any]) -> str:
+    lines = []
+    for vm in result.get("vms", []):
+        state = f"connected, QEMU pid {vm.get('qemu_pid')}" if vm.get("connected") else "not connected"
+        lines.append(f"{vm['name']}: {state} ({vm['qmp']})")
+        for nic in vm.get("nics", []):
+            lower = nic["lower"] + (f" (ifindex {nic['lower_ifindex']})" if nic["lower_present"] else " (absent)")
+            lines.append(f"  {nic['id']:<10} {nic['state']:<14} {nic['backend']} {nic['ifname']} on {lower}, "
+                         f"netdev {nic['netdev'] or '-'}, {nic['swaps']} swaps, since {nic['last_change']}")
+            if nic["state"] in ("failed", "waiting-lower", "waiting-vm"):
+                lines.append(f"  {'':<10} {nic['cause']}")
+    return "\n".join(lines) if lines else "no VMs configured"
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The configuration file: TOML in, frozen dataclasses out, validated once here.
+
+Every problem found is reported, one line each, naming the file, the VM/NIC
+and the key, so that an admin can fix a file in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/netwatch/netwatch.toml"
+
+MACVTAP_MODES = ("bridge", "vepa", "private", "passthru")
+TAP_MODES = ("bridged", "routed")
+BACKENDS = ("macvtap", "tap")
+UDEV_MODES = ("auto", "udev", "kernel", "off")
+
+# QEMU's id rule (id_wellformed): a letter first, then letters, digits, - . _
+_QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+# NIC ids become parts of QMP ids "nw-<id>-tap<generation>" (32 chars at most).
+NIC_ID_MAX = 15
+# "nw-<id>" is the guest port and "nw-<id>-tap<N>" a backend: an id ending
+# in -tap<N> would make one NIC's guest port another's backend.
+_RESERVED_SUFFIX = re.compile(r"-(tap|up|fd)\d+\Z")
+VM_NAME_MAX = 64
+_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
+_PCI = re.compile(r"([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\Z")
+IFNAME_MAX = 15
+
+
+def default_config_path() -> str:
+    return os.environ.get("NETWATCH_CONFIG") or DEFAULT_PATH
+
+
+@dataclass(frozen=True)
+class LowerSpec:
+    """How to recognise a lower link: every given key must match."""
+
+    name: str | None = None
+    mac: str | None = None
+    pci: str | None = None
+
+    def describe(self) -> str:
+        if self.name:
+            return self.name
+        return self.mac or self.pci or "?"
+
+
+@dataclass(frozen=True)
+class NicConfig:
+    id: str
+    backend: str
+    mac: str
+    hub: int
+    model: str
+    ifname: str
+    lower: LowerSpec | None = None
+    mode: str = "bridge"
+    bridge: str | None = None
+
+    @property
+    def guest_port(self) -> str:
+        """The fixed hubport the guest NIC is peered with."""
+        return f"nw-{self.id}"
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    name: str
+    qmp: str
+    nics: tuple[NicConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: str = "/run/netwatch"
+    hooks_dir: str = "/etc/netwatch"
+    udev: str = "auto"
+    hook_timeout: float = 10.0
+    qmp_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    settings: Settings = field(default_factory=Settings)
+    vms: tuple[VmConfig, ...] = ()
+
+    def vm(self, name: str) -> VmConfig | None:
+        return next((vm for vm in self.vms if vm.name == name), None)
+
+
+def derived_ifname(vm: str, nic: str) -> str:
+    """The backend interface name for a NIC: readable when it fits in 15 bytes."""
+    name = f"nw-{vm}-{nic}"
+    if len(name.encode()) <= IFNAME_MAX:
+        return name
+    digest = hashlib.blake2s(f"{vm}/{nic}".encode(), digest_size=6).hexdigest()
+    return f"nw-{digest}"
+
+
+def ifname_problem(value: str) -> str | None:
+    """Why the kernel would refuse ``value`` as an interface name, or None."""
+    if not value:
+        return "is empty"
+    if len(value.encode()) > IFNAME_MAX:
+        return f"is longer than {IFNAME_MAX} bytes"
+    if value in (".", "..") or any(c in value for c in "/:") or any(c.isspace() for c in value):
+        return "is not a valid interface name"
+    return None
+
+
+def load(path: str) -> Config:
+    """Read and validate ``path``; raise ConfigError listing every problem."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
+    return _Validator(path).config(data)
+
+
+class _Validator:
+    """Walks the parsed TOML once, collecting problems instead of stopping."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def problem(self, where: str, key: str | None, text: str) -> None:
+        place = f"{self.path}: {where}" if where else self.path
+        self.problems.append(f"{place}: key '{key}': {text}" if key else f"{place}: {text}")
+
+    # -- typed getters -------------------------------------------------------
+
+    def _get(self, table: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...],
+             kind_name: str, required: bool) -> Any:
+        if key not in table:
+            if required:
+                self.problem(where, key, "is required")
+            return None
+        value = table[key]
+        # bool is an int in Python; TOML keeps them apart, and so do we.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            self.problem(where, key, f"must be {kind_name}, not a boolean")
+            return None
+        if not isinstance(value, kind):
+            self.problem(where, key, f"must be {kind_name}, not {_toml_type(value)}")
+            return None
+        return value
+
+    def string(self, table: Mapping[str, Any], key: str, where: str, required: bool = False) -> str | None:
+        value = self._get(table, key, where, str, "a string", required)
+        return value if isinstance(value, str) else None
+
+    def choice(self, table: Mapping[str, Any], key: str, where: str, choices: tuple[str, ...],
+               default: str | None, required: bool = False) -> str | None:
+        value = self.string(table, key, where, required)
+        if value is None:
+            return default if key not in table else None
+        if value not in choices:
+            self.problem(where, key, f"'{value}' is not one of {', '.join(choices)}")
+            return None
+        return value
+
+    def unknown_keys(self, table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+        for key in table:
+            if key not in known:
+                self.problem(where, key, "is not a known key")
+
+    # -- sections -------------------------------------------------------------
+
+    def config(self, data: dict[str, Any]) -> Config:
+        self.unknown_keys(data, ("netwatch", "vm"), "")
+        settings = self.settings(data.get("netwatch", {}))
+        vms_raw = data.get("vm", [])
+        vms: list[VmConfig] = []
+        if not isinstance(vms_raw, list) or not all(isinstance(v, dict) for v in vms_raw):
+            self.problem("", "vm", "must be an array of tables ([[vm]])")
+            vms_raw = []
+        seen_vms: set[str] = set()
+        seen_qmp: set[str] = set()
+        seen_ifnames: dict[str, str] = {}
+        for index, vm_raw in enumerate(vms_raw):
+            vm = self.vm(vm_raw, index, seen_ifnames)
+            if vm is None:
+                continue
+            if vm.name in seen_vms:
+                self.problem(f"vm '{vm.name}'", "name", "is used by another VM")
+            if vm.qmp in seen_qmp:
+                self.problem(f"vm '{vm.name}'", "qmp", f"'{vm.qmp}' is used by another VM")
+            seen_vms.add(vm.name)
+            seen_qmp.add(vm.qmp)
+            vms.append(vm)
+        if self.problems:
+            raise ConfigError(self.problems)
+        assert settings is not None
+        return Config(path=self.path, settings=settings, vms=tuple(vms))
+
+    def settings(self, raw: Any) -> Settings | None:
+        where = "[netwatch]"
+        if not isinstance(raw, dict):
+            self.problem("", "netwatch", "must be a table")
+            return None
+        self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout"), where)
+        defaults = Settings()
+        values: dict[str, Any] = {}
+        for key in ("state_dir", "hooks_dir"):
+            path = self.string(raw, key, where)
+            if path is not None and not os.path.isabs(path):
+                self.problem(where, key, f"'{path}' must be an absolute path")
+            elif path is not None:
+                values[key] = path
+        udev = self.choice(raw, "udev", where, UDEV_MODES, defaults.udev)
+        if udev is not None:
+            values["udev"] = udev
+        for key in ("hook_timeout", "qmp_timeout"):
+            number = self._get(raw, key, where, (int, float), "a number of seconds", False)
+            if number is None:
+                continue
+            if not 0 < number <= 3600:
+                self.problem(where, key, f"{number} is not between 0 and 3600 seconds")
+            else:
+                values[key] = float(number)
+        return Settings(**values)
+
+    def vm(self, raw: dict[str, Any], index: int, seen_ifnames: dict[str, str]) -> VmConfig | None:
+        count = len(self.problems)
+        name = self.string(raw, "name", f"vm #{index + 1}", required=True)
+        where = f"vm '{name}'" if name else f"vm #{index + 1}"
+        self.unknown_keys(raw, ("name", "qmp", "nic"), where)
+        if name is not None:
+            if len(name) > VM_NAME_MAX or not _VM_NAME.match(name):
+                self.problem(where, "name", f"'{name}' must be 1-{VM_NAME_MAX} of A-Z a-z 0-9 . _ -,"
+                             " starting with a letter or digit")
+        qmp = self.string(raw, "qmp", where, required=True)
+        if qmp is not None and not os.path.isabs(qmp):
+            self.problem(where, "qmp", f"'{qmp}' must be an absolute path")
+        nics_raw = raw.get("nic", [])
+        if not isinstance(nics_raw, list) or not all(isinstance(n, dict) for n in nics_raw):
+            self.problem(where, "nic", "must be an array of tables ([[vm.nic]])")
+            nics_raw = []
+        nics: list[NicConfig] = []
+        seen_ids: set[str] = set()
+        seen_hubs: dict[int, str] = {}
+        for nic_index, nic_raw in enumerate(nics_raw):
+            nic = self.nic(nic_raw, nic_index, name or f"#{index + 1}", where)
+            if nic is None:
+                continue
+            nic_where = f"{where} nic '{nic.id}'"
+            if nic.id in seen_ids:
+                self.problem(nic_where, "id", "is used by another NIC of this VM")
+            if nic.hub in seen_hubs:
+                self.problem(nic_where, "hub", f"{nic.hub} is used by NIC '{seen_hubs[nic.hub]}' too")
+            owner = f"{name}/{nic.id}"
+            if nic.ifname in seen_ifnames:
+                self.problem(nic_where, "ifname", f"'{nic.ifname}' is used by {seen_ifnames[nic.ifname]} too")
+            seen_ids.add(nic.id)
+            seen_hubs.setdefault(nic.hub, nic.id)
+            seen_ifnames.setdefault(nic.ifname, owner)
+            nics.append(nic)
+        if len(self.problems) != count or name is None or qmp is None:
+            return None
+        return VmConfig(name=name, qmp=qmp, nics=tuple(nics))
+
+    def nic(self, raw: dict[str, Any], index: int, vm_name: str, vm_where: str) -> NicConfig | None:
+        count = len(self.problems)
+        nic_id = self.string(raw, "id", f"{vm_where} nic #{index + 1}", required=True)
+        where = f"{vm_where} nic '{nic_id}'" if nic_id else f"{vm_where} nic #{index + 1}"
+        self.unknown_keys(raw, ("id", "backend", "lower", "mode", "mac", "hub", "model", "bridge", "ifname"),
+                          where)
+        if nic_id is not None and (len(nic_id) > NIC_ID_MAX or not _QEMU_ID.match(nic_id)):
+            self.problem(where, "id", f"'{nic_id}' is not a QEMU id: 1-{NIC_ID_MAX} of A-Z a-z 0-9 . _ -,"
+                         " starting with a letter")
+        elif nic_id is not None and _RESERVED_SUFFIX.search(nic_id):
+            self.problem(where, "id", f"'{nic_id}' ends like a netwatch backend id (-tapN, -upN, -fdN)")
+        backend = self.choice(raw, "backend", where, BACKENDS, None, required=True)
+        modes = TAP_MODES if backend == "tap" else MACVTAP_MODES
+        mode = self.choice(raw, "mode", where, modes, modes[0])
+        mac = self.string(raw, "mac", where, required=True)
+        if mac is not None:
+            self.check_mac(mac, where, "mac")
+        hub = self._get(raw, "hub", where, int, "an integer", False)
+        if hub is None and "hub" not in raw:
+            hub = index
+        elif hub is not None and not 0 <= hub <= 2**31 - 1:
+            self.problem(where, "hub", f"{hub} must be between 0 and 2147483647")
+        model = self.string(raw, "model", where) or ("virtio-net-pci" if "model" not in raw else None)
+        if model is not None and not _QEMU_ID.match(model):
+            self.problem(where, "model", f"'{model}' is not a QEMU device model name")
+        ifname = self.string(raw, "ifname", where)
+        if ifname is not None:
+            self.check_ifname(ifname, where, "ifname")
+        lower = self.lower(raw, where)
+        bridge = self.string(raw, "bridge", where)
+        if bridge is not None:
+            self.check_ifname(bridge, where, "bridge")
+        if backend == "macvtap":
+            if lower is None and "lower" not in raw:
+                self.problem(where, "lower", "is required for a macvtap NIC")
+            if "bridge" in raw:
+                self.problem(where, "bridge", "is only for tap NICs in bridged mode")
+        elif backend == "tap":
+            if mode == "bridged" and bridge is None and "bridge" not in raw:
+                self.problem(where, "bridge", "is required for a tap NIC in bridged mode")
+            if mode == "routed" and "bridge" in raw:
+                self.problem(where, "bridge", "is only for tap NICs in bridged mode")
+        if len(self.problems) != count:
+            return None
+        assert nic_id and backend and mode and mac and model is not None and isinstance(hub, int)
+        return NicConfig(id=nic_id, backend=backend, mac=mac.lower(), hub=hub, model=model,
+                         ifname=ifname or derived_ifname(vm_name, nic_id), lower=lower, mode=mode,
+                         bridge=bridge)
+
+    def lower(self, raw: dict[str, Any], where: str) -> LowerSpec | None:
+        if "lower" not in raw:
+            return None
+        value = raw["lower"]
+        if isinstance(value, str):
+            return LowerSpec(name=value) if self.check_ifname(value, where, "lower") else None
+        if not isinstance(value, dict):
+            self.problem(where, "lower", f"must be an interface name or a table, not {_toml_type(value)}")
+            return None
+        sub = f"{where} lower"
+        self.unknown_keys(value, ("name", "mac", "pci"), sub)
+        checks: dict[str, Callable[[str, str, str], bool]] = {
+            "name": self.check_ifname, "mac": self.check_mac, "pci": self.check_pci}
+        found: dict[str, str] = {}
+        ok = True
+        for key, check in checks.items():
+            item = self.string(value, key, sub)
+            if item is None:
+                ok = ok and key not in value
+            elif check(item, sub, key):
+                found[key] = _normalise(key, item)
+            else:
+                ok = False
+        if ok and not found:
+            self.problem(where, "lower", "needs at least one of name, mac, pci")
+            return None
+        return LowerSpec(**found) if ok else None
+
+    # -- value checks: return True when fine, else record the problem -------
+
+    def check_ifname(self, value: str, where: str, key: str) -> bool:
+        why = ifname_problem(value)
+        if why:
+            self.problem(where, key, f"'{value}' {why}")
+        return why is None
+
+    def check_mac(self, value: str, where: str, key: str) -> bool:
+        if not _MAC.match(value):
+            self.problem(where, key, f"'{value}' is not a MAC address like 52:54:00:12:34:56")
+            return False
+        first = int(value[:2], 16)
+        if first & 1:
+            self.problem(where, key, f"'{value}' is a multicast address")
+            return False
+        if int(value.replace(":", ""), 16) == 0:
+            self.problem(where, key, f"'{value}' is the all-zero address")
+            return False
+        return True
+
+    def check_pci(self, value: str, where: str, key: str) -> bool:
+        if not _PCI.match(value):
+            self.problem(where, key, f"'{value}' is not a PCI address like 0000:03:00.0")
+            return False
+        return True
+
+
+def _normalise(key: str, value: str) -> str:
+    if key == "mac":
+        return value.lower()
+    if key == "pci":
+        # sysfs always names the PCI domain.
+        return value.lower() if value.count(":") == 2 else f"0000:{value.lower()}"
+    return value
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    return next((text for kind, text in names.items() if isinstance(value, kind)), type(value).__name__)

@@ -1,0 +1,152 @@
+"""The control socket: line-delimited JSON requests from the CLI.
+
+One request per line, one answer per line: ``{"cmd": "status"}`` ->
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+Requests are bounded in size and time; a bad one harms nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import tasks
+from .errors import ControlError, NetwatchError, ServiceNotRunning
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 64 * 1024
+REQUEST_TIMEOUT = 10.0
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, SOCKET_NAME)
+
+
+class ControlServer:
+    """Serves requests on ``state_dir/control.sock`` (mode 0600, owner only)."""
+
+    def __init__(self, state_dir: str, handlers: dict[str, Handler]) -> None:
+        self.path = socket_path(state_dir)
+        self.handlers = handlers
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ControlServer:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        await tasks.stop(list(self._clients))
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)  # type: ignore[arg-type]
+        try:
+            if not _peer_allowed(writer):
+                await _send(writer, {"ok": False, "error": "permission denied"})
+                return
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+                except asyncio.TimeoutError:
+                    await _send(writer, {"ok": False, "error": "request timed out"})
+                    return
+                except (asyncio.LimitOverrunError, ValueError):
+                    await _send(writer, {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+                    return
+                if not line:
+                    return
+                if not line.endswith(b"\n"):
+                    await _send(writer, {"ok": False, "error": "incomplete request (no newline)"})
+                    return
+                await _send(writer, await self._answer(line))
+        except (ConnectionError, OSError) as exc:
+            log.debug("control client went away: %s", exc)
+        finally:
+            self._clients.discard(task)  # type: ignore[arg-type]
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return {"ok": False, "error": "request is not JSON"}
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return {"ok": False, "error": "request must be an object with a string 'cmd'"}
+        handler = self.handlers.get(request["cmd"])
+        if handler is None:
+            return {"ok": False, "error": f"unknown command '{request['cmd']}'"}
+        try:
+            return {"ok": True, "result": await asyncio.wait_for(handler(request), REQUEST_TIMEOUT)}
+        except NetwatchError as exc:
+            return {"ok": False, "error": str(exc)}
+        except asyncio.TimeoutError:
+            return {"ok": False, "error": "the service did not answer in time"}
+
+
+def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
+
+
+async def _send(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+    writer.write(json.dumps(answer).encode() + b"\n")
+    await writer.drain()
+
+
+def request(state_dir: str, cmd: str, timeout: float = 15.0, **arguments: Any) -> Any:
+    """Send one request to the running service and return its result."""
+    path = socket_path(state_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ServiceNotRunning(f"netwatch is not running (no service on {path})") from exc
+        except OSError as exc:
+            raise ControlError(f"cannot reach netwatch on {path}: {exc.strerror or exc}") from exc
+        try:
+            sock.sendall(json.dumps({"cmd": cmd, **arguments}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise ControlError(f"netwatch did not answer on {path}: {exc.strerror or exc}") from exc
+    try:
+        answer = json.loads(data)
+    except ValueError as exc:
+        raise ControlError(f"netwatch sent an unreadable answer on {path}") from exc
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error", "request failed")))
+    return answer.get("result")

@@ -1,0 +1,39 @@
+"""One error tree: every failure netwatch reports derives from NetwatchError.
+
+``str(error)`` is the one sentence a user sees; the cause (``__cause__``)
+carries the detail the journal gets.
+"""
+
+from __future__ import annotations
+
+
+class NetwatchError(Exception):
+    """Root of every error netwatch raises on purpose."""
+
+
+class ConfigError(NetwatchError):
+    """The configuration is unusable; ``problems`` holds one line per fault."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class LinkError(NetwatchError):
+    """A netlink operation on a host link failed."""
+
+
+class DeviceError(NetwatchError):
+    """A backend character device could not be opened safely."""
+
+
+class QmpError(NetwatchError):
+    """A QMP command failed, timed out, or the monitor went away."""
+
+
+class ControlError(NetwatchError):
+    """The control socket could not be reached or answered with an error."""
+
+
+class ServiceNotRunning(ControlError):
+    """No netwatch service is listening on the control socket."""

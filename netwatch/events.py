@@ -1,0 +1,70 @@
+"""Journal event kinds: each has a stable MESSAGE_ID and a priority.
+
+Every state change and action is logged once through :func:`emit`, which
+attaches the fields the journal handler turns into NETWATCH_* fields.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger("netwatch")
+
+
+@dataclass(frozen=True)
+class EventKind:
+    message_id: str
+    level: int
+
+
+EVENT_KINDS: dict[str, EventKind] = {
+    "lower-lost": EventKind("4afc024b907e4e9dabf65855d0b4c5f2", logging.WARNING),
+    "lower-back": EventKind("b334230a5aa24bd29fe8a6d157afc406", logging.INFO),
+    "attached": EventKind("9011866cf6a54766b90f7b7fd6042819", logging.INFO),
+    "detached": EventKind("cc26cb3306fa47e5a54464f8df2eb64e", logging.INFO),
+    "rebind": EventKind("3615e0afd01b406c91521d76e37a85bb", logging.INFO),
+    "link-up": EventKind("56332ec682bb481fa973741ebd46cd28", logging.INFO),
+    "link-down": EventKind("35ef7575afde427891f1d9e8f918dd3d", logging.INFO),
+    "hook-failed": EventKind("d54e0905a8124de9a2ba8c7dd6f6ad1a", logging.WARNING),
+    "error": EventKind("3599292c6c47449a81bb4b1aafc697d7", logging.ERROR),
+    "state": EventKind("fcccc06de7ff4cc2ab8b830625516cb9", logging.INFO),
+    "vm-connected": EventKind("263bdfb6a9a941b59da7a37724d44856", logging.INFO),
+    "vm-gone": EventKind("a142ecc8da784d71a0a3ca6de7f4708c", logging.WARNING),
+    "resync": EventKind("305b842266314a9282ce6521e0763860", logging.WARNING),
+    "service": EventKind("a90120ef32f54a34aabb5e9cd4d3f8de", logging.INFO),
+}
+
+
+def emit(kind: str, message: str, *, vm: str | None = None, nic: str | None = None,
+         lower: str | None = None, level: int | None = None, **fields: object) -> None:
+    """Log one event with its structured fields."""
+    event = EVENT_KINDS[kind]
+    extra = {"nw_event": kind, "nw_message_id": event.message_id, "nw_vm": vm, "nw_nic": nic,
+             "nw_lower": lower, "nw_fields": fields}
+    log.log(event.level if level is None else level, message, extra=extra)
+
+
+class PlainFormatter(logging.Formatter):
+    """One line per entry for stderr: ``vm/nic: message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        vm = getattr(record, "nw_vm", None)
+        nic = getattr(record, "nw_nic", None)
+        where = "/".join(part for part in (vm, nic) if part)
+        text = record.getMessage()
+        line = f"{record.levelname.lower()}: {where}: {text}" if where else f"{record.levelname.lower()}: {text}"
+        if record.exc_info and record.levelno >= logging.ERROR:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup(verbose: bool = False) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(PlainFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Library chatter (qemu.qmp logs every disconnect at ERROR) is not ours.
+    for name in ("qemu", "pyroute2", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL if not verbose else logging.DEBUG)

@@ -1,0 +1,69 @@
+"""Actions out: changes to host links, over one command netlink socket."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import LinkError
+
+
+class LinkOps:
+    """Creates and deletes netwatch's backend links; an async context manager."""
+
+    def __init__(self) -> None:
+        self._ipr: AsyncIPRoute | None = None
+
+    async def __aenter__(self) -> LinkOps:
+        self._ipr = AsyncIPRoute()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    @property
+    def ipr(self) -> AsyncIPRoute:
+        assert self._ipr is not None, "LinkOps used outside its context"
+        return self._ipr
+
+    async def _request(self, what: str, command: str, **kwargs: Any) -> Any:
+        try:
+            return await self.ipr.link(command, **kwargs)
+        except NetlinkError as exc:
+            raise LinkError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}") from exc
+        except OSError as exc:
+            raise LinkError(f"{what}: {exc.strerror or exc}") from exc
+
+    async def add_macvtap(self, name: str, lower: int, mac: str, mode: str) -> int:
+        """Create macvtap ``name`` on ifindex ``lower``, up; return its ifindex."""
+        await self._request(f"cannot create macvtap {name}", "add", ifname=name, kind="macvtap",
+                            link=lower, macvtap_mode=mode, address=mac, state="up")
+        return await self.index_of(name)
+
+    async def index_of(self, name: str) -> int:
+        reply = await self._request(f"cannot find {name}", "get", ifname=name)
+        return int(reply[0]["index"])
+
+    async def delete(self, index: int) -> bool:
+        """Delete a link; False if it was already gone."""
+        try:
+            await self.ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise LinkError(f"cannot delete link {index}: {exc}") from exc
+        return True
+
+    async def delete_named(self, name: str) -> bool:
+        try:
+            index = await self.index_of(name)
+        except LinkError as exc:
+            if isinstance(exc.__cause__, NetlinkError) and exc.__cause__.code == errno.ENODEV:
+                return False
+            raise
+        return await self.delete(index)

@@ -1,0 +1,196 @@
+"""Actions out: one QMP session per VM, kept connected with backoff.
+
+qemu.qmp has no timeouts and no reconnect; both live here. A VM whose
+socket is absent is simply not connected yet. Every new connection gets a
+new session number so that NICs know to re-read QEMU's view (QEMU may have
+restarted, or netwatch may have missed what happened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qemu.qmp import ConnectError, QMPClient, QMPError, Runstate
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity.wait import wait_base
+
+from . import events, tasks
+from .errors import QmpError
+
+log = logging.getLogger(__name__)
+
+# " \ nw-net0-up3: nw-net0-tap3: index=0,type=tap,fd=12" under "hub 0"
+_INFO_HUB = re.compile(r"^hub (\d+)$")
+_INFO_PORT = re.compile(r"^ \\ (\S+): (\S+): index=\d+,type=(\w+)")
+# A netdev on no hub: "nw-net0-tap4: index=0,type=tap,fd=12"
+_INFO_TOP = re.compile(r"^(\S+): index=\d+,type=(\w+)")
+
+
+@dataclass(frozen=True)
+class HubPort:
+    hub: int
+    port: str
+    peer: str
+    peer_type: str
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    ports: tuple[HubPort, ...]
+    netdevs: frozenset[str]
+
+
+def parse_info_network(text: str) -> NetworkInfo:
+    """Hub ports and every net client named by HMP ``info network``."""
+    ports: list[HubPort] = []
+    names: set[str] = set()
+    hub: int | None = None
+    for line in text.splitlines():
+        if match := _INFO_HUB.match(line):
+            hub = int(match.group(1))
+        elif match := _INFO_PORT.match(line):
+            names.update((match.group(1), match.group(2)))
+            if hub is not None:
+                ports.append(HubPort(hub, match.group(1), match.group(2), match.group(3)))
+        elif match := _INFO_TOP.match(line):
+            hub = None
+            names.add(match.group(1))
+    return NetworkInfo(tuple(ports), frozenset(names))
+
+
+def default_connect_wait() -> wait_base:
+    return wait_exponential(multiplier=0.05, min=0.05, max=2.0)
+
+
+class VmSession:
+    """The QMP connection to one VM; an async context manager owning its task."""
+
+    def __init__(self, name: str, path: str, on_change: Callable[[], None], timeout: float = 5.0,
+                 connect_wait: wait_base | None = None) -> None:
+        self.name = name
+        self.path = path
+        self.on_change = on_change
+        self.timeout = timeout
+        self.connect_wait = connect_wait or default_connect_wait()
+        self.session = 0
+        self.pid: int | None = None
+        self._client: QMPClient | None = None
+        self._fd_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.runstate == Runstate.RUNNING
+
+    def qemu_alive(self) -> bool:
+        """Whether the QEMU last connected still exists (False if unknown)."""
+        if self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    async def __aenter__(self) -> VmSession:
+        self._task = asyncio.create_task(self._run(), name=f"netwatch-qmp-{self.name}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await tasks.stop([self._task])
+        await self._drop()
+
+    async def _run(self) -> None:
+        while True:
+            client = await self._connect()
+            self._client = client
+            self.session += 1
+            self.pid = _peer_pid(client)
+            events.emit("vm-connected", f"connected to QEMU (pid {self.pid}) on {self.path}", vm=self.name)
+            self.on_change()
+            while client.runstate == Runstate.RUNNING:
+                await client.runstate_changed()
+            await self._drop()
+            events.emit("vm-gone", "QMP connection to QEMU closed", vm=self.name)
+            self.on_change()
+
+    async def _connect(self) -> QMPClient:
+        async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(QmpError),
+                                           reraise=True):
+            with attempt:
+                return await self._connect_once()
+        raise AssertionError("unreachable: retries never stop")
+
+    async def _connect_once(self) -> QMPClient:
+        client = QMPClient(self.name)
+        # The default listener keeps every event it accepts forever (and
+        # cannot be removed); netwatch needs no events, so it accepts none.
+        client.events.event_filter = lambda _event: False
+        try:
+            await asyncio.wait_for(client.connect(self.path), self.timeout)
+        except (ConnectError, OSError, EOFError, asyncio.TimeoutError) as exc:
+            await _quiet_disconnect(client)
+            raise QmpError(f"cannot connect to {self.path}: {exc}") from exc
+        return client
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await _quiet_disconnect(client)
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        client = self._client
+        if client is None or client.runstate != Runstate.RUNNING:
+            raise QmpError(f"QEMU of {self.name} is not connected")
+        try:
+            return await asyncio.wait_for(client.execute(command, arguments), self.timeout)
+        except asyncio.TimeoutError as exc:
+            raise QmpError(f"{command} got no answer within {self.timeout:g} s") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise QmpError(f"{command} failed: {exc}") from exc
+
+    async def pass_fd(self, fd: int, fdname: str) -> None:
+        """Hand ``fd`` to QEMU under ``fdname`` (getfd over SCM_RIGHTS)."""
+        # QEMU keeps only the last fd received, so fd-send and getfd go together.
+        async with self._fd_lock:
+            client = self._client
+            if client is None or client.runstate != Runstate.RUNNING:
+                raise QmpError(f"QEMU of {self.name} is not connected")
+            try:
+                client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise QmpError(f"cannot send a file descriptor to QEMU: {exc}") from exc
+            await self.execute("getfd", {"fdname": fdname})
+
+    async def network(self) -> NetworkInfo:
+        text = await self.execute("human-monitor-command", {"command-line": "info network"})
+        return parse_info_network(str(text))
+
+
+async def _quiet_disconnect(client: QMPClient) -> None:
+    # disconnect() re-raises whatever ended the session (EOFError when QEMU
+    # went away); that end was already reported.
+    try:
+        await client.disconnect()
+    except (QMPError, OSError, EOFError) as exc:
+        log.debug("QMP disconnect: %r", exc)
+
+
+def _peer_pid(client: QMPClient) -> int | None:
+    writer = getattr(client, "_writer", None)
+    sock = writer.transport.get_extra_info("socket") if writer is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid) or None

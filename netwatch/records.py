@@ -1,0 +1,79 @@
+"""Runtime records: what netwatch attached for each NIC, kept in state_dir.
+
+A record is written (atomically) after every successful attach and removed
+when the backend is gone. A restarted netwatch adopts a backend only when
+the record, the kernel and QEMU all agree on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NicRecord:
+    vm: str
+    nic: str
+    backend: str
+    ifname: str
+    ifindex: int
+    lower: str
+    lower_ifindex: int
+    tap_netdev: str
+    hub_netdev: str
+    generation: int
+    mac: str
+    mode: str
+    bridge: str | None
+    qemu_pid: int | None
+    swaps: int = 0
+
+
+class RecordStore:
+    def __init__(self, state_dir: str) -> None:
+        self.root = Path(state_dir) / "nics"
+
+    def _path(self, vm: str, nic: str) -> Path:
+        return self.root / vm / f"{nic}.json"
+
+    def load(self, vm: str, nic: str) -> NicRecord | None:
+        path = self._path(vm, nic)
+        try:
+            data = json.loads(path.read_text())
+            return NicRecord(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            # An unreadable record only costs a fresh attach.
+            log.warning("ignoring unreadable runtime record %s: %s", path, exc)
+            return None
+
+    def save(self, record: NicRecord) -> None:
+        path = self._path(record.vm, record.nic)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(asdict(record), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def remove(self, vm: str, nic: str) -> None:
+        try:
+            self._path(vm, nic).unlink()
+        except FileNotFoundError:
+            pass
+
+    def all(self) -> list[NicRecord]:
+        found = []
+        for path in sorted(self.root.glob("*/*.json")):
+            record = self.load(path.parent.name, path.stem)
+            if record is not None:
+                found.append(record)
+        return found

@@ -1,0 +1,292 @@
+"""A throwaway world for the demo, the tests and the benchmarks.
+
+A network namespace with veth pairs (one end a VM's lower, the other the
+"wire" a test sends and listens on), a QEMU started with netwatch's
+arguments plus an observer port (a ``-netdev dgram`` on the NIC's hub that
+sees what the guest NIC would receive and injects what it would send), and
+a netwatch service inside the namespace. Everything is removed on exit;
+processes are ended by the pid this module started them with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import VmConfig
+from .qemu_args import vm_args
+
+CLONE_NEWNET = 0x40000000
+ETH_P_TEST = 0x88B5  # IEEE "local experimental" ethertype: nobody else's traffic
+QEMU_BINARY = "qemu-system-x86_64"
+
+T = TypeVar("T")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+def sh(*args: str, check: bool = True) -> str:
+    result = subprocess.run(args, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+class Deadline(AssertionError):
+    """A condition did not become true in time."""
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str,
+               dump: Callable[[], str] | None = None, interval: float = 0.01) -> T:
+    """Poll ``condition`` until it returns something truthy; raise with a dump if not in time."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise Deadline(f"timed out after {timeout:g} s waiting for {what}" + (f"\n{dump()}" if dump else ""))
+        time.sleep(interval)
+
+
+class Netns:
+    """A named network namespace, deleted on exit."""
+
+    def __init__(self, prefix: str = "nwt") -> None:
+        self.name = unique(prefix)
+
+    def __enter__(self) -> Netns:
+        sh("ip", "netns", "add", self.name)
+        self.ip("link", "set", "lo", "up")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sh("ip", "netns", "del", self.name, check=False)
+
+    def ip(self, *args: str, check: bool = True) -> str:
+        return sh("ip", "-n", self.name, *args, check=check)
+
+    def exec_argv(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run the block in this namespace (sockets made here stay in it)."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+            try:
+                yield
+            finally:
+                if libc.setns(home, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back failed")
+        finally:
+            os.close(home)
+            os.close(target)
+
+    def add_veth(self, lower: str, wire: str) -> None:
+        """A veth pair, both ends up: ``lower`` for a VM, ``wire`` for the test."""
+        self.ip("link", "add", lower, "type", "veth", "peer", "name", wire)
+        self.ip("link", "set", wire, "up")
+        self.ip("link", "set", lower, "up")
+
+    def link_exists(self, name: str) -> bool:
+        return bool(self.ip("link", "show", name, check=False))
+
+    def links(self, kind: str) -> list[str]:
+        out = self.ip("-o", "link", "show", "type", kind)
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()]
+
+    def packet_socket(self, ifname: str) -> socket.socket:
+        """A raw socket on ``ifname`` that sees only test frames."""
+        with self.entered():
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_TEST))
+            sock.bind((ifname, ETH_P_TEST))
+        return sock
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def test_frame(dst: str, src: str, payload: bytes) -> bytes:
+    return mac_bytes(dst) + mac_bytes(src) + struct.pack("!H", ETH_P_TEST) + payload.ljust(46, b"\0")
+
+
+def frame_payload(frame: bytes) -> bytes | None:
+    if len(frame) < 14 or struct.unpack("!H", frame[12:14])[0] != ETH_P_TEST:
+        return None
+    return frame[14:]
+
+
+class Observer:
+    """The test's end of a ``-netdev dgram`` port on a NIC's hub."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.ours = os.path.join(directory, f"{name}.obs")
+        self.theirs = os.path.join(directory, f"{name}.qemu")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.ours)
+
+    def qemu_args(self, netdev_id: str, hub: int) -> list[str]:
+        return ["-netdev", f"dgram,id={netdev_id},local.type=unix,local.path={self.theirs},"
+                f"remote.type=unix,remote.path={self.ours}",
+                "-netdev", f"hubport,id={netdev_id}p,hubid={hub},netdev={netdev_id}"]
+
+    def recv(self, timeout: float) -> bytes | None:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            return None
+
+    def drain(self) -> None:
+        while self.recv(0.0) is not None:
+            pass
+
+    def inject(self, frame: bytes) -> None:
+        self.sock.sendto(frame, self.theirs)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Qemu:
+    """A running (not paused) QEMU with no guest OS: SeaBIOS idles, the hub forwards."""
+
+    def __init__(self, vm: VmConfig, directory: str, observe: bool = True) -> None:
+        self.vm = vm
+        self.directory = directory
+        self.observers: dict[str, Observer] = {}
+        if observe:
+            for nic in vm.nics:
+                self.observers[nic.id] = Observer(directory, f"{vm.name}-{nic.id}")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = os.path.join(directory, f"{vm.name}.qemu.log")
+
+    def argv(self) -> list[str]:
+        argv = [QEMU_BINARY, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-no-user-config",
+                "-display", "none", "-m", "64", "-name", self.vm.name, *vm_args(self.vm)]
+        for nic in self.vm.nics:
+            if nic.id in self.observers:
+                argv += self.observers[nic.id].qemu_args(f"obs{self.vm.nics.index(nic)}", nic.hub)
+        return argv
+
+    def start(self) -> Qemu:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.vm.qmp)
+        for observer in self.observers.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(observer.theirs)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        wait_until(lambda: os.path.exists(self.vm.qmp) or self.proc is None or self.proc.poll() is not None,
+                   20, f"QEMU of {self.vm.name} to open its QMP socket")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"QEMU exited: {Path(self.log).read_text()[-2000:]}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def close(self) -> None:
+        self.kill(signal.SIGTERM)
+        for observer in self.observers.values():
+            observer.close()
+
+
+class Netwatch:
+    """``netwatch run`` inside a namespace, as a child process."""
+
+    def __init__(self, netns: Netns, config_path: str, log_path: str) -> None:
+        self.netns = netns
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Netwatch:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.netns.exec_argv(sys.executable, "-m", "netwatch", "run", "-c", self.config_path),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        code = self.proc.wait(15)
+        self.proc = None
+        return code
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()
+        except OSError:
+            return ""
+
+
+@dataclass
+class NicWire:
+    """How a test reaches one NIC: the lower's name and its wire peer's."""
+
+    lower: str
+    wire: str
+    mac: str
+    peer_mac: str = "02:00:00:00:00:01"
+
+
+def write_config(path: str, state_dir: str, vms: list[dict[str, Any]]) -> None:
+    """A netwatch config file for ``vms`` (dicts shaped like [[vm]] tables)."""
+    lines = ["[netwatch]", f'state_dir = "{state_dir}"', f'hooks_dir = "{state_dir}/hooks"',
+             'udev = "kernel"', ""]
+    for vm in vms:
+        lines += ["[[vm]]", f'name = "{vm["name"]}"', f'qmp = "{vm["qmp"]}"']
+        for nic in vm.get("nics", []):
+            lines.append("  [[vm.nic]]")
+            for key, value in nic.items():
+                lines.append(f"  {key} = {value!r}".replace("'", '"'))
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+
+
+def cleanup_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""The service shell: wires events in, the reconciler and actions out together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from tenacity.wait import wait_base
+
+from . import events
+from .config import Config
+from .control import ControlServer
+from .errors import NetwatchError
+from .linkops import LinkOps
+from .links import LinkMonitor, LinkTable
+from .nic import NicEnv
+from .reconciler import Reconciler
+from .records import RecordStore
+from .udev import UdevMonitor, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """``netwatch run``: everything lives inside :meth:`run`'s context stack."""
+
+    def __init__(self, config: Config, connect_wait: wait_base | None = None,
+                 retry_wait: wait_base | None = None) -> None:
+        self.config = config
+        self.connect_wait = connect_wait
+        self.retry_wait = retry_wait
+        self.reconciler: Reconciler | None = None
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        settings = self.config.settings
+        os.makedirs(settings.state_dir, mode=0o755, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        table = LinkTable()
+        source = resolve_source(settings.udev)
+        async with contextlib.AsyncExitStack() as stack:
+            ops = await stack.enter_async_context(LinkOps())
+            env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir),
+                         node_dir=os.path.join(settings.state_dir, "dev"), udev_gate=source == "udev",
+                         retry_wait=self.retry_wait)
+            reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
+            self.reconciler = reconciler
+            links = await stack.enter_async_context(
+                LinkMonitor(table, reconciler.on_link_change, reconciler.kick_all))
+            if source is not None:
+                await stack.enter_async_context(
+                    UdevMonitor(source, reconciler.on_uevent, lambda: self._resync(links)))
+            await stack.enter_async_context(reconciler)
+            await stack.enter_async_context(ControlServer(settings.state_dir, {"status": self._status}))
+            nics = len(reconciler.all_nics())
+            events.emit("service", f"netwatch running: {len(self.config.vms)} VMs, {nics} NICs, "
+                        f"uevents from {source or 'nowhere'}")
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait({stop, links.task}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if links.task in done:
+                error = links.task.exception()
+                raise NetwatchError(f"link monitor failed: {error}") from error
+            events.emit("service", "netwatch stopping; backends stay in place for the next start")
+
+    def _resync(self, links: LinkMonitor) -> None:
+        task = asyncio.get_running_loop().create_task(links.refresh("uevent overflow"))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or self._stop.set())
+
+    async def _status(self, request: dict[str, Any]) -> Any:
+        assert self.reconciler is not None
+        return self.reconciler.status()
