@@ -73,7 +73,8 @@ class ControlServer:
                 return
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        line = await reader.readline()
                 except asyncio.TimeoutError:
                     await _send(writer, {"ok": False, "error": "request timed out"})
                     return
@@ -103,7 +104,9 @@ class ControlServer:
         if handler is None:
             return {"ok": False, "error": f"unknown command '{request['cmd']}'"}
         try:
-            return {"ok": True, "result": await asyncio.wait_for(handler(request), REQUEST_TIMEOUT)}
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                result = await handler(request)
+            return {"ok": True, "result": result}
         except NetwatchError as exc:
             return {"ok": False, "error": str(exc)}
         except asyncio.TimeoutError:

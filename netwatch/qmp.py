@@ -137,7 +137,8 @@ class VmSession:
         # cannot be removed); netwatch needs no events, so it accepts none.
         client.events.event_filter = lambda _event: False
         try:
-            await asyncio.wait_for(client.connect(self.path), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await client.connect(self.path)
         except (ConnectError, OSError, EOFError, asyncio.TimeoutError) as exc:
             await _quiet_disconnect(client)
             raise QmpError(f"cannot connect to {self.path}: {exc}") from exc
@@ -153,7 +154,8 @@ class VmSession:
         if client is None or client.runstate != Runstate.RUNNING:
             raise QmpError(f"QEMU of {self.name} is not connected")
         try:
-            return await asyncio.wait_for(client.execute(command, arguments), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await client.execute(command, arguments)
         except asyncio.TimeoutError as exc:
             raise QmpError(f"{command} got no answer within {self.timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:

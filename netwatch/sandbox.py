@@ -183,7 +183,7 @@ class Qemu:
         self.log = os.path.join(directory, f"{vm.name}.qemu.log")
 
     def argv(self) -> list[str]:
-        argv = [QEMU_BINARY, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-no-user-config",
+        argv = [QEMU_BINARY, "-machine", os.environ.get("NW_MACHINE", "pc"), "-accel", os.environ.get("NW_ACCEL", "tcg"), "-nodefaults", "-no-user-config",
                 "-display", "none", "-m", "64", "-name", self.vm.name, *vm_args(self.vm)]
         for nic in self.vm.nics:
             if nic.id in self.observers:
@@ -225,19 +225,19 @@ class Qemu:
 
 
 class Netwatch:
-    """``netwatch run`` inside a namespace, as a child process."""
+    """``netwatch run`` as a child process, in ``netns`` (None: where we are)."""
 
-    def __init__(self, netns: Netns, config_path: str, log_path: str) -> None:
+    def __init__(self, netns: Netns | None, config_path: str, log_path: str) -> None:
         self.netns = netns
         self.config_path = config_path
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Netwatch:
+        argv = [sys.executable, "-m", "netwatch", "run", "-c", self.config_path]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.netns.exec_argv(sys.executable, "-m", "netwatch", "run", "-c", self.config_path),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.netns.exec_argv(*argv) if self.netns else argv,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         return self
 
     @property
@@ -290,3 +290,60 @@ def write_config(path: str, state_dir: str, vms: list[dict[str, Any]]) -> None:
 
 def cleanup_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+async def veth_up(lower: str, wire: str) -> float:
+    """Create a veth pair here, wire end up first; return the moment ``lower`` is up."""
+    from pyroute2 import AsyncIPRoute
+    async with AsyncIPRoute() as ipr:
+        await ipr.link("add", ifname=lower, kind="veth", peer=wire)
+        wire_index = (await ipr.link_lookup(ifname=wire))[0]
+        lower_index = (await ipr.link_lookup(ifname=lower))[0]
+        await ipr.link("set", index=wire_index, state="up")
+        await ipr.link("set", index=lower_index, state="up")
+        return time.monotonic()
+
+
+async def delete_link(name: str) -> None:
+    from pyroute2 import AsyncIPRoute
+    async with AsyncIPRoute() as ipr:
+        found = await ipr.link_lookup(ifname=name)
+        if found:
+            await ipr.link("del", index=found[0])
+
+
+def wire_socket(ifname: str) -> socket.socket:
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_TEST))
+    sock.bind((ifname, ETH_P_TEST))
+    return sock
+
+
+def time_to_first_frame(wire: str, observer: Observer, dst_mac: str, since: float,
+                        timeout: float = 10.0) -> float:
+    """Send test frames on ``wire`` until one reaches ``observer``; seconds since ``since``."""
+    # Unbound and listening to nothing: binding a packet socket waits for an
+    # RCU grace period (~8 ms here), which would be counted against netwatch.
+    sock = _sender()
+    tag = uuid.uuid4().bytes
+    frame = test_frame(dst_mac, "02:00:00:00:00:01", tag)
+    while time.monotonic() - since < timeout:
+        with contextlib.suppress(OSError):  # the wire may not exist yet
+            sock.sendto(frame, (wire, 0))
+        got = observer.recv(0.0005)
+        while got is not None:
+            payload = frame_payload(got)
+            if payload is not None and payload.startswith(tag):
+                return time.monotonic() - since
+            got = observer.recv(0.0)
+    raise Deadline(f"no frame from {wire} reached the guest's hub within {timeout:g} s")
+
+
+_SENDERS: dict[int, socket.socket] = {}
+
+
+def _sender() -> socket.socket:
+    """One send-only packet socket per network namespace this process is in."""
+    key = os.stat("/proc/self/ns/net").st_ino
+    if key not in _SENDERS:
+        _SENDERS[key] = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    return _SENDERS[key]

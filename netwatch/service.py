@@ -64,6 +64,8 @@ class Service:
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait({stop, links.task}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
+            # A shutdown that hangs says where, instead of waiting for SIGKILL.
+            loop.call_later(5.0, _report_stuck_tasks)
             if links.task in done:
                 error = links.task.exception()
                 raise NetwatchError(f"link monitor failed: {error}") from error
@@ -76,3 +78,11 @@ class Service:
     async def _status(self, request: dict[str, Any]) -> Any:
         assert self.reconciler is not None
         return self.reconciler.status()
+
+
+def _report_stuck_tasks() -> None:
+    import io
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(file=out)
+        log.warning("shutdown is taking long; task %s is at:\n%s", task.get_name(), out.getvalue())
