@@ -8,6 +8,7 @@ one netwatch creates itself in its state directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -30,23 +31,23 @@ def open_chardev(devnum: int, node_dir: str, label: str) -> int:
     The node is removed at once: the fd is all that is needed, and nothing
     is left behind if netwatch dies.
     """
-    os.makedirs(node_dir, mode=0o700, exist_ok=True)
     node = os.path.join(node_dir, f"{label}.{os.getpid()}")
     try:
-        try:
-            os.unlink(node)
-        except FileNotFoundError:
-            pass
+        os.makedirs(node_dir, mode=0o700, exist_ok=True)
+        _remove(node)
         os.mknod(node, 0o600 | stat.S_IFCHR, devnum)
-        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise DeviceError(f"cannot open the device of {label}: {exc.strerror or exc}") from exc
-    finally:
         try:
-            os.unlink(node)
-        except FileNotFoundError:
-            pass
+            fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        finally:
+            _remove(node)
+    except OSError as exc:
+        raise DeviceError(f"cannot open the device of {label} in {node_dir}: {exc.strerror or exc}") from exc
     if os.fstat(fd).st_rdev != devnum:
         os.close(fd)
         raise DeviceError(f"the device opened for {label} is not the one sysfs names")
     return fd
+
+
+def _remove(node: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(node)

@@ -20,7 +20,11 @@ class ConfigError(NetwatchError):
 
 
 class LinkError(NetwatchError):
-    """A netlink operation on a host link failed."""
+    """A netlink operation on a host link failed; ``errno`` says how."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class DeviceError(NetwatchError):

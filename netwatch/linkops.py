@@ -35,9 +35,9 @@ class LinkOps:
         try:
             return await self.ipr.link(command, **kwargs)
         except NetlinkError as exc:
-            raise LinkError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}") from exc
+            raise LinkError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}", exc.code) from exc
         except OSError as exc:
-            raise LinkError(f"{what}: {exc.strerror or exc}") from exc
+            raise LinkError(f"{what}: {exc.strerror or exc}", exc.errno) from exc
 
     async def add_macvtap(self, name: str, lower: int, mac: str, mode: str) -> int:
         """Create macvtap ``name`` on ifindex ``lower``, up; return its ifindex."""
@@ -59,11 +59,3 @@ class LinkOps:
             raise LinkError(f"cannot delete link {index}: {exc}") from exc
         return True
 
-    async def delete_named(self, name: str) -> bool:
-        try:
-            index = await self.index_of(name)
-        except LinkError as exc:
-            if isinstance(exc.__cause__, NetlinkError) and exc.__cause__.code == errno.ENODEV:
-                return False
-            raise
-        return await self.delete(index)

@@ -8,6 +8,7 @@ wrong. One task per NIC serialises its operations; NICs run in parallel.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -28,6 +29,10 @@ from .qmp import HubPort, VmSession
 from .records import NicRecord, RecordStore
 
 log = logging.getLogger(__name__)
+
+
+class LowerVanished(NetwatchError):
+    """The lower went away between being seen and being used."""
 
 
 def default_retry_wait() -> wait_base:
@@ -142,14 +147,20 @@ class NicController:
         if self.backend is not None:
             broken = self._backend_broken(lower)
             if broken:
-                await self._detach(broken, lost=lower is None or lower.index != self.backend.lower_ifindex)
+                await self._detach(broken, lost=True)
         if lower is None:
             await self._set_guest_link(False, "no lower")
             self.fsm.to(NicState.WAITING_LOWER, f"lower {self._spec_name()} is not present")
             return
         if self.backend is None:
             self.fsm.to(NicState.ATTACHING, f"lower {lower.name} (ifindex {lower.index}) is present")
-            await self._attach(lower)
+            try:
+                await self._attach(lower)
+            except LowerVanished:
+                # Its removal event is on its way; that is not a failure.
+                await self._set_guest_link(False, "no lower")
+                self.fsm.to(NicState.WAITING_LOWER, f"lower {lower.name} vanished while attaching")
+                return
         await self._set_guest_link(lower.carrier, f"lower {lower.name} carrier")
         self.fsm.to(NicState.ATTACHED, f"backend {self.nic.ifname} on {lower.name}", lower=lower.name)
 
@@ -192,6 +203,7 @@ class NicController:
         gens = [int(match.group(2)) for name in netdevs if (match := self._backend_ids.match(name))]
         if record is not None:
             gens.append(record.generation)
+            self.swaps = max(self.swaps, record.swaps)
         self.generation = max([self.generation, *gens])
         self.guest_link = None
         keep = record if record is not None and self._adoptable(record, network.ports) else None
@@ -240,7 +252,12 @@ class NicController:
         stale = self.env.links.named(nic.ifname)
         if stale is not None:
             await ops.delete(stale.index)
-        index = await ops.add_macvtap(nic.ifname, lower.index, nic.mac, nic.mode)
+        try:
+            index = await ops.add_macvtap(nic.ifname, lower.index, nic.mac, nic.mode)
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV:
+                raise LowerVanished(str(exc)) from exc
+            raise
         tap, hub = f"nw-{nic.id}-tap{gen}", f"nw-{nic.id}-up{gen}"
         fd: int | None = None
         try:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import re
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -85,22 +86,45 @@ class VmSession:
         self._client: QMPClient | None = None
         self._fd_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._pidfd: int | None = None
 
     @property
     def connected(self) -> bool:
         return self._client is not None and self._client.runstate == Runstate.RUNNING
 
     def qemu_alive(self) -> bool:
-        """Whether the QEMU last connected still exists (False if unknown)."""
-        if self.pid is None:
+        """Whether the QEMU last connected still runs (False if unknown).
+
+        A pidfd becomes readable when its process exits, zombie or not, and
+        cannot be fooled by pid reuse.
+        """
+        if self._pidfd is None:
             return False
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        return not readable
+
+    def _watch_pid(self, pid: int | None) -> None:
+        self._unwatch_pid()
+        if pid is None:
+            return
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            self._pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            log.warning("%s: cannot watch QEMU pid %s: %s", self.name, pid, exc)
+            return
+        # Its exit may come after the QMP socket closed: report it too.
+        asyncio.get_running_loop().add_reader(self._pidfd, self._qemu_exited)
+
+    def _qemu_exited(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+        self.on_change()
+
+    def _unwatch_pid(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
 
     async def __aenter__(self) -> VmSession:
         self._task = asyncio.create_task(self._run(), name=f"netwatch-qmp-{self.name}")
@@ -109,6 +133,7 @@ class VmSession:
     async def __aexit__(self, *exc: object) -> None:
         await tasks.stop([self._task])
         await self._drop()
+        self._unwatch_pid()
 
     async def _run(self) -> None:
         while True:
@@ -116,6 +141,7 @@ class VmSession:
             self._client = client
             self.session += 1
             self.pid = _peer_pid(client)
+            self._watch_pid(self.pid)
             events.emit("vm-connected", f"connected to QEMU (pid {self.pid}) on {self.path}", vm=self.name)
             self.on_change()
             while client.runstate == Runstate.RUNNING:

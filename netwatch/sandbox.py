@@ -11,6 +11,7 @@ processes are ended by the pid this module started them with.
 from __future__ import annotations
 
 import contextlib
+import json
 import ctypes
 import os
 import shutil
@@ -144,6 +145,8 @@ class Observer:
         self.ours = os.path.join(directory, f"{name}.obs")
         self.theirs = os.path.join(directory, f"{name}.qemu")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ours)
         self.sock.bind(self.ours)
 
     def qemu_args(self, netdev_id: str, hub: int) -> list[str]:
@@ -167,14 +170,18 @@ class Observer:
 
     def close(self) -> None:
         self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ours)
 
 
 class Qemu:
     """A running (not paused) QEMU with no guest OS: SeaBIOS idles, the hub forwards."""
 
-    def __init__(self, vm: VmConfig, directory: str, observe: bool = True) -> None:
+    def __init__(self, vm: VmConfig, directory: str, observe: bool = True, monitor: bool = False) -> None:
         self.vm = vm
         self.directory = directory
+        # A second QMP monitor for the test's own questions: netwatch's is taken.
+        self.monitor = os.path.join(directory, f"{vm.name}.test.qmp") if monitor else None
         self.observers: dict[str, Observer] = {}
         if observe:
             for nic in vm.nics:
@@ -184,21 +191,28 @@ class Qemu:
 
     def argv(self) -> list[str]:
         argv = [QEMU_BINARY, "-machine", os.environ.get("NW_MACHINE", "pc"), "-accel", os.environ.get("NW_ACCEL", "tcg"), "-nodefaults", "-no-user-config",
-                "-display", "none", "-m", "64", "-name", self.vm.name, *vm_args(self.vm)]
+                "-display", "none", "-m", "64", "-name", self.vm.name,
+                # No option ROM: otherwise SeaBIOS runs iPXE on the NIC for
+                # ~20 s (DHCP noise, fds that come and go).
+                "-global", "virtio-net-pci.romfile=", *vm_args(self.vm)]
+        if self.monitor:
+            argv += ["-qmp", f"unix:{self.monitor},server=on,wait=off"]
         for nic in self.vm.nics:
             if nic.id in self.observers:
                 argv += self.observers[nic.id].qemu_args(f"obs{self.vm.nics.index(nic)}", nic.hub)
         return argv
 
     def start(self) -> Qemu:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.vm.qmp)
+        for path in (self.vm.qmp, self.monitor):
+            with contextlib.suppress(FileNotFoundError, TypeError):
+                os.unlink(path)  # type: ignore[arg-type]
         for observer in self.observers.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(observer.theirs)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        wait_until(lambda: os.path.exists(self.vm.qmp) or self.proc is None or self.proc.poll() is not None,
+        wait_until(lambda: (os.path.exists(self.vm.qmp) and (not self.monitor or os.path.exists(self.monitor)))
+                   or self.proc is None or self.proc.poll() is not None,
                    20, f"QEMU of {self.vm.name} to open its QMP socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"QEMU exited: {Path(self.log).read_text()[-2000:]}")
@@ -217,6 +231,20 @@ class Qemu:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run one command on the test monitor."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        assert self.monitor, "started without a test monitor"
+        client = QEMUMonitorProtocol(self.monitor)
+        try:
+            client.connect()
+            return client.cmd(command, **arguments)
+        finally:
+            client.close()
+
+    def info_network(self) -> str:
+        return str(self.qmp("human-monitor-command", **{"command-line": "info network"}))
 
     def close(self) -> None:
         self.kill(signal.SIGTERM)
@@ -276,16 +304,26 @@ class NicWire:
 
 def write_config(path: str, state_dir: str, vms: list[dict[str, Any]]) -> None:
     """A netwatch config file for ``vms`` (dicts shaped like [[vm]] tables)."""
-    lines = ["[netwatch]", f'state_dir = "{state_dir}"', f'hooks_dir = "{state_dir}/hooks"',
+    lines = ["[netwatch]", f"state_dir = {_toml(state_dir)}", f"hooks_dir = {_toml(state_dir + '/hooks')}",
              'udev = "kernel"', ""]
     for vm in vms:
-        lines += ["[[vm]]", f'name = "{vm["name"]}"', f'qmp = "{vm["qmp"]}"']
+        lines += ["[[vm]]", f"name = {_toml(vm['name'])}", f"qmp = {_toml(vm['qmp'])}"]
         for nic in vm.get("nics", []):
             lines.append("  [[vm.nic]]")
             for key, value in nic.items():
-                lines.append(f"  {key} = {value!r}".replace("'", '"'))
+                lines.append(f"  {key} = {_toml(value)}")
         lines.append("")
     Path(path).write_text("\n".join(lines))
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
 def cleanup_dir(path: str) -> None:

@@ -1,0 +1,165 @@
+"""A test's world: one throwaway namespace, its QEMUs and a netwatch, all removed after."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from netwatch import config as config_mod
+from netwatch import control
+from netwatch.sandbox import (Deadline, Netns, Netwatch, Qemu, frame_payload, test_frame, time_to_first_frame,
+                              veth_up, wait_until, write_config)
+
+PEER_MAC = "02:00:00:00:00:01"
+
+
+class World:
+    def __init__(self, tmp: Path, ns: Netns) -> None:
+        self.tmp = tmp
+        self.ns = ns
+        self.state = str(tmp / "state")
+        self.config_path = str(tmp / "netwatch.toml")
+        self.qemus: dict[str, Qemu] = {}
+        self.netwatch: Netwatch | None = None
+        self.vms: list[dict[str, Any]] = []
+
+    # -- building ------------------------------------------------------------
+
+    def vm(self, name: str, *nics: dict[str, Any]) -> dict[str, Any]:
+        vm = {"name": name, "qmp": str(self.tmp / f"{name}.qmp"), "nics": list(nics)}
+        self.vms.append(vm)
+        self.write_config()
+        return vm
+
+    def write_config(self) -> None:
+        write_config(self.config_path, self.state, self.vms)
+
+    def config(self) -> config_mod.Config:
+        return config_mod.load(self.config_path)
+
+    def lower(self, lower: str, wire: str) -> None:
+        with self.ns.entered():
+            asyncio.run(veth_up(lower, wire))
+
+    def delete_link(self, name: str) -> None:
+        self.ns.ip("link", "del", name)
+
+    def start_qemu(self, name: str) -> Qemu:
+        vm = self.config().vm(name)
+        assert vm is not None
+        old = self.qemus.get(name)
+        if old is not None:
+            old.close()
+        qemu = Qemu(vm, str(self.tmp), monitor=True).start()
+        self.qemus[name] = qemu
+        return qemu
+
+    def start_netwatch(self) -> Netwatch:
+        self.netwatch = Netwatch(self.ns, self.config_path, str(self.tmp / "netwatch.log")).start()
+        return self.netwatch
+
+    def close(self) -> None:
+        if self.netwatch is not None:
+            self.netwatch.kill(signal.SIGTERM)
+        for qemu in self.qemus.values():
+            qemu.close()
+
+    # -- looking -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(control.request(self.state, "status", timeout=5))
+        except Exception as exc:  # noqa: BLE001 - shown in dumps only
+            return {"error": str(exc)}
+
+    def nic(self, vm: str, nic: str) -> dict[str, Any]:
+        for vm_status in self.status().get("vms", []):
+            if vm_status["name"] == vm:
+                for nic_status in vm_status["nics"]:
+                    if nic_status["id"] == nic:
+                        return dict(nic_status)
+        return {}
+
+    def dump(self) -> str:
+        parts = ["== status", json.dumps(self.status(), indent=1), "== ip -d link",
+                 self.ns.ip("-d", "link", check=False)]
+        if self.netwatch is not None:
+            parts += ["== netwatch log (tail)", self.netwatch.log()[-4000:]]
+        for name, qemu in self.qemus.items():
+            if qemu.proc is not None:
+                try:
+                    parts += [f"== info network of {name}", qemu.info_network()]
+                except Exception as exc:  # noqa: BLE001 - a dump must not fail
+                    parts += [f"== info network of {name}: {exc}"]
+        return "\n".join(parts)
+
+    def wait_state(self, vm: str, nic: str, state: str, timeout: float = 20, **match: Any) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            status = self.nic(vm, nic)
+            if status.get("state") == state and all(status.get(k) == v for k, v in match.items()):
+                return status
+            return None
+        return wait_until(ready, timeout, f"{vm}/{nic} to be {state} {match or ''}", self.dump)
+
+    def macvtaps(self) -> list[str]:
+        return self.ns.links("macvtap")
+
+    def backend_netdevs(self, vm: str) -> list[str]:
+        return sorted(set(re.findall(r"nw-[A-Za-z0-9._-]+-(?:tap|up)\d+", self.qemus[vm].info_network())))
+
+    # -- frames --------------------------------------------------------------
+
+    def frame_reaches_guest(self, vm: str, nic: str, wire: str, timeout: float = 10) -> float:
+        """Send on ``wire`` until a frame reaches the NIC's hub; seconds taken."""
+        observer = self.qemus[vm].observers[nic]
+        mac = self._mac(vm, nic)
+        observer.drain()
+        with self.ns.entered():
+            try:
+                return time_to_first_frame(wire, observer, mac, time.monotonic(), timeout)
+            except Deadline as exc:
+                raise Deadline(f"{exc}\n{self.dump()}") from None
+
+    def frame_reaches_wire(self, vm: str, nic: str, wire: str, timeout: float = 10) -> None:
+        """Have the guest send a frame; it must come out on ``wire``."""
+        observer = self.qemus[vm].observers[nic]
+        tag = uuid.uuid4().bytes
+        sock = self.ns.packet_socket(wire)
+        sock.settimeout(0.05)
+        try:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                observer.inject(test_frame(PEER_MAC, self._mac(vm, nic), tag))
+                try:
+                    while True:
+                        payload = frame_payload(sock.recv(4096))
+                        if payload is not None and payload.startswith(tag):
+                            return
+                except TimeoutError:
+                    continue
+            raise Deadline(f"no guest frame came out on {wire} within {timeout} s\n{self.dump()}")
+        finally:
+            sock.close()
+
+    def _mac(self, vm: str, nic: str) -> str:
+        vm_config = self.config().vm(vm)
+        assert vm_config is not None
+        return next(n.mac for n in vm_config.nics if n.id == nic)
+
+
+def run_netwatch(*args: str, ns: Netns | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "netwatch", *args]
+    if ns is not None:
+        argv = ns.exec_argv(*argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
