@@ -246,10 +246,9 @@ class _Validator:
         name = self.string(raw, "name", f"vm #{index + 1}", required=True)
         where = f"vm '{name}'" if name else f"vm #{index + 1}"
         self.unknown_keys(raw, ("name", "qmp", "nic"), where)
-        if name is not None:
-            if len(name) > VM_NAME_MAX or not _VM_NAME.match(name):
-                self.problem(where, "name", f"'{name}' must be 1-{VM_NAME_MAX} of A-Z a-z 0-9 . _ -,"
-                             " starting with a letter or digit")
+        if name is not None and (len(name) > VM_NAME_MAX or not _VM_NAME.match(name)):
+            self.problem(where, "name", f"'{name}' must be 1-{VM_NAME_MAX} of A-Z a-z 0-9 . _ -,"
+                         " starting with a letter or digit")
         qmp = self.string(raw, "qmp", where, required=True)
         if qmp is not None and not os.path.isabs(qmp):
             self.problem(where, "qmp", f"'{qmp}' must be an absolute path")

@@ -8,6 +8,7 @@ Requests are bounded in size and time; a bad one harms nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,10 +43,8 @@ class ControlServer:
         self._clients: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> ControlServer:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
@@ -58,15 +57,13 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
         await tasks.stop(list(self._clients))
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)  # type: ignore[arg-type]
+        self._clients.add(task)
         try:
             if not _peer_allowed(writer):
                 await _send(writer, {"ok": False, "error": "permission denied"})
@@ -75,7 +72,7 @@ class ControlServer:
                 try:
                     async with asyncio.timeout(REQUEST_TIMEOUT):
                         line = await reader.readline()
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await _send(writer, {"ok": False, "error": "request timed out"})
                     return
                 except (asyncio.LimitOverrunError, ValueError):
@@ -90,7 +87,7 @@ class ControlServer:
         except (ConnectionError, OSError) as exc:
             log.debug("control client went away: %s", exc)
         finally:
-            self._clients.discard(task)  # type: ignore[arg-type]
+            self._clients.discard(task)
             writer.close()
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
@@ -109,7 +106,7 @@ class ControlServer:
             return {"ok": True, "result": result}
         except NetwatchError as exc:
             return {"ok": False, "error": str(exc)}
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return {"ok": False, "error": "the service did not answer in time"}
 
 

@@ -20,8 +20,21 @@ import time
 
 from . import config as config_mod
 from . import control
-from .sandbox import (QEMU_BINARY, Netns, Netwatch, Observer, Qemu, delete_link, frame_payload, test_frame,
-                      time_to_first_frame, veth_up, wait_until, wire_socket, write_config)
+from .sandbox import (
+    QEMU_BINARY,
+    Netns,
+    Netwatch,
+    Observer,
+    Qemu,
+    delete_link,
+    frame_payload,
+    test_frame,
+    time_to_first_frame,
+    veth_up,
+    wait_until,
+    wire_socket,
+    write_config,
+)
 
 LOWER, WIRE = "demo-lower", "demo-wire"
 GUEST_MAC = "52:54:00:de:40:01"

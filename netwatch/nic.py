@@ -56,9 +56,7 @@ def lower_matches(spec: LowerSpec, link: Link) -> bool:
         return False
     if spec.mac is not None and (link.mac or "").lower() != spec.mac:
         return False
-    if spec.pci is not None and _pci_address(link.name) != spec.pci:
-        return False
-    return True
+    return not (spec.pci is not None and _pci_address(link.name) != spec.pci)
 
 
 def _pci_address(ifname: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from . import events
 
@@ -58,4 +58,4 @@ class NicStateMachine:
 
     @property
     def last_change(self) -> str:
-        return datetime.fromtimestamp(self.changed_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datetime.fromtimestamp(self.changed_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

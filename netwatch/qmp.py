@@ -165,7 +165,7 @@ class VmSession:
         try:
             async with asyncio.timeout(self.timeout):
                 await client.connect(self.path)
-        except (ConnectError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectError, OSError, EOFError) as exc:
             await _quiet_disconnect(client)
             raise QmpError(f"cannot connect to {self.path}: {exc}") from exc
         return client
@@ -182,7 +182,7 @@ class VmSession:
         try:
             async with asyncio.timeout(self.timeout):
                 return await client.execute(command, arguments)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise QmpError(f"{command} got no answer within {self.timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:
             raise QmpError(f"{command} failed: {exc}") from exc

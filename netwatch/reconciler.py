@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -32,7 +33,7 @@ class Reconciler:
         await self._remove_orphans()
         for vm_config in self.config.vms:
             name = vm_config.name
-            session = VmSession(name, vm_config.qmp, on_change=lambda name=name: self.kick_vm(name),
+            session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
                                 timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait)
             self.vms[name] = session
             self.nics[name] = [NicController(name, nic, session, self.env) for nic in vm_config.nics]

@@ -7,6 +7,7 @@ the record, the kernel and QEMU all agree on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,10 +66,8 @@ class RecordStore:
         os.replace(tmp, path)
 
     def remove(self, vm: str, nic: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._path(vm, nic).unlink()
-        except FileNotFoundError:
-            pass
 
     def all(self) -> list[NicRecord]:
         found = []

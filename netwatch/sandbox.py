@@ -11,8 +11,8 @@ processes are ended by the pid this module started them with.
 from __future__ import annotations
 
 import contextlib
-import json
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -190,7 +190,7 @@ class Qemu:
         self.log = os.path.join(directory, f"{vm.name}.qemu.log")
 
     def argv(self) -> list[str]:
-        argv = [QEMU_BINARY, "-machine", os.environ.get("NW_MACHINE", "pc"), "-accel", os.environ.get("NW_ACCEL", "tcg"), "-nodefaults", "-no-user-config",
+        argv = [QEMU_BINARY, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-no-user-config",
                 "-display", "none", "-m", "64", "-name", self.vm.name,
                 # No option ROM: otherwise SeaBIOS runs iPXE on the NIC for
                 # ~20 s (DHCP noise, fds that come and go).

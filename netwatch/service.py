@@ -35,6 +35,8 @@ class Service:
         self.retry_wait = retry_wait
         self.reconciler: Reconciler | None = None
         self._stop = asyncio.Event()
+        self._refresh: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
 
     async def run(self) -> None:
         settings = self.config.settings
@@ -67,13 +69,22 @@ class Service:
             # A shutdown that hangs says where, instead of waiting for SIGKILL.
             loop.call_later(5.0, _report_stuck_tasks)
             if links.task in done:
-                error = links.task.exception()
-                raise NetwatchError(f"link monitor failed: {error}") from error
+                self._failure = links.task.exception()
+            if self._failure is not None:
+                # Exit non-zero: systemd restarts netwatch, which resyncs from scratch.
+                raise NetwatchError(f"following host links failed: {self._failure}") from self._failure
             events.emit("service", "netwatch stopping; backends stay in place for the next start")
 
     def _resync(self, links: LinkMonitor) -> None:
-        task = asyncio.get_running_loop().create_task(links.refresh("uevent overflow"))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or self._stop.set())
+        if self._refresh is not None and not self._refresh.done():
+            return  # one refresh at a time covers every overflow so far
+        self._refresh = asyncio.get_running_loop().create_task(links.refresh("uevent overflow"))
+        self._refresh.add_done_callback(self._refresh_done)
+
+    def _refresh_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._failure = task.exception()
+            self._stop.set()
 
     async def _status(self, request: dict[str, Any]) -> Any:
         assert self.reconciler is not None

@@ -16,8 +16,18 @@ from typing import Any
 
 from netwatch import config as config_mod
 from netwatch import control
-from netwatch.sandbox import (Deadline, Netns, Netwatch, Qemu, frame_payload, test_frame, time_to_first_frame,
-                              veth_up, wait_until, write_config)
+from netwatch.sandbox import (
+    Deadline,
+    Netns,
+    Netwatch,
+    Qemu,
+    frame_payload,
+    test_frame,
+    time_to_first_frame,
+    veth_up,
+    wait_until,
+    write_config,
+)
 
 PEER_MAC = "02:00:00:00:00:01"
 

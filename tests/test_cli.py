@@ -1,0 +1,129 @@
+"""The command line as a user runs it: exit codes, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from netwatch.sandbox import Netns
+
+from .world import run_netwatch
+
+GOOD = """
+[netwatch]
+state_dir = "{state}"
+udev = "off"
+[[vm]]
+name = "web1"
+qmp = "/run/netwatch-test/web1.qmp"
+  [[vm.nic]]
+  id = "net0"
+  backend = "macvtap"
+  lower = "eth1"
+  mac = "52:54:00:12:34:56"
+  [[vm.nic]]
+  id = "net1"
+  backend = "macvtap"
+  lower = "eth2"
+  hub = 7
+  model = "e1000"
+  mac = "52:54:00:12:34:57"
+"""
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> str:
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD.format(state=tmp_path / "state"))
+    return str(path)
+
+
+@pytest.fixture
+def bad(tmp_path: Path) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.format(state=tmp_path / "state").replace("52:54:00:12:34:57", "ff:ff:ff:ff:ff:ff")
+                    + "typo = 1\n")
+    return str(path)
+
+
+def assert_clean_error(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert stderr.strip(), "an error must say something"
+
+
+def test_check_good(good: str) -> None:
+    result = run_netwatch("check", "-c", good)
+    assert result.returncode == 0
+    assert "OK (1 VMs, 2 NICs)" in result.stdout
+
+
+def test_check_bad_lists_each_problem(bad: str) -> None:
+    result = run_netwatch("check", "-c", bad)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert any("vm 'web1' nic 'net1': key 'mac': 'ff:ff:ff:ff:ff:ff' is a multicast address" in x for x in lines)
+    assert any("vm 'web1' nic 'net1': key 'typo': is not a known key" in x for x in lines)
+
+
+def test_check_uses_netwatch_config_env(good: str) -> None:
+    result = run_netwatch("check", env={"NETWATCH_CONFIG": good})
+    assert result.returncode == 0
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    result = run_netwatch("check", "-c", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"{tmp_path / 'nope.toml'}: cannot read: No such file or directory"
+
+
+def test_qemu_args_shell_and_json(good: str) -> None:
+    line = run_netwatch("qemu-args", "-c", good, "web1")
+    as_json = run_netwatch("qemu-args", "-c", good, "--json", "web1")
+    assert line.returncode == as_json.returncode == 0
+    args = json.loads(as_json.stdout)
+    assert shlex.split(line.stdout) == args
+    assert args == [
+        "-qmp", "unix:/run/netwatch-test/web1.qmp,server=on,wait=off",
+        "-netdev", "hubport,id=nw-net0,hubid=0",
+        "-device", "virtio-net-pci,id=net0,netdev=nw-net0,mac=52:54:00:12:34:56",
+        "-netdev", "hubport,id=nw-net1,hubid=7",
+        "-device", "e1000,id=net1,netdev=nw-net1,mac=52:54:00:12:34:57",
+    ]
+
+
+def test_qemu_args_unknown_vm(good: str) -> None:
+    result = run_netwatch("qemu-args", "-c", good, "db9")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"netwatch: no VM named 'db9' in {good}"
+
+
+def test_status_without_service_is_one_sentence(good: str, tmp_path: Path) -> None:
+    result = run_netwatch("status", "-c", good)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"netwatch: netwatch is not running (no service on "
+                                     f"{tmp_path / 'state' / 'control.sock'})")
+
+
+@pytest.mark.parametrize("argv", [["bogus"], [], ["qemu-args"], ["status", "--nope"], ["demo", "--flaps", "x"]])
+def test_bad_command_lines(argv: list[str]) -> None:
+    result = run_netwatch(*argv)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_run_with_bad_config_touches_nothing(bad: str, tmp_path: Path, netns: Netns) -> None:
+    netns.add_veth("eth1", "wire1")
+    before = netns.ip("-d", "link")
+    result = run_netwatch("run", "-c", bad, ns=netns)
+    assert result.returncode == 2
+    assert_clean_error(result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 2
+    assert netns.ip("-d", "link") == before
+    assert not (tmp_path / "state").exists()

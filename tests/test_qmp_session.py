@@ -1,0 +1,108 @@
+"""VmSession against a fake QMP server: only for what a real QEMU will not do on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from tenacity import wait_fixed
+
+from netwatch.errors import QmpError
+from netwatch.qmp import VmSession
+
+GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}
+
+Behaviour = Callable[[dict[str, object], asyncio.StreamWriter], Awaitable[None]]
+
+
+async def fake_qemu(path: str, behaviour: Behaviour) -> asyncio.Server:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(json.dumps(GREETING).encode() + b"\n")
+        decoder, buffer = json.JSONDecoder(), ""
+        try:
+            # qemu.qmp sends no newline after a command: split the stream by JSON values.
+            while chunk := await reader.read(65536):
+                buffer += chunk.decode()
+                while buffer.strip():
+                    try:
+                        msg, end = decoder.raw_decode(buffer.lstrip())
+                    except ValueError:
+                        break
+                    buffer = buffer.lstrip()[end:]
+                    if msg["execute"] == "qmp_capabilities":
+                        writer.write(json.dumps({"return": {}, "id": msg.get("id")}).encode() + b"\n")
+                    else:
+                        await behaviour(msg, writer)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+    return await asyncio.start_unix_server(serve, path)
+
+
+async def with_session(tmp_path: Path, behaviour: Behaviour,
+                       body: Callable[[VmSession], Awaitable[None]]) -> None:
+    path = str(tmp_path / "fake.qmp")
+    server = await fake_qemu(path, behaviour)
+    changes = asyncio.Event()
+    async with VmSession("fake", path, changes.set, timeout=0.3, connect_wait=wait_fixed(0.05)) as session:
+        async with asyncio.timeout(5):
+            while not session.connected:
+                await changes.wait()
+                changes.clear()
+        await body(session)
+    server.close()
+
+
+def test_command_that_never_answers_times_out(tmp_path: Path) -> None:
+    async def hang(msg: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        return
+
+    async def body(session: VmSession) -> None:
+        with pytest.raises(QmpError, match=r"set_link got no answer within 0\.3 s"):
+            await session.execute("set_link", {"name": "net0", "up": True})
+    asyncio.run(with_session(tmp_path, hang, body))
+
+
+def test_error_reply_is_a_qmp_error(tmp_path: Path) -> None:
+    async def refuse(msg: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        error = {"class": "GenericError", "desc": "Device 'nw-net0-tap9' not found"}
+        writer.write(json.dumps({"error": error, "id": msg.get("id")}).encode() + b"\n")
+
+    async def body(session: VmSession) -> None:
+        with pytest.raises(QmpError, match="netdev_del failed: Device 'nw-net0-tap9' not found"):
+            await session.execute("netdev_del", {"id": "nw-net0-tap9"})
+    asyncio.run(with_session(tmp_path, refuse, body))
+
+
+def test_garbage_reply_drops_the_session_and_it_reconnects(tmp_path: Path) -> None:
+    replies = iter([b"this is not json\n"])
+
+    async def garbage_once(msg: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        reply = next(replies, None)
+        writer.write(reply or json.dumps({"return": "fine", "id": msg.get("id")}).encode() + b"\n")
+
+    async def body(session: VmSession) -> None:
+        first = session.session
+        with pytest.raises(QmpError):
+            await session.execute("query-status")
+        async with asyncio.timeout(5):
+            while not (session.connected and session.session > first):
+                await asyncio.sleep(0.01)
+        assert await session.execute("query-status") == "fine"
+    asyncio.run(with_session(tmp_path, garbage_once, body))
+
+
+def test_absent_socket_is_waiting_not_an_error(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with VmSession("ghost", str(tmp_path / "none.qmp"), lambda: None, timeout=0.2,
+                             connect_wait=wait_fixed(0.01)) as session:
+            await asyncio.sleep(0.1)
+            assert not session.connected
+            with pytest.raises(QmpError, match="not connected"):
+                await session.execute("query-status")
+    asyncio.run(main())

@@ -1,0 +1,94 @@
+"""Small pieces on their own: the state table, QEMU's network listing, the control protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from netwatch import control
+from netwatch.errors import ControlError, NetwatchError
+from netwatch.nic_state import TRANSITIONS, IllegalTransition, NicState, NicStateMachine
+from netwatch.qmp import HubPort, parse_info_network
+
+
+def test_every_state_can_be_left_and_reached() -> None:
+    assert set(TRANSITIONS) == set(NicState)
+    reachable = {target for targets in TRANSITIONS.values() for target in targets}
+    assert reachable == set(NicState)
+    for state, targets in TRANSITIONS.items():
+        assert state not in targets, "a state does not transition to itself"
+
+
+def test_state_machine_logs_once_and_refuses_illegal_moves(caplog: pytest.LogCaptureFixture) -> None:
+    fsm = NicStateMachine("vm", "net0")
+    assert fsm.state is NicState.WAITING_VM
+    with caplog.at_level("INFO", logger="netwatch"):
+        assert fsm.to(NicState.WAITING_LOWER, "lower eth1 is not present")
+        assert not fsm.to(NicState.WAITING_LOWER, "again")
+    assert [r.getMessage() for r in caplog.records] == ["waiting-vm -> waiting-lower: lower eth1 is not present"]
+    assert caplog.records[0].nw_event == "state"  # type: ignore[attr-defined]
+    with pytest.raises(IllegalTransition):
+        fsm.to(NicState.ATTACHED, "skipping attaching")
+
+
+INFO = """hub 0
+ \\ nw-net0-up3: nw-net0-tap3: index=0,type=tap,fd=12
+ \\ obs0p: obs0: index=0,type=dgram,udp=/a:/b
+ \\ nw-net0: net0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56
+hub 1
+ \\ nw-net1: net1: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:57
+nw-net1-tap9: index=0,type=tap,fd=20
+"""
+
+
+def test_parse_info_network() -> None:
+    info = parse_info_network(INFO)
+    assert info.ports[0] == HubPort(0, "nw-net0-up3", "nw-net0-tap3", "tap")
+    assert [p.hub for p in info.ports] == [0, 0, 0, 1]
+    assert "nw-net1-tap9" in info.netdevs and "nw-net0-tap3" in info.netdevs
+    assert parse_info_network("").ports == ()
+
+
+async def _serve_one(tmp_path: Path, payloads: list[bytes]) -> list[dict[str, object]]:
+    async def status(request: dict[str, object]) -> object:
+        return {"vms": []}
+
+    async def broken(request: dict[str, object]) -> object:
+        raise NetwatchError("no such VM")
+
+    answers = []
+    async with control.ControlServer(str(tmp_path), {"status": status, "broken": broken}) as server:
+        assert os.stat(server.path).st_mode & 0o777 == 0o600
+        for payload in payloads:
+            reader, writer = await asyncio.open_unix_connection(server.path, limit=1 << 20)
+            writer.write(payload)
+            await writer.drain()
+            if not payload.endswith(b"\n"):
+                writer.write_eof()
+            line = await reader.readline()
+            answers.append(json.loads(line))
+            writer.close()
+    return answers
+
+
+def test_control_protocol_survives_garbage(tmp_path: Path) -> None:
+    answers = asyncio.run(_serve_one(tmp_path, [
+        b"not json\n", b"[1, 2]\n", b'{"cmd": 5}\n', b'{"cmd": "reboot"}\n', b'{"cmd": "broken"}\n',
+        b"\xff\xfe\n", b'{"cmd": "status"', b"x" * (control.MAX_REQUEST + 10) + b"\n", b'{"cmd": "status"}\n',
+    ]))
+    errors = [a.get("error") for a in answers]
+    assert errors[:8] == [
+        "request is not JSON", "request must be an object with a string 'cmd'",
+        "request must be an object with a string 'cmd'", "unknown command 'reboot'", "no such VM",
+        "request is not JSON", "incomplete request (no newline)",
+        f"request longer than {control.MAX_REQUEST} bytes"]
+    assert answers[-1] == {"ok": True, "result": {"vms": []}}
+
+
+def test_control_client_errors(tmp_path: Path) -> None:
+    with pytest.raises(ControlError, match="netwatch is not running"):
+        control.request(str(tmp_path), "status")
