@@ -1,8 +1,9 @@
 """Events in: the table of host links, kept current from netlink.
 
-One AsyncIPRoute socket subscribes to link events only; when the kernel
-drops events (ENOBUFS) the socket is replaced, subscribed first, then the
-table is rebuilt from a dump, so no event is ever assumed to have arrived.
+A netlink socket subscribed to link events is read on the event loop.
+When the kernel drops events (ENOBUFS) the socket is replaced, subscribed
+first, then the table is rebuilt from a dump before any queued event is
+applied, so no event is ever assumed to have arrived.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from . import events, tasks
+from . import events, rtnl, tasks
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 SO_RCVBUFFORCE = 33
 EVENT_RCVBUF = 8 * 1024 * 1024
+NETLINK_ROUTE = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Link:
 
     @classmethod
     def from_msg(cls, msg: Any) -> Link:
+        """From a pyroute2 message (dumps)."""
         parent = msg.get("link")
         return cls(index=msg["index"], name=msg.get("ifname") or "", kind=msg.get(("linkinfo", "kind")),
                    mac=(msg.get("address") or None), parent=parent if parent else None,
@@ -73,14 +75,14 @@ class LinkTable:
     def __iter__(self) -> Any:
         return iter(list(self.by_index.values()))
 
-    def apply(self, msg: Any) -> tuple[Link | None, Link | None]:
-        """Fold one RTM_NEWLINK/RTM_DELLINK message in; return (old, new)."""
-        index = msg["index"]
+    def apply(self, msg_type: int, fields: dict[str, Any]) -> tuple[Link | None, Link | None]:
+        """Fold one decoded RTM_NEWLINK/RTM_DELLINK in; return (old, new)."""
+        index = int(fields["index"])
         old = self.by_index.get(index)
-        if msg["event"] == "RTM_DELLINK":
+        if msg_type == rtnl.RTM_DELLINK:
             self.by_index.pop(index, None)
             return old, None
-        new = Link.from_msg(msg)
+        new = Link(index=index, **{k: v for k, v in fields.items() if k != "index"})
         self.by_index[index] = new
         return old, new
 
@@ -89,7 +91,11 @@ class LinkTable:
 
 
 class LinkMonitor:
-    """Keeps a LinkTable current and reports every change; owns its task."""
+    """Keeps a LinkTable current and reports every change.
+
+    ``failed`` completes (with the error) only if following links became
+    impossible; the service treats that as fatal.
+    """
 
     def __init__(self, table: LinkTable, on_change: ChangeHandler, on_resync: Callable[[], None],
                  rcvbuf: int = EVENT_RCVBUF) -> None:
@@ -98,72 +104,96 @@ class LinkMonitor:
         self.on_resync = on_resync
         self.rcvbuf = rcvbuf
         self.resyncs = 0
-        self._sock: AsyncIPRoute | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.failed: asyncio.Future[None] | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resync: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> LinkMonitor:
-        await self._subscribe_and_dump()
-        self._task = asyncio.create_task(self._run(), name="netwatch-links")
+        self._loop = asyncio.get_running_loop()
+        self.failed = self._loop.create_future()
+        self._subscribe()
+        await self._dump()
+        self._start_reading()
         return self
 
-    @property
-    def task(self) -> asyncio.Task[None]:
-        """The event task: its end (other than cancellation) is a service failure."""
-        assert self._task is not None
-        return self._task
-
     async def __aexit__(self, *exc: object) -> None:
-        await tasks.stop([self._task])
+        await tasks.stop([self._resync])
         self._close()
+
+    def _subscribe(self) -> None:
+        self._close()
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                             NETLINK_ROUTE)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        sock.bind((0, rtnl.RTMGRP_LINK))
+        self._sock = sock
+
+    def _start_reading(self) -> None:
+        # Only after the dump: events queued meanwhile are newer than it.
+        assert self._loop is not None and self._sock is not None
+        self._loop.add_reader(self._sock.fileno(), self._readable)
 
     def _close(self) -> None:
         if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
-
-    async def _subscribe_and_dump(self) -> None:
-        await self._subscribe()
-        await self._dump()
-
-    async def _subscribe(self) -> None:
-        self._close()
-        sock = AsyncIPRoute()
-        try:
-            sock.socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
-        except PermissionError:
-            sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-        # Subscribe before dumping: anything that changes during the dump is
-        # queued as an event and folded in after it.
-        await sock.bind(groups=RTMGRP_LINK)
-        self._sock = sock
 
     async def _dump(self) -> None:
         async with AsyncIPRoute() as dumper:
             links = [Link.from_msg(msg) async for msg in await dumper.link("dump")]
         self.table.replace(links)
 
-    async def _run(self) -> None:
+    def _readable(self) -> None:
+        assert self._sock is not None
         while True:
             try:
-                assert self._sock is not None
-                async for msg in self._sock.get():
-                    if msg["event"] not in ("RTM_NEWLINK", "RTM_DELLINK"):
-                        continue
-                    old, new = self.table.apply(msg)
-                    if old != new:
-                        self.on_change(old, new)
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return
             except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                # The socket is unusable after ENOBUFS: replace it.
-                await self._subscribe()
-                await self.refresh("netlink overflow (ENOBUFS): link events were lost")
+                if exc.errno == errno.ENOBUFS:
+                    self._start_resync("netlink overflow (ENOBUFS): link events were lost")
+                else:
+                    self._fail(exc)
+                return
+            for msg_type, fields in rtnl.decode_links(data):
+                old, new = self.table.apply(msg_type, fields)
+                if old != new:
+                    self.on_change(old, new)
+
+    def _start_resync(self, why: str) -> None:
+        assert self._loop is not None
+        if self._resync is not None and not self._resync.done():
+            return
+        # The overflowed socket is useless: stop reading it before the dump.
+        self._close()
+        self._resync = self._loop.create_task(self._resubscribe(why), name="netwatch-links-resync")
+
+    async def _resubscribe(self, why: str) -> None:
+        try:
+            self._subscribe()
+            await self.refresh(why)
+            self._start_reading()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._close()
+        if self.failed is not None and not self.failed.done():
+            self.failed.set_exception(exc)
 
     async def refresh(self, why: str) -> None:
         """Rebuild the table from a dump and have everything reconciled.
 
-        Safe beside the event task: events queued across the dump are
-        complete link states applied in kernel order, so the table converges.
+        Used after an overflow (with a fresh, not yet read socket) and after
+        a uevent overflow (events keep flowing: they are complete link
+        states in kernel order, so the table still converges).
         """
         self.resyncs += 1
         events.emit("resync", f"resynchronising links: {why}", reason=why)

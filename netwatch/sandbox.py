@@ -331,15 +331,18 @@ def cleanup_dir(path: str) -> None:
 
 
 async def veth_up(lower: str, wire: str) -> float:
-    """Create a veth pair here, wire end up first; return the moment ``lower`` is up."""
+    """Create a veth pair here; return the moment ``lower`` exists, already up.
+
+    ``lower`` is created up in one request, so a watcher cannot start early
+    on a "created but down" event; the wire end comes up right after.
+    """
     from pyroute2 import AsyncIPRoute
     async with AsyncIPRoute() as ipr:
-        await ipr.link("add", ifname=lower, kind="veth", peer=wire)
+        await ipr.link("add", ifname=lower, kind="veth", peer=wire, state="up")
+        up_at = time.monotonic()
         wire_index = (await ipr.link_lookup(ifname=wire))[0]
-        lower_index = (await ipr.link_lookup(ifname=lower))[0]
         await ipr.link("set", index=wire_index, state="up")
-        await ipr.link("set", index=lower_index, state="up")
-        return time.monotonic()
+        return up_at
 
 
 async def delete_link(name: str) -> None:

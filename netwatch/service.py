@@ -64,12 +64,14 @@ class Service:
             events.emit("service", f"netwatch running: {len(self.config.vms)} VMs, {nics} NICs, "
                         f"uevents from {source or 'nowhere'}")
             stop = asyncio.create_task(self._stop.wait())
-            done, _ = await asyncio.wait({stop, links.task}, return_when=asyncio.FIRST_COMPLETED)
+            assert links.failed is not None
+            waiters: set[asyncio.Future[Any]] = {stop, links.failed}
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
             # A shutdown that hangs says where, instead of waiting for SIGKILL.
             loop.call_later(5.0, _report_stuck_tasks)
-            if links.task in done:
-                self._failure = links.task.exception()
+            if links.failed in done:
+                self._failure = links.failed.exception()
             if self._failure is not None:
                 # Exit non-zero: systemd restarts netwatch, which resyncs from scratch.
                 raise NetwatchError(f"following host links failed: {self._failure}") from self._failure

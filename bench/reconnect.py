@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Reconnect latency: how long after a lower comes back do frames reach the guest?
+
+For each of N flaps of a veth lower: the time from the lower being created
+and up to the first frame sent on the wire reaching the guest NIC's hub.
+Measured, interleaved in the same run, for a VM managed by netwatch and for
+a floor: a second QEMU whose backend is swapped by straight-line code (no
+daemon, no events: it knows when the lower is up because it made it).
+
+Usage (root; runs in its own network namespace): bench/reconnect.py [-n N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyroute2 import AsyncIPRoute
+from qemu.qmp import QMPClient
+
+from netwatch import config as config_mod
+from netwatch import control
+from netwatch.chardev import macvtap_devnum, open_chardev
+from netwatch.config import NicConfig, VmConfig
+from netwatch.sandbox import Netns, Netwatch, Qemu, delete_link, time_to_first_frame, veth_up, wait_until, write_config
+
+NW_LOWER, NW_WIRE, NW_MAC = "bl-nw", "bw-nw", "52:54:00:be:00:01"
+FL_LOWER, FL_WIRE, FL_MAC = "bl-fl", "bw-fl", "52:54:00:be:00:02"
+
+
+class StraightSwap:
+    """The floor: the same kernel and QMP steps as netwatch, in a straight line."""
+
+    def __init__(self, qmp_path: str, node_dir: str) -> None:
+        self.qmp_path = qmp_path
+        self.node_dir = node_dir
+        self.gen = 0
+        self.ipr = AsyncIPRoute()
+        self.qmp = QMPClient("floor")
+
+    async def connect(self) -> None:
+        await self.qmp.connect(self.qmp_path)
+
+    async def drop_old(self) -> None:
+        """After the lower is gone (off the clock): remove the dead pair."""
+        if self.gen:
+            await self.qmp.execute("netdev_del", {"id": f"fl-up{self.gen}"})
+            await self.qmp.execute("netdev_del", {"id": f"fl-tap{self.gen}"})
+
+    async def swap(self, lower: str) -> None:
+        self.gen += 1
+        lower_index = (await self.ipr.link_lookup(ifname=lower))[0]
+        await self.ipr.link("add", ifname="fl-mvtap", kind="macvtap", link=lower_index, macvtap_mode="bridge",
+                            address=FL_MAC, state="up")
+        index = (await self.ipr.link_lookup(ifname="fl-mvtap"))[0]
+        fd = open_chardev(macvtap_devnum("fl-mvtap", index), self.node_dir, "fl-mvtap")
+        try:
+            self.qmp.send_fd_scm(fd)
+            await self.qmp.execute("getfd", {"fdname": f"fl-fd{self.gen}"})
+            await self.qmp.execute("netdev_add", {"type": "tap", "id": f"fl-tap{self.gen}", "fd": f"fl-fd{self.gen}"})
+            await self.qmp.execute("netdev_add", {"type": "hubport", "id": f"fl-up{self.gen}", "hubid": 0,
+                                                  "netdev": f"fl-tap{self.gen}"})
+        finally:
+            os.close(fd)
+
+    async def close(self) -> None:
+        self.ipr.close()
+        try:
+            await self.qmp.disconnect()
+        except (EOFError, OSError):
+            pass
+
+
+def summary(name: str, values: list[float]) -> str:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return (f"{name:<9} p50 {statistics.median(ordered):6.2f} ms   p90 {p90:6.2f} ms   "
+            f"max {ordered[-1]:6.2f} ms   (n={len(ordered)})")
+
+
+async def inner(workdir: str, flaps: int) -> int:
+    cfg_path = os.path.join(workdir, "netwatch.toml")
+    state = os.path.join(workdir, "state")
+    write_config(cfg_path, state, [{"name": "nwvm", "qmp": os.path.join(workdir, "nwvm.qmp"), "nics": [
+        {"id": "net0", "backend": "macvtap", "lower": NW_LOWER, "mac": NW_MAC}]}])
+    nw_vm = config_mod.load(cfg_path).vms[0]
+    floor_vm = VmConfig("floorvm", os.path.join(workdir, "floorvm.qmp"), (
+        NicConfig(id="net0", backend="macvtap", mac=FL_MAC, hub=0, model="virtio-net-pci", ifname="fl-mvtap"),))
+    await veth_up(NW_LOWER, NW_WIRE)
+    await veth_up(FL_LOWER, FL_WIRE)
+    nw_qemu, fl_qemu = Qemu(nw_vm, workdir), Qemu(floor_vm, workdir)
+    service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log"))
+    floor = StraightSwap(floor_vm.qmp, os.path.join(workdir, "floor-dev"))
+
+    def nic_state() -> str:
+        try:
+            return str(control.request(state, "status")["vms"][0]["nics"][0]["state"])
+        except Exception:  # noqa: BLE001 - not up yet
+            return ""
+
+    try:
+        nw_qemu.start()
+        fl_qemu.start()
+        service.start()
+        await floor.connect()
+        await floor.swap(FL_LOWER)
+        wait_until(lambda: nic_state() == "attached", 30, "netwatch to attach", service.log)
+        nw_obs, fl_obs = nw_qemu.observers["net0"], fl_qemu.observers["net0"]
+        results: dict[str, list[float]] = {"netwatch": [], "floor": []}
+        for flap in range(flaps):
+            await delete_link(NW_LOWER)
+            wait_until(lambda: nic_state() == "waiting-lower", 10, "netwatch to see the loss", service.log)
+            nw_obs.drain()
+            up = await veth_up(NW_LOWER, NW_WIRE)
+            results["netwatch"].append(1000 * time_to_first_frame(NW_WIRE, nw_obs, NW_MAC, up))
+
+            await delete_link(FL_LOWER)
+            await floor.drop_old()
+            fl_obs.drain()
+            up = await veth_up(FL_LOWER, FL_WIRE)
+            await floor.swap(FL_LOWER)
+            results["floor"].append(1000 * time_to_first_frame(FL_WIRE, fl_obs, FL_MAC, up))
+            print(f"flap {flap + 1:3}: netwatch {results['netwatch'][-1]:6.2f} ms   "
+                  f"floor {results['floor'][-1]:6.2f} ms", flush=True)
+        print()
+        print("time from the lower being created and up to the first wire frame at the guest's hub")
+        print(summary("netwatch", results["netwatch"]))
+        print(summary("floor", results["floor"]))
+        ratio = statistics.median(results["netwatch"]) / statistics.median(results["floor"])
+        print(f"p50 ratio netwatch/floor: {ratio:.2f} (target <= 1.3)")
+        return 0
+    finally:
+        await floor.close()
+        service.kill()
+        nw_qemu.close()
+        fl_qemu.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--flaps", type=int, default=50)
+    parser.add_argument("--inner", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        return asyncio.run(inner(args.inner, args.flaps))
+    if os.geteuid() != 0:
+        print("reconnect.py: needs root (network namespaces, macvtap)", file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="nw-bench-")
+    started = time.monotonic()
+    try:
+        with Netns("nwbench") as ns:
+            argv = ns.exec_argv(sys.executable, str(Path(__file__).resolve()), "-n", str(args.flaps),
+                                "--inner", workdir)
+            code = subprocess.run(argv).returncode
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"(bench took {time.monotonic() - started:.0f} s)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
