@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -30,7 +31,17 @@ from netwatch import config as config_mod
 from netwatch import control
 from netwatch.chardev import macvtap_devnum, open_chardev
 from netwatch.config import NicConfig, VmConfig
-from netwatch.sandbox import Netns, Netwatch, Qemu, delete_link, time_to_first_frame, veth_up, wait_until, write_config
+from netwatch.sandbox import (
+    Netns,
+    Netwatch,
+    Qemu,
+    delete_link,
+    exit_on_sigterm,
+    time_to_first_frame,
+    veth_up,
+    wait_until,
+    write_config,
+)
 
 NW_LOWER, NW_WIRE, NW_MAC = "bl-nw", "bw-nw", "52:54:00:be:00:01"
 FL_LOWER, FL_WIRE, FL_MAC = "bl-fl", "bw-fl", "52:54:00:be:00:02"
@@ -73,15 +84,13 @@ class StraightSwap:
 
     async def close(self) -> None:
         self.ipr.close()
-        try:
+        with contextlib.suppress(EOFError, OSError):
             await self.qmp.disconnect()
-        except (EOFError, OSError):
-            pass
 
 
 def summary(name: str, values: list[float]) -> str:
     ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return (f"{name:<9} p50 {statistics.median(ordered):6.2f} ms   p90 {p90:6.2f} ms   "
             f"max {ordered[-1]:6.2f} ms   (n={len(ordered)})")
 
@@ -150,6 +159,7 @@ def main() -> int:
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
+        exit_on_sigterm()
         return asyncio.run(inner(args.inner, args.flaps))
     if os.geteuid() != 0:
         print("reconnect.py: needs root (network namespaces, macvtap)", file=sys.stderr)

@@ -27,6 +27,7 @@ from .sandbox import (
     Observer,
     Qemu,
     delete_link,
+    exit_on_sigterm,
     frame_payload,
     test_frame,
     time_to_first_frame,
@@ -127,4 +128,5 @@ def _show_both_ways(observer: Observer) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(_inner(sys.argv[1], int(sys.argv[2])))

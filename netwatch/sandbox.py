@@ -37,6 +37,19 @@ QEMU_BINARY = "qemu-system-x86_64"
 T = TypeVar("T")
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: be killed if the process that started it dies."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that cleanup code runs."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:6]}"
 
@@ -210,7 +223,8 @@ class Qemu:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(observer.theirs)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         preexec_fn=_die_with_parent)
         wait_until(lambda: (os.path.exists(self.vm.qmp) and (not self.monitor or os.path.exists(self.monitor)))
                    or self.proc is None or self.proc.poll() is not None,
                    20, f"QEMU of {self.vm.name} to open its QMP socket")
@@ -265,7 +279,8 @@ class Netwatch:
         argv = [sys.executable, "-m", "netwatch", "run", "-c", self.config_path]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.netns.exec_argv(*argv) if self.netns else argv,
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         preexec_fn=_die_with_parent)
         return self
 
     @property

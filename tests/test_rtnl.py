@@ -11,8 +11,6 @@ from netwatch import rtnl
 from netwatch.sandbox import Netns
 
 
-
-
 @pytest.mark.integration
 def test_decoder_matches_kernel_messages(netns: Netns) -> None:
     with netns.entered():
