@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from netwatch.sandbox import Netns
 
+from .test_config import BAD_CASES
 from .world import run_netwatch
 
 GOOD = """
@@ -115,6 +117,30 @@ def test_bad_command_lines(argv: list[str]) -> None:
     assert result.returncode == 2
     assert_clean_error(result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def shared_netns() -> Iterator[Netns]:
+    with Netns("nwcli") as ns:
+        ns.add_veth("eth1", "wire1")
+        yield ns
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("text", "expected"), BAD_CASES)
+def test_every_bad_config_through_check_and_run(text: str, expected: str, tmp_path: Path,
+                                                shared_netns: Netns) -> None:
+    path = tmp_path / "netwatch.toml"
+    path.write_text(text)
+    before = shared_netns.ip("-d", "link")
+    for command in ("check", "run"):
+        result = run_netwatch(command, "-c", str(path), ns=shared_netns)
+        assert result.returncode == 2, (command, result.stderr)
+        assert_clean_error(result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert any(expected in line for line in lines), (command, lines)
+        assert all(line.startswith(f"{path}: ") for line in lines), (command, lines)
+    assert shared_netns.ip("-d", "link") == before
 
 
 @pytest.mark.integration

@@ -84,7 +84,7 @@ def test_long_names_get_a_short_derived_ifname(tmp_path: Path) -> None:
     assert len(nic.ifname) <= 15 and nic.ifname.startswith("nw-")
 
 
-@pytest.mark.parametrize(("text", "expected"), [
+BAD_CASES = [
     ("[netwatch]\nbogus = 1\n", "[netwatch]: key 'bogus': is not a known key"),
     ("[netwatch]\nudev = \"sometimes\"\n", "key 'udev': 'sometimes' is not one of auto, udev, kernel, off"),
     ("[netwatch]\nstate_dir = \"relative\"\n", "key 'state_dir': 'relative' must be an absolute path"),
@@ -133,7 +133,10 @@ def test_long_names_get_a_short_derived_ifname(tmp_path: Path) -> None:
     (NIC + MACVTAP + 'ifname = "shared0"\n' + NIC.replace('"v"', '"w"').replace("/run/v", "/run/w") + MACVTAP
      + 'ifname = "shared0"\n', "key 'ifname': 'shared0' is used by v/net0 too"),
     ("[[vm]\nname = 1", "invalid TOML"),
-])
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_CASES)
 def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
     found = problems(tmp_path, text)
     assert any(expected in line for line in found), found
