@@ -39,6 +39,7 @@ class Link:
     mac: str | None
     parent: int | None
     flags: int
+    master: int | None = None
 
     @property
     def up(self) -> bool:
@@ -51,10 +52,9 @@ class Link:
     @classmethod
     def from_msg(cls, msg: Any) -> Link:
         """From a pyroute2 message (dumps)."""
-        parent = msg.get("link")
         return cls(index=msg["index"], name=msg.get("ifname") or "", kind=msg.get(("linkinfo", "kind")),
-                   mac=(msg.get("address") or None), parent=parent if parent else None,
-                   flags=msg["flags"])
+                   mac=(msg.get("address") or None), parent=msg.get("link") or None, flags=msg["flags"],
+                   master=msg.get("master") or None)
 
 
 ChangeHandler = Callable[[Link | None, Link | None], None]

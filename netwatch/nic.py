@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +20,16 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
 from . import events
-from .chardev import macvtap_devnum, open_chardev
-from .config import LowerSpec, NicConfig
+from .backends import DRIVERS, Placement, find_lower, lower_matches
+from .config import NicConfig
 from .errors import LinkError, NetwatchError, QmpError
+from .hooks import HookRunner
 from .linkops import LinkOps
 from .links import Link, LinkTable
 from .nic_state import NicState, NicStateMachine
 from .qmp import HubPort, VmSession
 from .records import NicRecord, RecordStore
+from .udev import udev_initialized
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +49,10 @@ class NicEnv:
     links: LinkTable
     ops: LinkOps
     records: RecordStore
+    hooks: HookRunner
     node_dir: str
     udev_gate: bool = False
     retry_wait: wait_base | None = None
-
-
-def lower_matches(spec: LowerSpec, link: Link) -> bool:
-    if spec.name is not None and link.name != spec.name:
-        return False
-    if spec.mac is not None and (link.mac or "").lower() != spec.mac:
-        return False
-    return not (spec.pci is not None and _pci_address(link.name) != spec.pci)
-
-
-def _pci_address(ifname: str) -> str | None:
-    try:
-        return os.path.basename(os.path.realpath(f"/sys/class/net/{ifname}/device", strict=True))
-    except OSError:
-        return None
 
 
 class NicController:
@@ -74,6 +63,7 @@ class NicController:
         self.nic = nic
         self.vm = vm
         self.env = env
+        self.driver = DRIVERS[nic.backend]
         self.fsm = NicStateMachine(vm_name, nic.id)
         self.backend: NicRecord | None = None
         self.lower: Link | None = None
@@ -81,6 +71,7 @@ class NicController:
         self.swaps = 0
         self.guest_link: bool | None = None
         self._synced_session = 0
+        self._started_for: int | None = None  # QEMU pid whose "start" hooks ran
         self._lost_lower: str | None = None
         self._kick = asyncio.Event()
         self._kick.set()
@@ -93,7 +84,7 @@ class NicController:
 
     def interested(self, link: Link) -> bool:
         spec = self.nic.lower
-        if link.name == self.nic.ifname:
+        if link.name in (self.nic.ifname, self.nic.bridge):
             return True
         if spec is not None and (spec.pci is not None or lower_matches(spec, link)):
             return True
@@ -142,54 +133,44 @@ class NicController:
             self._synced_session = session
         lower = self.find_lower()
         self.lower = lower or self.lower
+        placement = self.driver.place(self.nic, lower, self.env.links)
         if self.backend is not None:
-            broken = self._backend_broken(lower)
+            broken = self.driver.broken(self.backend, placement, self.env.links)
             if broken:
-                await self._detach(broken, lost=True)
-        if lower is None:
-            await self._set_guest_link(False, "no lower")
-            self.fsm.to(NicState.WAITING_LOWER, f"lower {self._spec_name()} is not present")
-            return
+                await self._detach(broken, "lower-lost")
         if self.backend is None:
-            self.fsm.to(NicState.ATTACHING, f"lower {lower.name} (ifindex {lower.index}) is present")
+            if not placement.ready:
+                await self._set_guest_link(False, placement.missing)
+                self.fsm.to(NicState.WAITING_LOWER, placement.missing)
+                return
+            self.fsm.to(NicState.ATTACHING, self._where(placement))
             try:
-                await self._attach(lower)
+                await self._attach(placement)
             except LowerVanished:
                 # Its removal event is on its way; that is not a failure.
                 await self._set_guest_link(False, "no lower")
-                self.fsm.to(NicState.WAITING_LOWER, f"lower {lower.name} vanished while attaching")
+                self.fsm.to(NicState.WAITING_LOWER, f"lower {self._spec_name()} vanished while attaching")
                 return
-        await self._set_guest_link(lower.carrier, f"lower {lower.name} carrier")
-        self.fsm.to(NicState.ATTACHED, f"backend {self.nic.ifname} on {lower.name}", lower=lower.name)
+        else:
+            await self.driver.maintain(self.backend, placement, self.env.links, self.env.ops)
+        await self._set_guest_link(self.driver.carrier(placement), "lower carrier")
+        self.fsm.to(NicState.ATTACHED, f"backend {self.nic.ifname}: {self._where(placement)}",
+                    lower=lower.name if lower else None)
 
     def find_lower(self) -> Link | None:
-        spec = self.nic.lower
-        if spec is None:
-            return None
-        found = [link for link in self.env.links
-                 if link.name != self.nic.ifname and lower_matches(spec, link) and self._ready(link)]
-        return min(found, key=lambda link: link.index) if found else None
+        return find_lower(self.nic, self.env.links, self._ready)
 
     def _ready(self, link: Link) -> bool:
         # With udevd, a link is used only once udev is done with it (renames).
-        if not self.env.udev_gate:
-            return True
-        from .udev import udev_initialized
-        return udev_initialized(link.index)
+        return not self.env.udev_gate or udev_initialized(link.index)
 
-    def _backend_broken(self, lower: Link | None) -> str | None:
-        backend = self.backend
-        assert backend is not None
-        macvtap = self.env.links.get(backend.ifindex)
-        if lower is None:
-            return f"lower {backend.lower} is gone"
-        if lower.index != backend.lower_ifindex:
-            return f"lower {self._spec_name()} is now ifindex {lower.index}"
-        if macvtap is None or macvtap.name != backend.ifname:
-            return f"backend {backend.ifname} is gone"
-        if macvtap.parent != lower.index:
-            return f"backend {backend.ifname} is not on {lower.name}"
-        return None
+    def _where(self, placement: Placement) -> str:
+        parts = []
+        if placement.lower is not None:
+            parts.append(f"lower {placement.lower.name} (ifindex {placement.lower.index})")
+        if placement.bridge is not None:
+            parts.append(f"bridge {placement.bridge.name}")
+        return ", ".join(parts) or "routed"
 
     # -- QEMU's view ----------------------------------------------------------
 
@@ -210,10 +191,15 @@ class NicController:
                 await self._netdev_del(name)
         if keep is not None:
             if self.backend is None:
-                events.emit("attached", f"adopted {keep.ifname} on {keep.lower} from an earlier run",
+                events.emit("attached", f"adopted {keep.ifname} on {keep.lower or 'no lower'} from an earlier run",
                             vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
+                self._started_for = keep.qemu_pid
             self.backend, self.swaps = keep, keep.swaps
             return
+        if record is not None:
+            # Its if-up hooks ran; pair them with if-down, with the values they saw.
+            same_qemu = record.qemu_pid == self.vm.pid
+            self.env.hooks.submit("down", "lower-lost" if same_qemu else "stop", record)
         stale = self.env.links.named(self.nic.ifname)
         if stale is not None:
             await self.env.ops.delete(stale.index)
@@ -223,9 +209,11 @@ class NicController:
     def _adoptable(self, record: NicRecord, ports: tuple[HubPort, ...]) -> bool:
         pair = [p for p in ports if p.port == record.hub_netdev and p.peer == record.tap_netdev
                 and p.hub == self.nic.hub]
-        macvtap = self.env.links.get(record.ifindex)
-        return (record.qemu_pid == self.vm.pid and len(pair) == 1 and macvtap is not None
-                and macvtap.name == record.ifname and record.backend == self.nic.backend)
+        link = self.env.links.get(record.ifindex)
+        nic = self.nic
+        return (record.qemu_pid == self.vm.pid and len(pair) == 1 and link is not None
+                and link.name == record.ifname == nic.ifname and record.backend == nic.backend
+                and record.mac == nic.mac and record.mode == nic.mode and record.bridge == nic.bridge)
 
     async def _netdev_del(self, name: str) -> None:
         try:
@@ -244,40 +232,43 @@ class NicController:
 
     # -- backend lifecycle --------------------------------------------------
 
-    async def _attach(self, lower: Link) -> None:
+    async def _attach(self, placement: Placement) -> None:
         nic, ops = self.nic, self.env.ops
         gen = self.generation + 1
         stale = self.env.links.named(nic.ifname)
         if stale is not None:
             await ops.delete(stale.index)
         try:
-            index = await ops.add_macvtap(nic.ifname, lower.index, nic.mac, nic.mode)
+            created = await self.driver.create(nic, placement, ops, self.env.node_dir)
         except LinkError as exc:
-            if exc.errno == errno.ENODEV:
+            if exc.errno == errno.ENODEV and placement.lower is not None:
                 raise LowerVanished(str(exc)) from exc
             raise
         tap, hub = f"nw-{nic.id}-tap{gen}", f"nw-{nic.id}-up{gen}"
-        fd: int | None = None
         try:
-            fd = open_chardev(macvtap_devnum(nic.ifname, index), self.env.node_dir, nic.ifname)
-            await self._add_backend(fd, gen, tap, hub)
+            await self._add_backend(created.fd, gen, tap, hub)
         except BaseException:
-            await self._best_effort(ops.delete(index), f"removing {nic.ifname} after a failed attach")
+            await self._best_effort(ops.delete(created.index), f"removing {nic.ifname} after a failed attach")
             raise
         finally:
-            if fd is not None:
-                os.close(fd)
+            os.close(created.fd)
+        lower = placement.lower
         self.generation, self.swaps = gen, self.swaps + 1
         self.backend = NicRecord(
-            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=index,
-            lower=lower.name, lower_ifindex=lower.index, tap_netdev=tap, hub_netdev=hub, generation=gen,
-            mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps)
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=created.index,
+            lower=lower.name if lower else "", lower_ifindex=lower.index if lower else 0, tap_netdev=tap,
+            hub_netdev=hub, generation=gen, mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid,
+            swaps=self.swaps)
         self.env.records.save(self.backend)
         back = self._lost_lower is not None
         self._lost_lower = None
         events.emit("lower-back" if back else "attached",
-                    f"{nic.ifname} (ifindex {index}) on {lower.name} (ifindex {lower.index}) is now {tap}",
-                    vm=self.vm_name, nic=nic.id, lower=lower.name, netdev=tap, ifindex=index)
+                    f"{nic.ifname} (ifindex {created.index}) is now {tap}: {self._where(placement)}",
+                    vm=self.vm_name, nic=nic.id, lower=lower.name if lower else None, netdev=tap,
+                    ifindex=created.index)
+        first = self._started_for != self.vm.pid
+        self._started_for = self.vm.pid
+        self.env.hooks.submit("up", "start" if first else "reattach", self.backend)
         await self._best_effort(self._announce(), "announce-self")
 
     async def _add_backend(self, fd: int, gen: int, tap: str, hub: str) -> None:
@@ -300,50 +291,39 @@ class NicController:
         await self.vm.execute("announce-self", {"initial": 50, "max": 550, "rounds": 3, "step": 100,
                                                 "interfaces": [self.nic.id]})
 
-    async def _detach(self, cause: str, lost: bool) -> None:
+    async def _detach(self, cause: str, context: str) -> None:
         backend = self.backend
         assert backend is not None
         await self._set_guest_link(False, cause)
         await self._netdev_del(backend.hub_netdev)
         await self._netdev_del(backend.tap_netdev)
-        macvtap = self.env.links.get(backend.ifindex)
-        if macvtap is not None and macvtap.name == backend.ifname:
+        link = self.env.links.get(backend.ifindex)
+        if link is not None and link.name == backend.ifname:
             await self.env.ops.delete(backend.ifindex)
         self.env.records.remove(self.vm_name, self.nic.id)
         self.backend = None
-        if lost:
-            self._lost_lower = backend.lower
-        events.emit("lower-lost" if lost else "detached", f"{backend.tap_netdev} removed: {cause}",
-                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+        self._lost_lower = backend.lower
+        self.env.hooks.submit("down", context, backend)
+        events.emit("lower-lost", f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id,
+                    lower=backend.lower)
 
     async def _vm_gone(self) -> None:
-        """QEMU is gone: its netdevs went with it; drop the macvtap unless QEMU lives on."""
+        """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
         self.guest_link = None
         self._synced_session = 0
         backend = self.backend
         if backend is None or self.vm.qemu_alive():
             return
         self.backend = None
-        macvtap = self.env.links.get(backend.ifindex)
-        if macvtap is not None and macvtap.name == backend.ifname:
+        link = self.env.links.get(backend.ifindex)
+        if link is not None and link.name == backend.ifname:
             await self._best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
         self.env.records.remove(self.vm_name, self.nic.id)
+        self.env.hooks.submit("down", "stop", backend)
         events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
                     lower=backend.lower)
 
-    async def stop(self, remove_backend: bool) -> None:
-        """Leave the NIC: when asked, take its backend out of QEMU and the kernel."""
-        if not remove_backend or self.backend is None:
-            return
-        backend = self.backend
-        if self.vm.connected:
-            await self._best_effort(self._netdev_del(backend.hub_netdev), "netdev_del")
-            await self._best_effort(self._netdev_del(backend.tap_netdev), "netdev_del")
-        await self._best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
-        self.env.records.remove(self.vm_name, self.nic.id)
-        self.backend = None
-
-    async def _best_effort(self, action: Any, what: str) -> None:
+    async def _best_effort(self, action: Awaitable[Any], what: str) -> None:
         try:
             await action
         except (LinkError, QmpError) as exc:
@@ -360,7 +340,7 @@ class NicController:
     def status(self) -> dict[str, Any]:
         lower = self.find_lower()
         backend = self.backend
-        return {
+        status: dict[str, Any] = {
             "id": self.nic.id,
             "backend": self.nic.backend,
             "state": self.fsm.state.value,
@@ -371,11 +351,17 @@ class NicController:
             "ifname": self.nic.ifname,
             "ifindex": backend.ifindex if backend else None,
             "netdev": backend.tap_netdev if backend else None,
+            "hub_netdev": backend.hub_netdev if backend else None,
             "hub": self.nic.hub,
             "mac": self.nic.mac,
             "mode": self.nic.mode,
             "guest_link": self.guest_link,
             "swaps": self.swaps,
+            "generation": self.generation,
             "last_change": self.fsm.last_change,
         }
-
+        if self.nic.bridge is not None:
+            bridge = self.env.links.named(self.nic.bridge)
+            status["bridge"] = self.nic.bridge
+            status["bridge_present"] = bridge is not None
+        return status

@@ -60,6 +60,7 @@ class Reconciler:
                          record.ifname, record.vm, record.nic)
                 await self.env.ops.delete(record.ifindex)
             self.env.records.remove(record.vm, record.nic)
+            self.env.hooks.submit("down", "stop", record)
 
     def all_nics(self) -> list[NicController]:
         return [nic for nics in self.nics.values() for nic in nics]

@@ -19,6 +19,7 @@ RTMGRP_LINK = 1
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_LINK = 5
+IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
 NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -56,7 +57,7 @@ def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
         if msg_type in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFOMSG.size <= offset + length:
             _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
             fields: dict[str, object] = {"index": index, "flags": flags, "name": "", "mac": None,
-                                         "parent": None, "kind": None}
+                                         "parent": None, "kind": None, "master": None}
             for kind, value in _attrs(data, body + _IFINFOMSG.size, offset + length):
                 if kind == IFLA_IFNAME:
                     fields["name"] = _cstring(value)
@@ -64,6 +65,8 @@ def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
                     fields["mac"] = ":".join(f"{byte:02x}" for byte in value)
                 elif kind == IFLA_LINK and len(value) >= 4:
                     fields["parent"] = struct.unpack_from("=i", value)[0] or None
+                elif kind == IFLA_MASTER and len(value) >= 4:
+                    fields["master"] = struct.unpack_from("=i", value)[0] or None
                 elif kind == IFLA_LINKINFO:
                     for sub, sub_value in _attrs(value, 0, len(value)):
                         if sub == IFLA_INFO_KIND:

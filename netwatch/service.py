@@ -15,6 +15,7 @@ from . import events
 from .config import Config
 from .control import ControlServer
 from .errors import NetwatchError
+from .hooks import HookRunner
 from .linkops import LinkOps
 from .links import LinkMonitor, LinkTable
 from .nic import NicEnv
@@ -48,7 +49,8 @@ class Service:
         source = resolve_source(settings.udev)
         async with contextlib.AsyncExitStack() as stack:
             ops = await stack.enter_async_context(LinkOps())
-            env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir),
+            hooks = await stack.enter_async_context(HookRunner(settings.hooks_dir, settings.hook_timeout))
+            env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir), hooks=hooks,
                          node_dir=os.path.join(settings.state_dir, "dev"), udev_gate=source == "udev",
                          retry_wait=self.retry_wait)
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)

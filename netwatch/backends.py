@@ -1,0 +1,185 @@
+"""Actions out: the two kinds of backend a guest NIC can have.
+
+A driver says where a backend should go given the host links now
+(:meth:`place`), whether an attached one is broken, how to create one (a
+link plus the fd QEMU gets) and how to keep it wired (:meth:`maintain`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .chardev import macvtap_devnum, open_chardev
+from .config import LowerSpec, NicConfig
+from .errors import DeviceError, LinkError
+from .linkops import LinkOps
+from .links import Link, LinkTable
+from .records import NicRecord
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The host links a NIC's backend hangs off, as they are now."""
+
+    lower: Link | None
+    bridge: Link | None
+    ready: bool
+    missing: str
+
+
+@dataclass(frozen=True)
+class Created:
+    index: int
+    fd: int
+
+
+def lower_matches(spec: LowerSpec, link: Link) -> bool:
+    if spec.name is not None and link.name != spec.name:
+        return False
+    if spec.mac is not None and (link.mac or "").lower() != spec.mac:
+        return False
+    return spec.pci is None or _pci_address(link.name) == spec.pci
+
+
+def _pci_address(ifname: str) -> str | None:
+    try:
+        return os.path.basename(os.path.realpath(f"/sys/class/net/{ifname}/device", strict=True))
+    except OSError:
+        return None
+
+
+def find_lower(nic: NicConfig, links: LinkTable, usable: Callable[[Link], bool]) -> Link | None:
+    """The usable link matching the NIC's lower spec (lowest ifindex if several)."""
+    spec = nic.lower
+    if spec is None:
+        return None
+    found = [link for link in links if link.name != nic.ifname and lower_matches(spec, link) and usable(link)]
+    return min(found, key=lambda link: link.index) if found else None
+
+
+class MacvtapDriver:
+    """A macvtap on the lower; it dies with the lower and is made anew."""
+
+    def place(self, nic: NicConfig, lower: Link | None, links: LinkTable) -> Placement:
+        spec = nic.lower.describe() if nic.lower else "-"
+        return Placement(lower, None, lower is not None, "" if lower else f"lower {spec} is not present")
+
+    def broken(self, record: NicRecord, placement: Placement, links: LinkTable) -> str | None:
+        lower = placement.lower
+        macvtap = links.get(record.ifindex)
+        if lower is None:
+            return f"lower {record.lower} is gone"
+        if lower.index != record.lower_ifindex:
+            return f"lower {lower.name} is now ifindex {lower.index}"
+        if macvtap is None or macvtap.name != record.ifname:
+            return f"backend {record.ifname} is gone"
+        if macvtap.parent != lower.index:
+            return f"backend {record.ifname} is not on {lower.name}"
+        return None
+
+    async def create(self, nic: NicConfig, placement: Placement, ops: LinkOps, node_dir: str) -> Created:
+        assert placement.lower is not None
+        index = await ops.add_macvtap(nic.ifname, placement.lower.index, nic.mac, nic.mode)
+        try:
+            fd = open_chardev(macvtap_devnum(nic.ifname, index), node_dir, nic.ifname)
+        except DeviceError:
+            await ops.delete(index)
+            raise
+        return Created(index, fd)
+
+    async def maintain(self, record: NicRecord, placement: Placement, links: LinkTable, ops: LinkOps) -> None:
+        return None
+
+    def carrier(self, placement: Placement) -> bool:
+        return placement.lower is not None and placement.lower.carrier
+
+
+class TapDriver:
+    """A tap netwatch creates by name; bridged mode keeps it (and the uplink) in the bridge.
+
+    The tap lives as long as QEMU holds its fd: no orphan when QEMU exits.
+    Losing the bridge or the uplink does not touch the tap or QEMU; they are
+    enslaved again when they come back.
+    """
+
+    def place(self, nic: NicConfig, lower: Link | None, links: LinkTable) -> Placement:
+        bridge = links.named(nic.bridge) if nic.bridge else None
+        missing = []
+        if nic.mode == "bridged" and (bridge is None or bridge.kind != "bridge"):
+            missing.append(f"bridge {nic.bridge} is not present")
+            bridge = None
+        if nic.lower is not None and lower is None:
+            missing.append(f"uplink {nic.lower.describe()} is not present")
+        return Placement(lower, bridge, not missing, "; ".join(missing))
+
+    def broken(self, record: NicRecord, placement: Placement, links: LinkTable) -> str | None:
+        tap = links.get(record.ifindex)
+        if tap is None or tap.name != record.ifname:
+            return f"tap {record.ifname} is gone"
+        return None
+
+    async def create(self, nic: NicConfig, placement: Placement, ops: LinkOps, node_dir: str) -> Created:
+        fd = open_tap(nic.ifname)
+        try:
+            index = await ops.index_of(nic.ifname)
+            changes: dict[str, object] = {"address": tap_mac(nic.mac), "state": "up"}
+            if placement.bridge is not None:
+                changes["master"] = placement.bridge.index
+            await ops.configure(index, f"set up tap {nic.ifname}", **changes)
+        except LinkError:
+            os.close(fd)  # the tap goes with its last fd
+            raise
+        return Created(index, fd)
+
+    async def maintain(self, record: NicRecord, placement: Placement, links: LinkTable, ops: LinkOps) -> None:
+        bridge = placement.bridge
+        if bridge is None:
+            return
+        tap = links.get(record.ifindex)
+        if tap is not None and tap.master != bridge.index:
+            await ops.configure(tap.index, f"add {tap.name} to bridge {bridge.name}", master=bridge.index)
+        uplink = placement.lower
+        if uplink is not None and uplink.master != bridge.index:
+            await ops.configure(uplink.index, f"add uplink {uplink.name} to bridge {bridge.name}",
+                                master=bridge.index)
+
+    def carrier(self, placement: Placement) -> bool:
+        # The guest still reaches its bridge neighbours while the uplink is
+        # away, so the tap's own carrier (always up while QEMU holds it) counts.
+        return True
+
+
+def tap_mac(guest_mac: str) -> str:
+    """The tap's own address: the guest MAC with 0xfe first.
+
+    Never the guest's own MAC (the bridge would take frames for the guest
+    as its own), and high enough that the bridge never adopts it as its
+    address: the usual libvirt convention.
+    """
+    return "fe" + guest_mac[2:]
+
+
+def open_tap(name: str) -> int:
+    """Create tap ``name`` (vnet header, no packet info); return its fd."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeviceError(f"cannot open /dev/net/tun: {exc.strerror or exc}") from exc
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as exc:
+        os.close(fd)
+        raise DeviceError(f"cannot create tap {name}: {exc.strerror or exc}") from exc
+    return fd
+
+
+DRIVERS: dict[str, MacvtapDriver | TapDriver] = {"macvtap": MacvtapDriver(), "tap": TapDriver()}
