@@ -72,6 +72,7 @@ class NicController:
         self.guest_link: bool | None = None
         self._synced_session = 0
         self._started_for: int | None = None  # QEMU pid whose "start" hooks ran
+        self._up_context = "reattach"  # for the next if-up after "start"
         self._lost_lower: str | None = None
         self._kick = asyncio.Event()
         self._kick.set()
@@ -197,9 +198,12 @@ class NicController:
             self.backend, self.swaps = keep, keep.swaps
             return
         if record is not None:
-            # Its if-up hooks ran; pair them with if-down, with the values they saw.
-            same_qemu = record.qemu_pid == self.vm.pid
-            self.env.hooks.submit("down", "lower-lost" if same_qemu else "stop", record)
+            # Its if-up hooks ran: pair them with if-down, with the values they saw.
+            context = self._why_not_adopted(record)
+            self.env.hooks.submit("down", context, record)
+            if context != "stop":
+                self._started_for = self.vm.pid
+                self._up_context = "rebind" if context == "rebind" else "reattach"
         stale = self.env.links.named(self.nic.ifname)
         if stale is not None:
             await self.env.ops.delete(stale.index)
@@ -210,10 +214,19 @@ class NicController:
         pair = [p for p in ports if p.port == record.hub_netdev and p.peer == record.tap_netdev
                 and p.hub == self.nic.hub]
         link = self.env.links.get(record.ifindex)
-        nic = self.nic
         return (record.qemu_pid == self.vm.pid and len(pair) == 1 and link is not None
-                and link.name == record.ifname == nic.ifname and record.backend == nic.backend
-                and record.mac == nic.mac and record.mode == nic.mode and record.bridge == nic.bridge)
+                and link.name == record.ifname and self._matches_config(record))
+
+    def _matches_config(self, record: NicRecord) -> bool:
+        nic = self.nic
+        return (record.ifname == nic.ifname and record.backend == nic.backend and record.mac == nic.mac
+                and record.mode == nic.mode and record.bridge == nic.bridge)
+
+    def _why_not_adopted(self, record: NicRecord) -> str:
+        """The if-down context for a recorded backend that is being replaced."""
+        if record.qemu_pid != self.vm.pid:
+            return "stop"  # that QEMU is gone; this one is new
+        return "lower-lost" if self._matches_config(record) else "rebind"
 
     async def _netdev_del(self, name: str) -> None:
         try:
@@ -266,9 +279,9 @@ class NicController:
                     f"{nic.ifname} (ifindex {created.index}) is now {tap}: {self._where(placement)}",
                     vm=self.vm_name, nic=nic.id, lower=lower.name if lower else None, netdev=tap,
                     ifindex=created.index)
-        first = self._started_for != self.vm.pid
-        self._started_for = self.vm.pid
-        self.env.hooks.submit("up", "start" if first else "reattach", self.backend)
+        context = "start" if self._started_for != self.vm.pid else self._up_context
+        self._started_for, self._up_context = self.vm.pid, "reattach"
+        self.env.hooks.submit("up", context, self.backend)
         await self._best_effort(self._announce(), "announce-self")
 
     async def _add_backend(self, fd: int, gen: int, tap: str, hub: str) -> None:

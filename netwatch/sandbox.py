@@ -317,10 +317,10 @@ class NicWire:
     peer_mac: str = "02:00:00:00:00:01"
 
 
-def write_config(path: str, state_dir: str, vms: list[dict[str, Any]]) -> None:
+def write_config(path: str, state_dir: str, vms: list[dict[str, Any]], **settings: Any) -> None:
     """A netwatch config file for ``vms`` (dicts shaped like [[vm]] tables)."""
-    lines = ["[netwatch]", f"state_dir = {_toml(state_dir)}", f"hooks_dir = {_toml(state_dir + '/hooks')}",
-             'udev = "kernel"', ""]
+    settings = {"state_dir": state_dir, "hooks_dir": state_dir + "/hooks", "udev": "kernel", **settings}
+    lines = ["[netwatch]", *(f"{key} = {_toml(value)}" for key, value in settings.items()), ""]
     for vm in vms:
         lines += ["[[vm]]", f"name = {_toml(vm['name'])}", f"qmp = {_toml(vm['qmp'])}"]
         for nic in vm.get("nics", []):

@@ -41,6 +41,8 @@ class World:
         self.qemus: dict[str, Qemu] = {}
         self.netwatch: Netwatch | None = None
         self.vms: list[dict[str, Any]] = []
+        self.settings: dict[str, Any] = {}
+        self.hooks_dir = Path(self.state) / "hooks"
 
     # -- building ------------------------------------------------------------
 
@@ -51,7 +53,39 @@ class World:
         return vm
 
     def write_config(self) -> None:
-        write_config(self.config_path, self.state, self.vms)
+        write_config(self.config_path, self.state, self.vms, **self.settings)
+
+    def bridge(self, name: str) -> None:
+        self.ns.ip("link", "add", name, "type", "bridge")
+        self.ns.ip("link", "set", name, "up")
+
+    def master_of(self, ifname: str) -> str | None:
+        info = json.loads(self.ns.ip("-j", "link", "show", ifname))[0]
+        return info.get("master")
+
+    def hook(self, direction: str, name: str, body: str) -> Path:
+        """An executable hook script (``#!/bin/sh``) in the world's hooks_dir."""
+        path = self.hooks_dir / f"if-{direction}.d" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n" + body)
+        path.chmod(0o755)
+        return path
+
+    def recording_hooks(self) -> Path:
+        """Hooks that append their argv and exact environment, one JSON object per run."""
+        log = self.tmp / "hooks.jsonl"
+        body = (f'python3 -c \'import json,sys; e=open("/proc/%s/environ" % sys.argv[3]).read().split("\\0"); '
+                f'print(json.dumps({{"argv": sys.argv[1:3], "env": dict(x.split("=",1) for x in e if x)}}))\' '
+                f'"$1" "$2" $$ >> {log}\n')
+        self.hook("up", "50-record", body)
+        self.hook("down", "50-record", body)
+        return log
+
+    def hook_runs(self) -> list[dict[str, Any]]:
+        path = self.tmp / "hooks.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
