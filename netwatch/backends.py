@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .chardev import macvtap_devnum, open_chardev
 from .config import LowerSpec, NicConfig
-from .errors import DeviceError, LinkError
+from .errors import DeviceError, LinkError, NetwatchError
 from .linkops import LinkOps
 from .links import Link, LinkTable
 from .records import NicRecord
@@ -24,6 +24,10 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+
+
+class LinkVanished(NetwatchError):
+    """A link went away between being seen and being used: its event is on the way."""
 
 
 @dataclass(frozen=True)
@@ -144,17 +148,29 @@ class TapDriver:
         bridge = placement.bridge
         if bridge is None:
             return
-        tap = links.get(record.ifindex)
-        if tap is not None and tap.master != bridge.index:
-            await ops.configure(tap.index, f"add {tap.name} to bridge {bridge.name}", master=bridge.index)
-        uplink = placement.lower
-        if uplink is not None and uplink.master != bridge.index:
-            await ops.configure(uplink.index, f"add uplink {uplink.name} to bridge {bridge.name}",
-                                master=bridge.index)
+        ports = [links.get(record.ifindex), placement.lower]
+        for port in ports:
+            if port is None or port.master == bridge.index:
+                continue
+            try:
+                await ops.configure(port.index, f"add {port.name} to bridge {bridge.name}", master=bridge.index)
+            except LinkError as exc:
+                # A bridge being deleted still shows in the table for a moment.
+                if await _replaced(ops, bridge) or await _replaced(ops, port):
+                    raise LinkVanished(str(exc)) from exc
+                raise
 
     def carrier(self, placement: Placement) -> bool:
         # The guest still reaches its bridge neighbours while the uplink is
         # away, so the tap's own carrier (always up while QEMU holds it) counts.
+        return True
+
+
+async def _replaced(ops: LinkOps, link: Link) -> bool:
+    """Whether ``link`` is gone (or is another link by now)."""
+    try:
+        return await ops.index_of(link.name) != link.index
+    except LinkError:
         return True
 
 

@@ -20,7 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
 from . import events
-from .backends import DRIVERS, Placement, find_lower, lower_matches
+from .backends import DRIVERS, LinkVanished, Placement, find_lower, lower_matches
 from .config import NicConfig
 from .errors import LinkError, NetwatchError, QmpError
 from .hooks import HookRunner
@@ -32,10 +32,6 @@ from .records import NicRecord, RecordStore
 from .udev import udev_initialized
 
 log = logging.getLogger(__name__)
-
-
-class LowerVanished(NetwatchError):
-    """The lower went away between being seen and being used."""
 
 
 def default_retry_wait() -> wait_base:
@@ -147,13 +143,17 @@ class NicController:
             self.fsm.to(NicState.ATTACHING, self._where(placement))
             try:
                 await self._attach(placement)
-            except LowerVanished:
+            except LinkVanished:
                 # Its removal event is on its way; that is not a failure.
                 await self._set_guest_link(False, "no lower")
                 self.fsm.to(NicState.WAITING_LOWER, f"lower {self._spec_name()} vanished while attaching")
                 return
         else:
-            await self.driver.maintain(self.backend, placement, self.env.links, self.env.ops)
+            try:
+                await self.driver.maintain(self.backend, placement, self.env.links, self.env.ops)
+            except LinkVanished as exc:
+                log.debug("%s/%s: %s; waiting for the link's events", self.vm_name, self.nic.id, exc)
+                return
         await self._set_guest_link(self.driver.carrier(placement), "lower carrier")
         self.fsm.to(NicState.ATTACHED, f"backend {self.nic.ifname}: {self._where(placement)}",
                     lower=lower.name if lower else None)
@@ -255,7 +255,7 @@ class NicController:
             created = await self.driver.create(nic, placement, ops, self.env.node_dir)
         except LinkError as exc:
             if exc.errno == errno.ENODEV and placement.lower is not None:
-                raise LowerVanished(str(exc)) from exc
+                raise LinkVanished(str(exc)) from exc
             raise
         tap, hub = f"nw-{nic.id}-tap{gen}", f"nw-{nic.id}-up{gen}"
         try:
