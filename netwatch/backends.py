@@ -61,40 +61,50 @@ def _pci_address(ifname: str) -> str | None:
         return None
 
 
-def find_lower(nic: NicConfig, links: LinkTable, usable: Callable[[Link], bool]) -> Link | None:
-    """The usable link matching the NIC's lower spec (lowest ifindex if several)."""
-    spec = nic.lower
+def find_lower(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
+               usable: Callable[[Link], bool]) -> Link | None:
+    """The usable link matching ``spec`` (lowest ifindex if several), never one of ``exclude``."""
     if spec is None:
         return None
-    found = [link for link in links if link.name != nic.ifname and lower_matches(spec, link) and usable(link)]
+    found = [link for link in links if link.name not in exclude and lower_matches(spec, link) and usable(link)]
     return min(found, key=lambda link: link.index) if found else None
 
 
 class MacvtapDriver:
-    """A macvtap on the lower; it dies with the lower and is made anew."""
+    """A macvtap on the lower; it dies with the lower and is made anew.
+
+    Moving to another lower is make-before-break: the new macvtap (under
+    the NIC's other name) joins the hub before the old one leaves.
+    """
+
+    moves_by_swap = True
 
     def place(self, nic: NicConfig, lower: Link | None, links: LinkTable) -> Placement:
         spec = nic.lower.describe() if nic.lower else "-"
         return Placement(lower, None, lower is not None, "" if lower else f"lower {spec} is not present")
 
-    def broken(self, record: NicRecord, placement: Placement, links: LinkTable) -> str | None:
-        lower = placement.lower
+    def broken(self, record: NicRecord, links: LinkTable) -> str | None:
         macvtap = links.get(record.ifindex)
-        if lower is None:
-            return f"lower {record.lower} is gone"
-        if lower.index != record.lower_ifindex:
-            return f"lower {lower.name} is now ifindex {lower.index}"
         if macvtap is None or macvtap.name != record.ifname:
             return f"backend {record.ifname} is gone"
-        if macvtap.parent != lower.index:
-            return f"backend {record.ifname} is not on {lower.name}"
+        if macvtap.parent != record.lower_ifindex or links.get(record.lower_ifindex) is None:
+            return f"lower {record.lower} is gone"
         return None
 
-    async def create(self, nic: NicConfig, placement: Placement, ops: LinkOps, node_dir: str) -> Created:
+    def misplaced(self, record: NicRecord, placement: Placement) -> str | None:
+        lower = placement.lower
+        if lower is None:
+            return f"lower {record.lower} no longer matches"
+        if lower.index != record.lower_ifindex:
+            return f"the lower is now {lower.name} (ifindex {lower.index})"
+        return None
+
+    async def create(self, nic: NicConfig, name: str, placement: Placement, ops: LinkOps,
+                     node_dir: str) -> Created:
         assert placement.lower is not None
-        index = await ops.add_macvtap(nic.ifname, placement.lower.index, nic.mac, nic.mode)
+        index = await ops.add_macvtap(name, placement.lower.index, nic.mac, nic.mode)
         try:
-            fd = open_chardev(macvtap_devnum(nic.ifname, index), node_dir, nic.ifname)
+            fd = open_chardev(macvtap_devnum(name, index), node_dir, name)
         except DeviceError:
             await ops.delete(index)
             raise
@@ -115,6 +125,8 @@ class TapDriver:
     enslaved again when they come back.
     """
 
+    moves_by_swap = False
+
     def place(self, nic: NicConfig, lower: Link | None, links: LinkTable) -> Placement:
         bridge = links.named(nic.bridge) if nic.bridge else None
         missing = []
@@ -125,20 +137,24 @@ class TapDriver:
             missing.append(f"uplink {nic.lower.describe()} is not present")
         return Placement(lower, bridge, not missing, "; ".join(missing))
 
-    def broken(self, record: NicRecord, placement: Placement, links: LinkTable) -> str | None:
+    def broken(self, record: NicRecord, links: LinkTable) -> str | None:
         tap = links.get(record.ifindex)
         if tap is None or tap.name != record.ifname:
             return f"tap {record.ifname} is gone"
         return None
 
-    async def create(self, nic: NicConfig, placement: Placement, ops: LinkOps, node_dir: str) -> Created:
-        fd = open_tap(nic.ifname)
+    def misplaced(self, record: NicRecord, placement: Placement) -> str | None:
+        return None  # the uplink is rewired by maintain(); the tap itself stays
+
+    async def create(self, nic: NicConfig, name: str, placement: Placement, ops: LinkOps,
+                     node_dir: str) -> Created:
+        fd = open_tap(name)
         try:
-            index = await ops.index_of(nic.ifname)
+            index = await ops.index_of(name)
             changes: dict[str, object] = {"address": tap_mac(nic.mac), "state": "up"}
             if placement.bridge is not None:
                 changes["master"] = placement.bridge.index
-            await ops.configure(index, f"set up tap {nic.ifname}", **changes)
+            await ops.configure(index, f"set up tap {name}", **changes)
         except LinkError:
             os.close(fd)  # the tap goes with its last fd
             raise
@@ -148,8 +164,12 @@ class TapDriver:
         bridge = placement.bridge
         if bridge is None:
             return
-        ports = [links.get(record.ifindex), placement.lower]
-        for port in ports:
+        old_uplink = links.get(record.lower_ifindex) if record.lower_ifindex else None
+        if (old_uplink is not None and placement.lower is not None and old_uplink.index != placement.lower.index
+                and old_uplink.master == bridge.index):
+            # Rebound: the old uplink leaves first, so the bridge never joins two uplinks.
+            await ops.configure(old_uplink.index, f"remove {old_uplink.name} from bridge {bridge.name}", master=0)
+        for port in (links.get(record.ifindex), placement.lower):
             if port is None or port.master == bridge.index:
                 continue
             try:
@@ -198,4 +218,5 @@ def open_tap(name: str) -> int:
     return fd
 
 
-DRIVERS: dict[str, MacvtapDriver | TapDriver] = {"macvtap": MacvtapDriver(), "tap": TapDriver()}
+Driver = MacvtapDriver | TapDriver
+DRIVERS: dict[str, Driver] = {"macvtap": MacvtapDriver(), "tap": TapDriver()}

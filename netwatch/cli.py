@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from . import config as config_mod
 from . import control, events
-from .errors import ConfigError, NetwatchError
+from .errors import ConfigError, ControlError, NetwatchError
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     qemu_args.add_argument("vm", help="VM name")
     status = command("status", "show every VM and NIC as the running service sees it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    rebind = command("rebind", "point a running NIC at another lower now (make-before-break)")
+    rebind.add_argument("vm", help="VM name")
+    rebind.add_argument("nic", help="NIC id")
+    rebind.add_argument("lower", help="the new lower interface")
+    command("reload", "re-read the config file (like SIGHUP); a bad file is refused")
     demo = sub.add_parser("demo", help="flap a lower under a sandboxed VM and show netwatch reattaching it")
     demo.add_argument("--flaps", type=int, default=5, help="how many times to flap the lower (default 5)")
     return parser
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
+    except ControlError as exc:
+        for line in exc.problems:
+            print(f"netwatch: {line}" if not line.startswith("/") else line, file=sys.stderr)
+        return EXIT_USAGE if exc.bad_request else EXIT_RUNTIME
     except NetwatchError as exc:
         return _fail(str(exc), EXIT_RUNTIME)
     except KeyboardInterrupt:
@@ -85,6 +94,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _load(args.config)
         result = control.request(cfg.settings.state_dir, "status")
         print(json.dumps(result, indent=2) if args.json else _status_text(result))
+        return 0
+    if args.command == "rebind":
+        cfg = _load(args.config)
+        result = control.request(cfg.settings.state_dir, "rebind", vm=args.vm, nic=args.nic, lower=args.lower)
+        print(f"{args.vm}/{args.nic}: now on {result['lower']} ({result['ifname']}, netdev {result['netdev']}); "
+              "holds until the next reload or restart")
+        return 0
+    if args.command == "reload":
+        cfg = _load(args.config)
+        result = control.request(cfg.settings.state_dir, "reload")
+        print(f"reloaded: {result['summary']}")
         return 0
     if args.command == "run":
         cfg = _load(args.config)

@@ -73,6 +73,11 @@ class NicConfig:
         """The fixed hubport the guest NIC is peered with."""
         return f"nw-{self.id}"
 
+    @property
+    def backend_names(self) -> tuple[str, str]:
+        """The two names this NIC's backend link may have."""
+        return self.ifname, alt_ifname(self.ifname)
+
 
 @dataclass(frozen=True)
 class VmConfig:
@@ -107,6 +112,11 @@ def derived_ifname(vm: str, nic: str) -> str:
         return name
     digest = hashlib.blake2s(f"{vm}/{nic}".encode(), digest_size=6).hexdigest()
     return f"nw-{digest}"
+
+
+def alt_ifname(ifname: str) -> str:
+    """The NIC's second backend name: make-before-break needs two at once."""
+    return f"{ifname[:13]}-r" if not ifname.endswith("-r") else f"{ifname[:13]}-s"
 
 
 def ifname_problem(value: str) -> str | None:
@@ -269,11 +279,12 @@ class _Validator:
             if nic.hub in seen_hubs:
                 self.problem(nic_where, "hub", f"{nic.hub} is used by NIC '{seen_hubs[nic.hub]}' too")
             owner = f"{name}/{nic.id}"
-            if nic.ifname in seen_ifnames:
-                self.problem(nic_where, "ifname", f"'{nic.ifname}' is used by {seen_ifnames[nic.ifname]} too")
+            for backend_name in (nic.ifname, alt_ifname(nic.ifname)):
+                if backend_name in seen_ifnames:
+                    self.problem(nic_where, "ifname", f"'{backend_name}' is used by {seen_ifnames[backend_name]} too")
+                seen_ifnames.setdefault(backend_name, owner)
             seen_ids.add(nic.id)
             seen_hubs.setdefault(nic.hub, nic.id)
-            seen_ifnames.setdefault(nic.ifname, owner)
             nics.append(nic)
         if len(self.problems) != count or name is None or qmp is None:
             return None

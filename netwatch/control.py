@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import tasks
-from .errors import ControlError, NetwatchError, ServiceNotRunning
+from .errors import BadRequest, ConfigError, ControlError, NetwatchError, ServiceNotRunning
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,10 @@ class ControlServer:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 result = await handler(request)
             return {"ok": True, "result": result}
+        except ConfigError as exc:
+            return {"ok": False, "error": str(exc), "kind": "input", "problems": exc.problems}
         except NetwatchError as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": str(exc), "kind": "input" if isinstance(exc, BadRequest) else "runtime"}
         except TimeoutError:
             return {"ok": False, "error": "the service did not answer in time"}
 
@@ -147,6 +149,10 @@ def request(state_dir: str, cmd: str, timeout: float = 15.0, **arguments: Any) -
         answer = json.loads(data)
     except ValueError as exc:
         raise ControlError(f"netwatch sent an unreadable answer on {path}") from exc
+    if not isinstance(answer, dict):
+        raise ControlError(f"netwatch sent an unreadable answer on {path}")
     if not answer.get("ok"):
-        raise ControlError(str(answer.get("error", "request failed")))
+        problems = answer.get("problems")
+        raise ControlError(str(answer.get("error", "request failed")), bad_request=answer.get("kind") == "input",
+                           problems=[str(p) for p in problems] if isinstance(problems, list) else None)
     return answer.get("result")

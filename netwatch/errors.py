@@ -11,7 +11,11 @@ class NetwatchError(Exception):
     """Root of every error netwatch raises on purpose."""
 
 
-class ConfigError(NetwatchError):
+class BadRequest(NetwatchError):
+    """The user asked for something that cannot be (exit status 2)."""
+
+
+class ConfigError(BadRequest):
     """The configuration is unusable; ``problems`` holds one line per fault."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -37,6 +41,11 @@ class QmpError(NetwatchError):
 
 class ControlError(NetwatchError):
     """The control socket could not be reached or answered with an error."""
+
+    def __init__(self, message: str, bad_request: bool = False, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.bad_request = bad_request
+        self.problems = problems or [message]
 
 
 class ServiceNotRunning(ControlError):

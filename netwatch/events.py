@@ -60,8 +60,14 @@ class PlainFormatter(logging.Formatter):
 
 
 def setup(verbose: bool = False) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(PlainFormatter())
+    """Log to the journal when there is one, else plain lines on stderr."""
+    from .journal import JournalHandler
+    handler: logging.Handler
+    if JournalHandler.available():
+        handler = JournalHandler()
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

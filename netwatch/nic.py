@@ -2,7 +2,8 @@
 
 Level-triggered: events only *kick* a NIC; every pass re-reads the link
 table and the VM session, so a lost or duplicated event never leaves a NIC
-wrong. One task per NIC serialises its operations; NICs run in parallel.
+wrong. One task per NIC serialises its operations (reconcile passes and
+admin requests such as rebind); NICs run in parallel.
 """
 
 from __future__ import annotations
@@ -12,26 +13,36 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
 from . import events
-from .backends import DRIVERS, LinkVanished, Placement, find_lower, lower_matches
-from .config import NicConfig
-from .errors import LinkError, NetwatchError, QmpError
+from .backends import DRIVERS, Created, LinkVanished, Placement, find_lower, lower_matches
+from .config import LowerSpec, NicConfig, ifname_problem
+from .errors import BadRequest, LinkError, NetwatchError, QmpError
 from .hooks import HookRunner
 from .linkops import LinkOps
 from .links import Link, LinkTable
 from .nic_state import NicState, NicStateMachine
-from .qmp import HubPort, VmSession
+from .qmp import NetworkInfo, VmSession
 from .records import NicRecord, RecordStore
 from .udev import udev_initialized
 
 log = logging.getLogger(__name__)
+
+IFF_LOOPBACK = 0x8
+
+
+class RebindError(NetwatchError):
+    """A rebind could not be done; the NIC kept its path."""
+
+
+class BadRebind(RebindError, BadRequest):
+    """A rebind to something that is not a usable lower."""
 
 
 def default_retry_wait() -> wait_base:
@@ -49,6 +60,9 @@ class NicEnv:
     node_dir: str
     udev_gate: bool = False
     retry_wait: wait_base | None = None
+    on_state_change: Callable[[], None] | None = None
+    # Every backend name of every configured NIC: never a lower.
+    own_links: Callable[[], set[str]] = set
 
 
 class NicController:
@@ -59,20 +73,28 @@ class NicController:
         self.nic = nic
         self.vm = vm
         self.env = env
-        self.driver = DRIVERS[nic.backend]
-        self.fsm = NicStateMachine(vm_name, nic.id)
+        self.fsm = NicStateMachine(vm_name, nic.id, on_change=env.on_state_change)
         self.backend: NicRecord | None = None
         self.lower: Link | None = None
+        self.override: LowerSpec | None = None  # set by rebind until the next reload/restart
         self.generation = 0
         self.swaps = 0
         self.guest_link: bool | None = None
+        self.first_pass = asyncio.Event()
+        self._hub: int | None = None  # where QEMU's guest port actually is
         self._synced_session = 0
         self._started_for: int | None = None  # QEMU pid whose "start" hooks ran
         self._up_context = "reattach"  # for the next if-up after "start"
         self._lost_lower: str | None = None
+        self._requests: list[tuple[LowerSpec, asyncio.Future[dict[str, Any]]]] = []
+        self._pending_config: NicConfig | None = None
         self._kick = asyncio.Event()
         self._kick.set()
         self._backend_ids = re.compile(rf"nw-{re.escape(nic.id)}-(tap|up|fd)(\d+)\Z")
+
+    @property
+    def driver(self) -> Any:
+        return DRIVERS[self.nic.backend]
 
     # -- events in ----------------------------------------------------------
 
@@ -80,23 +102,45 @@ class NicController:
         self._kick.set()
 
     def interested(self, link: Link) -> bool:
-        spec = self.nic.lower
-        if link.name in (self.nic.ifname, self.nic.bridge):
+        if link.name in self.nic.backend_names or link.name == self.nic.bridge:
             return True
-        if spec is not None and (spec.pci is not None or lower_matches(spec, link)):
-            return True
+        for spec in (self.nic.lower, self.override):
+            if spec is not None and (spec.pci is not None or lower_matches(spec, link)):
+                return True
         known = {self.backend.ifindex, self.backend.lower_ifindex} if self.backend else set()
         if self.lower is not None:
             known.add(self.lower.index)
         return link.index in known
 
+    def update_config(self, nic: NicConfig) -> None:
+        """A reload: the new config applies from the next pass (rebinds end there)."""
+        self._pending_config = nic
+        self.kick()
+
+    async def rebind(self, lower: str) -> dict[str, Any]:
+        """Move the NIC to ``lower`` now (make-before-break); its status after."""
+        why = ifname_problem(lower)
+        if why:
+            raise BadRebind(f"'{lower}' {why}")
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests.append((LowerSpec(name=lower), future))
+        self.kick()
+        return await future
+
     # -- the loop -----------------------------------------------------------
 
     async def run(self) -> None:
         wait = self.env.retry_wait or default_retry_wait()
+        await self.vm.first_attempt.wait()
         while True:
             await self._kick.wait()
             self._kick.clear()
+            if self._pending_config is not None:
+                # Between passes, never in the middle of one.
+                self.nic, self.override, self._pending_config = self._pending_config, None, None
+            while self._requests:
+                spec, future = self._requests.pop(0)
+                await self._serve_rebind(spec, future)
             # Exception, not BaseException: cancellation always ends the loop.
             async for attempt in AsyncRetrying(wait=wait, retry=retry_if_exception_type(Exception),
                                                reraise=True):
@@ -118,6 +162,8 @@ class NicController:
             log.exception("%s/%s: internal error", self.vm_name, self.nic.id)
             self.fsm.to(NicState.FAILED, f"internal error: {exc!r} (will retry)", lower=self._lower_name())
             raise
+        finally:
+            self.first_pass.set()
 
     async def reconcile(self) -> None:
         if not self.vm.connected:
@@ -132,9 +178,7 @@ class NicController:
         self.lower = lower or self.lower
         placement = self.driver.place(self.nic, lower, self.env.links)
         if self.backend is not None:
-            broken = self.driver.broken(self.backend, placement, self.env.links)
-            if broken:
-                await self._detach(broken, "lower-lost")
+            await self._check_backend(placement)
         if self.backend is None:
             if not placement.ready:
                 await self._set_guest_link(False, placement.missing)
@@ -154,12 +198,30 @@ class NicController:
             except LinkVanished as exc:
                 log.debug("%s/%s: %s; waiting for the link's events", self.vm_name, self.nic.id, exc)
                 return
+            self._follow_uplink(placement)
         await self._set_guest_link(self.driver.carrier(placement), "lower carrier")
-        self.fsm.to(NicState.ATTACHED, f"backend {self.nic.ifname}: {self._where(placement)}",
-                    lower=lower.name if lower else None)
+        self.fsm.to(NicState.ATTACHED, f"backend {self.backend.ifname if self.backend else '?'}: "
+                    f"{self._where(placement)}", lower=lower.name if lower else None)
+
+    async def _check_backend(self, placement: Placement) -> None:
+        """Detach a dead or outdated backend; move a live one make-before-break."""
+        backend = self.backend
+        assert backend is not None
+        broken = self.driver.broken(backend, self.env.links)
+        if broken:
+            await self._detach(broken, "lower-lost")
+        elif not self._matches_config(backend):
+            self._up_context = "rebind"
+            await self._detach("the configuration changed", "rebind")
+        elif (misplaced := self.driver.misplaced(backend, placement)) is not None:
+            if placement.ready and self.driver.moves_by_swap:
+                await self._swap(placement, f"rebind: {misplaced}")
+            else:
+                await self._detach(misplaced, "lower-lost")
 
     def find_lower(self) -> Link | None:
-        return find_lower(self.nic, self.env.links, self._ready)
+        return find_lower(self.override or self.nic.lower, self.env.own_links() | set(self.nic.backend_names),
+                          self.env.links, self._ready)
 
     def _ready(self, link: Link) -> bool:
         # With udevd, a link is used only once udev is done with it (renames).
@@ -178,6 +240,7 @@ class NicController:
     async def _sync_with_qemu(self) -> None:
         """Adopt the backend an earlier run left, if all agree on it; clean the rest."""
         network = await self.vm.network()
+        self._hub = self._guest_hub(network)
         netdevs = {name for name in network.netdevs if self._backend_ids.match(name)}
         record = self.backend or self.env.records.load(self.vm_name, self.nic.id)
         gens = [int(match.group(2)) for name in netdevs if (match := self._backend_ids.match(name))]
@@ -186,7 +249,7 @@ class NicController:
             self.swaps = max(self.swaps, record.swaps)
         self.generation = max([self.generation, *gens])
         self.guest_link = None
-        keep = record if record is not None and self._adoptable(record, network.ports) else None
+        keep = record if record is not None and self._adoptable(record, network) else None
         for name in sorted(netdevs, key=lambda n: "-up" not in n):  # hubports before their taps
             if keep is None or name not in (keep.hub_netdev, keep.tap_netdev):
                 await self._netdev_del(name)
@@ -204,22 +267,33 @@ class NicController:
             if context != "stop":
                 self._started_for = self.vm.pid
                 self._up_context = "rebind" if context == "rebind" else "reattach"
-        stale = self.env.links.named(self.nic.ifname)
-        if stale is not None:
-            await self.env.ops.delete(stale.index)
+        for name in self.nic.backend_names:
+            stale = self.env.links.named(name)
+            if stale is not None:
+                await self.env.ops.delete(stale.index)
         self.env.records.remove(self.vm_name, self.nic.id)
         self.backend = None
 
-    def _adoptable(self, record: NicRecord, ports: tuple[HubPort, ...]) -> bool:
-        pair = [p for p in ports if p.port == record.hub_netdev and p.peer == record.tap_netdev
-                and p.hub == self.nic.hub]
+    def _guest_hub(self, network: NetworkInfo) -> int:
+        port = next((p for p in network.ports if p.port == self.nic.guest_port), None)
+        if port is None:
+            raise QmpError(f"QEMU has no hubport {self.nic.guest_port} for NIC {self.nic.id}: start the VM with "
+                           f"the arguments of 'netwatch qemu-args {self.vm_name}'")
+        if port.hub != self.nic.hub:
+            log.warning("%s/%s: QEMU has the guest port on hub %d, the config says %d: using %d until QEMU "
+                        "restarts", self.vm_name, self.nic.id, port.hub, self.nic.hub, port.hub)
+        return port.hub
+
+    def _adoptable(self, record: NicRecord, network: NetworkInfo) -> bool:
+        pair = [p for p in network.ports if p.port == record.hub_netdev and p.peer == record.tap_netdev
+                and p.hub == self._hub]
         link = self.env.links.get(record.ifindex)
         return (record.qemu_pid == self.vm.pid and len(pair) == 1 and link is not None
                 and link.name == record.ifname and self._matches_config(record))
 
     def _matches_config(self, record: NicRecord) -> bool:
         nic = self.nic
-        return (record.ifname == nic.ifname and record.backend == nic.backend and record.mac == nic.mac
+        return (record.ifname in nic.backend_names and record.backend == nic.backend and record.mac == nic.mac
                 and record.mode == nic.mode and record.bridge == nic.bridge)
 
     def _why_not_adopted(self, record: NicRecord) -> str:
@@ -245,14 +319,15 @@ class NicController:
 
     # -- backend lifecycle --------------------------------------------------
 
-    async def _attach(self, placement: Placement) -> None:
+    async def _create(self, name: str, placement: Placement) -> tuple[Created, str, str, int]:
+        """A new backend link plus its QEMU pair: (link, tap netdev, hubport, generation)."""
         nic, ops = self.nic, self.env.ops
         gen = self.generation + 1
-        stale = self.env.links.named(nic.ifname)
+        stale = self.env.links.named(name)
         if stale is not None:
             await ops.delete(stale.index)
         try:
-            created = await self.driver.create(nic, placement, ops, self.env.node_dir)
+            created = await self.driver.create(nic, name, placement, ops, self.env.node_dir)
         except LinkError as exc:
             if exc.errno == errno.ENODEV and placement.lower is not None:
                 raise LinkVanished(str(exc)) from exc
@@ -261,28 +336,81 @@ class NicController:
         try:
             await self._add_backend(created.fd, gen, tap, hub)
         except BaseException:
-            await self._best_effort(ops.delete(created.index), f"removing {nic.ifname} after a failed attach")
+            await self._best_effort(ops.delete(created.index), f"removing {name} after a failed attach")
             raise
         finally:
             os.close(created.fd)
-        lower = placement.lower
         self.generation, self.swaps = gen, self.swaps + 1
-        self.backend = NicRecord(
-            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=created.index,
-            lower=lower.name if lower else "", lower_ifindex=lower.index if lower else 0, tap_netdev=tap,
-            hub_netdev=hub, generation=gen, mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid,
-            swaps=self.swaps)
+        return created, tap, hub, gen
+
+    def _record(self, name: str, created: Created, placement: Placement, tap: str, hub: str,
+                gen: int) -> NicRecord:
+        nic, lower = self.nic, placement.lower
+        return NicRecord(
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=name, ifindex=created.index,
+            lower=lower.name if lower else (nic.lower.describe() if nic.lower else ""),
+            lower_ifindex=lower.index if lower else 0, tap_netdev=tap, hub_netdev=hub, generation=gen,
+            mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps)
+
+    async def _attach(self, placement: Placement) -> None:
+        name = self.nic.ifname
+        created, tap, hub, gen = await self._create(name, placement)
+        self.backend = self._record(name, created, placement, tap, hub, gen)
         self.env.records.save(self.backend)
         back = self._lost_lower is not None
         self._lost_lower = None
+        lower = placement.lower
         events.emit("lower-back" if back else "attached",
-                    f"{nic.ifname} (ifindex {created.index}) is now {tap}: {self._where(placement)}",
-                    vm=self.vm_name, nic=nic.id, lower=lower.name if lower else None, netdev=tap,
+                    f"{name} (ifindex {created.index}) is now {tap}: {self._where(placement)}",
+                    vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=tap,
                     ifindex=created.index)
         context = "start" if self._started_for != self.vm.pid else self._up_context
         self._started_for, self._up_context = self.vm.pid, "reattach"
         self.env.hooks.submit("up", context, self.backend)
         await self._best_effort(self._announce(), "announce-self")
+
+    async def _swap(self, placement: Placement, cause: str) -> None:
+        """Make-before-break: the new backend joins the hub before the old one leaves."""
+        old = self.backend
+        assert old is not None and placement.lower is not None
+        name = next(n for n in self.nic.backend_names if n != old.ifname)
+        created, tap, hub, gen = await self._create(name, placement)
+        new = self._record(name, created, placement, tap, hub, gen)
+        self.backend = new
+        self.env.records.save(new)
+        # The guest's path now runs through both; the old one can go.
+        await self._best_effort(self._announce(), "announce-self")
+        await self._best_effort(self._netdev_del(old.hub_netdev), f"netdev_del {old.hub_netdev}")
+        await self._best_effort(self._netdev_del(old.tap_netdev), f"netdev_del {old.tap_netdev}")
+        link = self.env.links.get(old.ifindex)
+        if link is not None and link.name == old.ifname:
+            await self._best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
+        self.env.hooks.submit("down", "rebind", old)
+        self.env.hooks.submit("up", "rebind", new)
+        events.emit("rebind", f"{cause}: {old.tap_netdev} on {old.lower} -> {tap} on {new.lower}",
+                    vm=self.vm_name, nic=self.nic.id, lower=new.lower, netdev=tap, previous=old.lower)
+
+    def _follow_uplink(self, placement: Placement) -> None:
+        """A tap's uplink left, came back or changed: record it and tell the hooks."""
+        backend = self.backend
+        assert backend is not None
+        uplink = placement.lower
+        now = uplink.index if uplink else 0
+        if now == backend.lower_ifindex:
+            return
+        if uplink is None:
+            self.env.hooks.submit("down", "lower-lost", backend)
+            self.backend = replace(backend, lower_ifindex=0)
+        else:
+            renamed = backend.lower != uplink.name
+            if renamed and backend.lower_ifindex:
+                self.env.hooks.submit("down", "rebind", backend)
+            self.backend = replace(backend, lower=uplink.name, lower_ifindex=uplink.index)
+            self.env.hooks.submit("up", "rebind" if renamed else "reattach", self.backend)
+            if renamed:
+                events.emit("rebind", f"uplink {backend.lower} -> {uplink.name}", vm=self.vm_name, nic=self.nic.id,
+                            lower=uplink.name, previous=backend.lower)
+        self.env.records.save(self.backend)
 
     async def _add_backend(self, fd: int, gen: int, tap: str, hub: str) -> None:
         fdname = f"nw-{self.nic.id}-fd{gen}"
@@ -293,8 +421,8 @@ class NicController:
             await self._best_effort(self.vm.execute("closefd", {"fdname": fdname}), f"closefd {fdname}")
             raise
         try:
-            await self.vm.execute("netdev_add", {"type": "hubport", "id": hub, "hubid": self.nic.hub,
-                                                 "netdev": tap})
+            await self.vm.execute("netdev_add", {"type": "hubport", "id": hub, "netdev": tap,
+                                                 "hubid": self.nic.hub if self._hub is None else self._hub})
         except BaseException:
             await self._best_effort(self._netdev_del(tap), f"netdev_del {tap}")
             raise
@@ -315,10 +443,11 @@ class NicController:
             await self.env.ops.delete(backend.ifindex)
         self.env.records.remove(self.vm_name, self.nic.id)
         self.backend = None
-        self._lost_lower = backend.lower
+        if context == "lower-lost":
+            self._lost_lower = backend.lower
         self.env.hooks.submit("down", context, backend)
-        events.emit("lower-lost", f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id,
-                    lower=backend.lower)
+        events.emit("lower-lost" if context == "lower-lost" else "detached",
+                    f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
 
     async def _vm_gone(self) -> None:
         """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
@@ -336,6 +465,63 @@ class NicController:
         events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
                     lower=backend.lower)
 
+    async def remove(self) -> None:
+        """The NIC left the config: take its backend out of QEMU and the kernel."""
+        backend = self.backend
+        if backend is None:
+            return
+        self.backend = None
+        if self.vm.connected:
+            await self._best_effort(self._netdev_del(backend.hub_netdev), "netdev_del")
+            await self._best_effort(self._netdev_del(backend.tap_netdev), "netdev_del")
+            await self._best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}), "set_link")
+        link = self.env.links.get(backend.ifindex)
+        if link is not None and link.name == backend.ifname:
+            await self._best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+        self.env.records.remove(self.vm_name, self.nic.id)
+        self.env.hooks.submit("down", "stop", backend)
+        events.emit("detached", f"{backend.tap_netdev} removed: the NIC is no longer configured",
+                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    async def _serve_rebind(self, spec: LowerSpec, future: asyncio.Future[dict[str, Any]]) -> None:
+        name = spec.name or "?"
+        try:
+            await self._rebind_now(spec)
+        except NetwatchError as exc:
+            current = self.backend.lower if self.backend else "no lower"
+            kind = BadRebind if isinstance(exc, BadRequest) else RebindError
+            if not future.done():
+                future.set_exception(kind(f"cannot rebind {self.vm_name}/{self.nic.id} to {name}: {exc}; "
+                                          f"it stays on {current}"))
+            return
+        if not future.done():
+            future.set_result(self.status())
+
+    async def _rebind_now(self, spec: LowerSpec) -> None:
+        if not self.vm.connected:
+            raise RebindError(f"QEMU of {self.vm_name} is not connected")
+        target = find_lower(spec, set(), self.env.links, self._ready)
+        if target is None:
+            raise BadRebind(f"there is no link named {spec.name}")
+        if target.name in self.env.own_links() | set(self.nic.backend_names):
+            raise BadRebind(f"{target.name} is a netwatch backend")
+        if target.flags & IFF_LOOPBACK:
+            raise BadRebind(f"{target.name} is a loopback device")
+        backend = self.backend
+        previous, self.override = self.override, spec
+        try:
+            if backend is None or backend.lower_ifindex == target.index:
+                return  # the next pass attaches it there, or it is there already
+            placement = self.driver.place(self.nic, target, self.env.links)
+            if self.driver.moves_by_swap:
+                await self._swap(placement, f"rebind to {target.name} requested")
+            else:
+                await self.driver.maintain(backend, placement, self.env.links, self.env.ops)
+                self._follow_uplink(placement)
+        except BaseException:
+            self.override = previous
+            raise
+
     async def _best_effort(self, action: Awaitable[Any], what: str) -> None:
         try:
             await action
@@ -345,7 +531,8 @@ class NicController:
     # -- what status shows ---------------------------------------------------
 
     def _spec_name(self) -> str:
-        return self.nic.lower.describe() if self.nic.lower else "-"
+        spec = self.override or self.nic.lower
+        return spec.describe() if spec else "-"
 
     def _lower_name(self) -> str | None:
         return self.lower.name if self.lower else (self.nic.lower.describe() if self.nic.lower else None)
@@ -361,11 +548,11 @@ class NicController:
             "lower": lower.name if lower else self._spec_name(),
             "lower_ifindex": lower.index if lower else None,
             "lower_present": lower is not None,
-            "ifname": self.nic.ifname,
+            "ifname": backend.ifname if backend else self.nic.ifname,
             "ifindex": backend.ifindex if backend else None,
             "netdev": backend.tap_netdev if backend else None,
             "hub_netdev": backend.hub_netdev if backend else None,
-            "hub": self.nic.hub,
+            "hub": self.nic.hub if self._hub is None else self._hub,
             "mac": self.nic.mac,
             "mode": self.nic.mode,
             "guest_link": self.guest_link,
@@ -373,8 +560,11 @@ class NicController:
             "generation": self.generation,
             "last_change": self.fsm.last_change,
         }
+        if self.override is not None:
+            status["rebound"] = {"lower": self.override.describe(),
+                                 "config_lower": self.nic.lower.describe() if self.nic.lower else None,
+                                 "until": "the next reload or restart, which returns to the config"}
         if self.nic.bridge is not None:
-            bridge = self.env.links.named(self.nic.bridge)
             status["bridge"] = self.nic.bridge
-            status["bridge_present"] = bridge is not None
+            status["bridge_present"] = self.env.links.named(self.nic.bridge) is not None
         return status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from . import events
@@ -38,9 +39,10 @@ class IllegalTransition(AssertionError):
 class NicStateMachine:
     """Current state of one NIC, with its cause and time of the last change."""
 
-    def __init__(self, vm: str, nic: str) -> None:
+    def __init__(self, vm: str, nic: str, on_change: Callable[[], None] | None = None) -> None:
         self.vm = vm
         self.nic = nic
+        self.on_change = on_change
         self.state = NicState.WAITING_VM
         self.cause = "service started"
         self.changed_at = time.time()
@@ -54,6 +56,8 @@ class NicStateMachine:
         old, self.state, self.cause, self.changed_at = self.state, new, cause, time.time()
         events.emit(_EVENT_FOR[new], f"{old.value} -> {new.value}: {cause}", vm=self.vm, nic=self.nic,
                     lower=lower, state=new.value, previous=old.value)
+        if self.on_change is not None:
+            self.on_change()
         return True
 
     @property

@@ -87,6 +87,8 @@ class VmSession:
         self._fd_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._pidfd: int | None = None
+        # Set once the first connection attempt is over, whatever its outcome.
+        self.first_attempt = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -143,6 +145,7 @@ class VmSession:
             self.pid = _peer_pid(client)
             self._watch_pid(self.pid)
             events.emit("vm-connected", f"connected to QEMU (pid {self.pid}) on {self.path}", vm=self.name)
+            self.first_attempt.set()
             self.on_change()
             while client.runstate == Runstate.RUNNING:
                 await client.runstate_changed()
@@ -152,7 +155,7 @@ class VmSession:
 
     async def _connect(self) -> QMPClient:
         async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(QmpError),
-                                           reraise=True):
+                                           reraise=True, before_sleep=lambda _state: self.first_attempt.set()):
             with attempt:
                 return await self._connect_once()
         raise AssertionError("unreachable: retries never stop")

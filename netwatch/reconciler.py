@@ -1,21 +1,28 @@
-"""The reconciler: routes link, uevent and VM events to the NICs they concern."""
+"""The reconciler: routes link, uevent and VM events to the NICs they concern,
+and applies a new configuration as a difference."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+from collections import Counter
 from typing import Any
 
 from tenacity.wait import wait_base
 
-from . import tasks
-from .config import Config
+from . import events, tasks
+from .config import Config, VmConfig
+from .errors import BadRequest, ConfigError
 from .links import Link
 from .nic import NicController, NicEnv
 from .qmp import VmSession
 
 log = logging.getLogger(__name__)
+
+
+class UnknownTarget(BadRequest):
+    """A request named a VM or NIC that is not configured."""
 
 
 class Reconciler:
@@ -26,25 +33,19 @@ class Reconciler:
         self.env = env
         self.connect_wait = connect_wait
         self.vms: dict[str, VmSession] = {}
-        self.nics: dict[str, list[NicController]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self.nics: dict[str, dict[str, NicController]] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        env.own_links = self.own_links
 
     async def __aenter__(self) -> Reconciler:
         await self._remove_orphans()
         for vm_config in self.config.vms:
-            name = vm_config.name
-            session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
-                                timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait)
-            self.vms[name] = session
-            self.nics[name] = [NicController(name, nic, session, self.env) for nic in vm_config.nics]
-        for session in self.vms.values():
-            await session.__aenter__()
-        for nic in self.all_nics():
-            self._tasks.append(asyncio.create_task(nic.run(), name=f"netwatch-nic-{nic.vm_name}-{nic.nic.id}"))
+            await self._add_vm(vm_config)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await tasks.stop(self._tasks)
+        await tasks.stop(list(self._tasks.values()))
+        self._tasks.clear()
         for session in self.vms.values():
             await session.__aexit__(None, None, None)
 
@@ -62,13 +63,87 @@ class Reconciler:
             self.env.records.remove(record.vm, record.nic)
             self.env.hooks.submit("down", "stop", record)
 
-    def all_nics(self) -> list[NicController]:
-        return [nic for nics in self.nics.values() for nic in nics]
+    # -- VMs and NICs come and go ---------------------------------------------
+
+    async def _add_vm(self, vm_config: VmConfig) -> None:
+        name = vm_config.name
+        session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
+                            timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait)
+        self.vms[name] = session
+        self.nics[name] = {}
+        await session.__aenter__()
+        for nic in vm_config.nics:
+            self._add_nic(name, NicController(name, nic, session, self.env))
+
+    def _add_nic(self, vm: str, controller: NicController) -> None:
+        self.nics[vm][controller.nic.id] = controller
+        self._tasks[(vm, controller.nic.id)] = asyncio.create_task(
+            controller.run(), name=f"netwatch-nic-{vm}-{controller.nic.id}")
+
+    async def _remove_nic(self, vm: str, nic_id: str) -> None:
+        controller = self.nics[vm].pop(nic_id)
+        await tasks.stop([self._tasks.pop((vm, nic_id))])
+        await controller.remove()
+
+    async def _remove_vm(self, vm: str) -> None:
+        for nic_id in list(self.nics[vm]):
+            await self._remove_nic(vm, nic_id)
+        del self.nics[vm]
+        await self.vms.pop(vm).__aexit__(None, None, None)
+
+    async def reload(self, new: Config) -> dict[str, Any]:
+        """Apply ``new`` as a difference; refuse what only a restart can change."""
+        old = self.config
+        refused = [f"{new.path}: key '{key}': cannot change while netwatch runs (restart it)"
+                   for key in ("state_dir", "udev")
+                   if getattr(old.settings, key) != getattr(new.settings, key)]
+        if refused:
+            raise ConfigError(refused)
+        summary: Counter[str] = Counter()
+        self.config = new
+        self.env.hooks.hooks_dir = new.settings.hooks_dir
+        self.env.hooks.timeout = new.settings.hook_timeout
+        new_vms = {vm.name: vm for vm in new.vms}
+        old_vms = {vm.name: vm for vm in old.vms}
+        for name, vm in old_vms.items():
+            if name not in new_vms or new_vms[name].qmp != vm.qmp:
+                await self._remove_vm(name)
+                summary["VMs removed"] += 1
+        for name, vm in new_vms.items():
+            if name not in self.vms:
+                await self._add_vm(vm)
+                summary["VMs added"] += 1
+                continue
+            session = self.vms[name]
+            session.timeout = new.settings.qmp_timeout
+            wanted = {nic.id: nic for nic in vm.nics}
+            for nic_id in list(self.nics[name]):
+                if nic_id not in wanted:
+                    await self._remove_nic(name, nic_id)
+                    summary["NICs removed"] += 1
+            for nic_id, nic in wanted.items():
+                controller = self.nics[name].get(nic_id)
+                if controller is None:
+                    self._add_nic(name, NicController(name, nic, session, self.env))
+                    summary["NICs added"] += 1
+                else:
+                    if controller.nic != nic or controller.override is not None:
+                        summary["NICs changed"] += 1
+                    controller.update_config(nic)
+        text = ", ".join(f"{count} {what}" for what, count in sorted(summary.items())) or "nothing changed"
+        events.emit("service", f"configuration reloaded from {new.path}: {text}")
+        return {"changes": dict(summary), "summary": text}
 
     # -- events in ------------------------------------------------------------
 
+    def all_nics(self) -> list[NicController]:
+        return [nic for nics in self.nics.values() for nic in nics.values()]
+
+    def own_links(self) -> set[str]:
+        return {name for nic in self.all_nics() for name in nic.nic.backend_names}
+
     def kick_vm(self, name: str) -> None:
-        for nic in self.nics.get(name, []):
+        for nic in self.nics.get(name, {}).values():
             nic.kick()
 
     def kick_all(self) -> None:
@@ -86,6 +161,20 @@ class Reconciler:
             return
         self.on_link_change(None, link)
 
+    async def settled(self) -> None:
+        """Every NIC has made its first pass (after its VM's first connection attempt)."""
+        for nic in self.all_nics():
+            await nic.first_pass.wait()
+
+    # -- requests -------------------------------------------------------------
+
+    def nic(self, vm: str, nic: str) -> NicController:
+        if vm not in self.nics:
+            raise UnknownTarget(f"no VM named '{vm}' is configured")
+        if nic not in self.nics[vm]:
+            raise UnknownTarget(f"VM '{vm}' has no NIC '{nic}'")
+        return self.nics[vm][nic]
+
     # -- what status shows ---------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -94,5 +183,13 @@ class Reconciler:
             session = self.vms[vm_config.name]
             vms.append({"name": vm_config.name, "qmp": vm_config.qmp, "connected": session.connected,
                         "qemu_pid": session.pid if session.connected else None,
-                        "nics": [nic.status() for nic in self.nics[vm_config.name]]})
+                        "nics": [nic.status() for nic in self.nics[vm_config.name].values()]})
         return {"vms": vms}
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        states = Counter(nic.fsm.state.value for nic in self.all_nics())
+        connected = sum(1 for session in self.vms.values() if session.connected)
+        waiting = states["waiting-vm"] + states["waiting-lower"] + states["attaching"]
+        return (f"{len(self.vms)} VMs ({connected} connected), {sum(states.values())} NICs: "
+                f"{states['attached']} attached, {waiting} waiting, {states['failed']} failed")

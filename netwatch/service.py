@@ -1,9 +1,11 @@
-"""The service shell: wires events in, the reconciler and actions out together."""
+"""The service shell: wires events in, the reconciler and actions out together,
+and speaks to systemd (readiness, watchdog, status) and to the CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -11,33 +13,42 @@ from typing import Any
 
 from tenacity.wait import wait_base
 
-from . import events
+from . import config as config_mod
+from . import events, tasks
 from .config import Config
 from .control import ControlServer
-from .errors import NetwatchError
+from .errors import BadRequest, ConfigError, NetwatchError
 from .hooks import HookRunner
 from .linkops import LinkOps
 from .links import LinkMonitor, LinkTable
 from .nic import NicEnv
+from .notify import Notifier
 from .reconciler import Reconciler
 from .records import RecordStore
 from .udev import UdevMonitor, resolve_source
 
 log = logging.getLogger(__name__)
 
+READY_TIMEOUT = 60.0
+
 
 class Service:
     """``netwatch run``: everything lives inside :meth:`run`'s context stack."""
 
     def __init__(self, config: Config, connect_wait: wait_base | None = None,
-                 retry_wait: wait_base | None = None) -> None:
+                 retry_wait: wait_base | None = None, notifier: Notifier | None = None) -> None:
         self.config = config
         self.connect_wait = connect_wait
         self.retry_wait = retry_wait
+        self.notifier = notifier or Notifier()
         self.reconciler: Reconciler | None = None
         self._stop = asyncio.Event()
         self._refresh: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._status_pending = False
+        self._ready = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
 
     async def run(self) -> None:
         settings = self.config.settings
@@ -45,14 +56,16 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         table = LinkTable()
         source = resolve_source(settings.udev)
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.notifier.close)
             ops = await stack.enter_async_context(LinkOps())
             hooks = await stack.enter_async_context(HookRunner(settings.hooks_dir, settings.hook_timeout))
             env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir), hooks=hooks,
                          node_dir=os.path.join(settings.state_dir, "dev"), udev_gate=source == "udev",
-                         retry_wait=self.retry_wait)
+                         retry_wait=self.retry_wait, on_state_change=self._status_changed)
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
             links = await stack.enter_async_context(
@@ -61,15 +74,19 @@ class Service:
                 await stack.enter_async_context(
                     UdevMonitor(source, reconciler.on_uevent, lambda: self._resync(links)))
             await stack.enter_async_context(reconciler)
-            await stack.enter_async_context(ControlServer(settings.state_dir, {"status": self._status}))
-            nics = len(reconciler.all_nics())
-            events.emit("service", f"netwatch running: {len(self.config.vms)} VMs, {nics} NICs, "
-                        f"uevents from {source or 'nowhere'}")
-            stop = asyncio.create_task(self._stop.wait())
+            await stack.enter_async_context(ControlServer(settings.state_dir, {
+                "status": self._status, "rebind": self._rebind, "reload": self._reload}))
+            self._start(self._watchdog(), "netwatch-watchdog")
+            self._start(self._announce_ready(), "netwatch-ready")
+            stack.push_async_callback(tasks.stop, list(self._background))
+            events.emit("service", f"netwatch running: {len(self.config.vms)} VMs, "
+                        f"{len(reconciler.all_nics())} NICs, uevents from {source or 'nowhere'}")
             assert links.failed is not None
+            stop = asyncio.create_task(self._stop.wait())
             waiters: set[asyncio.Future[Any]] = {stop, links.failed}
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
+            self.notifier.send(STOPPING="1")
             # A shutdown that hangs says where, instead of waiting for SIGKILL.
             loop.call_later(5.0, _report_stuck_tasks)
             if links.failed in done:
@@ -78,6 +95,84 @@ class Service:
                 # Exit non-zero: systemd restarts netwatch, which resyncs from scratch.
                 raise NetwatchError(f"following host links failed: {self._failure}") from self._failure
             events.emit("service", "netwatch stopping; backends stay in place for the next start")
+
+    def _start(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- systemd ----------------------------------------------------------------
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once links are dumped and every NIC has made its first pass."""
+        assert self.reconciler is not None
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self.reconciler.settled()
+        except TimeoutError:
+            log.warning("not every NIC settled within %g s; reporting ready anyway", READY_TIMEOUT)
+        self._ready = True
+        self.notifier.ready(self.reconciler.summary())
+
+    async def _watchdog(self) -> None:
+        # Pinged from the event loop itself: a stuck loop stops the pings.
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _status_changed(self) -> None:
+        # Coalesce a burst of NIC transitions into one STATUS= update.
+        if self._status_pending or not self.notifier.enabled:
+            return
+        self._status_pending = True
+        asyncio.get_running_loop().call_soon(self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_pending = False
+        if self.reconciler is not None and self._ready:
+            self.notifier.status(self.reconciler.summary())
+
+    # -- requests -------------------------------------------------------------
+
+    async def _status(self, request: dict[str, Any]) -> Any:
+        assert self.reconciler is not None
+        return self.reconciler.status()
+
+    async def _rebind(self, request: dict[str, Any]) -> Any:
+        assert self.reconciler is not None
+        vm, nic, lower = (request.get(key) for key in ("vm", "nic", "lower"))
+        if not all(isinstance(value, str) and value for value in (vm, nic, lower)):
+            raise BadRequest("rebind needs string 'vm', 'nic' and 'lower'")
+        assert isinstance(vm, str) and isinstance(nic, str) and isinstance(lower, str)
+        return await self.reconciler.nic(vm, nic).rebind(lower)
+
+    async def _reload(self, request: dict[str, Any]) -> Any:
+        assert self.reconciler is not None
+        async with self._reload_lock:
+            return await self._reload_locked()
+
+    async def _reload_locked(self) -> Any:
+        assert self.reconciler is not None
+        self.notifier.send(RELOADING="1")
+        try:
+            new = config_mod.load(self.config.path)
+            result = await self.reconciler.reload(new)
+            self.config = new
+            return result
+        except ConfigError as exc:
+            events.emit("error", f"reload refused, the running configuration stays: {exc}")
+            raise
+        finally:
+            self.notifier.send(READY="1", STATUS=self.reconciler.summary())
+
+    def _reload_on_signal(self) -> None:
+        async def reload() -> None:
+            with contextlib.suppress(NetwatchError):  # already logged by _reload
+                await self._reload({})
+        self._start(reload(), "netwatch-sighup-reload")
 
     def _resync(self, links: LinkMonitor) -> None:
         if self._refresh is not None and not self._refresh.done():
@@ -90,13 +185,8 @@ class Service:
             self._failure = task.exception()
             self._stop.set()
 
-    async def _status(self, request: dict[str, Any]) -> Any:
-        assert self.reconciler is not None
-        return self.reconciler.status()
-
 
 def _report_stuck_tasks() -> None:
-    import io
     for task in asyncio.all_tasks():
         out = io.StringIO()
         task.print_stack(file=out)

@@ -1,0 +1,117 @@
+"""journald's native protocol: one datagram per entry, structured fields.
+
+Entries too large for a datagram go in a sealed memfd passed over
+SCM_RIGHTS, as journald expects. Without a journal socket, netwatch logs
+plain lines to stderr instead (see events.setup).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import traceback
+
+DEFAULT_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "netwatch"
+
+# logging level -> syslog priority
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+_F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE, _F_SEAL_SEAL = 0x2, 0x4, 0x8, 0x1
+_F_ADD_SEALS = 1033
+
+
+def socket_path() -> str:
+    # A journald namespace (LogNamespace=, or a test's own journald) has its own socket.
+    return os.environ.get("NETWATCH_JOURNAL_SOCKET", DEFAULT_SOCKET)
+
+
+def priority(level: int) -> int:
+    for threshold in sorted(_PRIORITY, reverse=True):
+        if level >= threshold:
+            return _PRIORITY[threshold]
+    return 7
+
+
+def encode(fields: dict[str, str]) -> bytes:
+    """The native wire format: KEY=value lines, or KEY + length for values with newlines."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def field_name(name: str) -> str:
+    """A valid journal field name: upper case, letters, digits and underscores."""
+    cleaned = "".join(c if c.isalnum() else "_" for c in name.upper())
+    return cleaned.lstrip("_") or "FIELD"
+
+
+class JournalHandler(logging.Handler):
+    """Sends records to journald with netwatch's NETWATCH_* fields."""
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__()
+        self.path = path or socket_path()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @staticmethod
+    def available(path: str | None = None) -> bool:
+        return os.path.exists(path or socket_path())
+
+    def fields(self, record: logging.LogRecord) -> dict[str, str]:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info))
+        fields = {
+            "MESSAGE": message,
+            "PRIORITY": str(priority(record.levelno)),
+            "SYSLOG_IDENTIFIER": IDENTIFIER,
+            "CODE_FILE": record.pathname,
+            "CODE_LINE": str(record.lineno),
+            "CODE_FUNC": record.funcName,
+            "LOGGER": record.name,
+        }
+        for attr, key in (("nw_vm", "NETWATCH_VM"), ("nw_nic", "NETWATCH_NIC"), ("nw_lower", "NETWATCH_LOWER"),
+                          ("nw_event", "NETWATCH_EVENT"), ("nw_message_id", "MESSAGE_ID")):
+            value = getattr(record, attr, None)
+            if value:
+                fields[key] = str(value)
+        for name, value in (getattr(record, "nw_fields", None) or {}).items():
+            if value is not None:
+                fields[f"NETWATCH_{field_name(name)}"] = str(value)
+        return fields
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.send(encode(self.fields(record)))
+        except Exception:  # noqa: BLE001 - logging must never take the service down
+            self.handleError(record)
+
+    def send(self, payload: bytes) -> None:
+        try:
+            self.sock.sendto(payload, self.path)
+        except OSError as exc:
+            if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                raise
+            self._send_large(payload)
+
+    def _send_large(self, payload: bytes) -> None:
+        fd = os.memfd_create("netwatch-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.write(fd, payload)
+            import fcntl
+            fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE | _F_SEAL_SEAL)
+            self.sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))], 0, self.path)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
