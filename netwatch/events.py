@@ -42,7 +42,7 @@ def emit(kind: str, message: str, *, vm: str | None = None, nic: str | None = No
     event = EVENT_KINDS[kind]
     extra = {"nw_event": kind, "nw_message_id": event.message_id, "nw_vm": vm, "nw_nic": nic,
              "nw_lower": lower, "nw_fields": fields}
-    log.log(event.level if level is None else level, message, extra=extra)
+    log.log(event.level if level is None else level, message, extra=extra, stacklevel=2)
 
 
 class PlainFormatter(logging.Formatter):

@@ -73,9 +73,9 @@ class JournalHandler(logging.Handler):
             "MESSAGE": message,
             "PRIORITY": str(priority(record.levelno)),
             "SYSLOG_IDENTIFIER": IDENTIFIER,
-            "CODE_FILE": record.pathname,
+            "CODE_FILE": record.pathname or "",
             "CODE_LINE": str(record.lineno),
-            "CODE_FUNC": record.funcName,
+            "CODE_FUNC": record.funcName or "",
             "LOGGER": record.name,
         }
         for attr, key in (("nw_vm", "NETWATCH_VM"), ("nw_nic", "NETWATCH_NIC"), ("nw_lower", "NETWATCH_LOWER"),

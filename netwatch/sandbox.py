@@ -269,17 +269,23 @@ class Qemu:
 class Netwatch:
     """``netwatch run`` as a child process, in ``netns`` (None: where we are)."""
 
-    def __init__(self, netns: Netns | None, config_path: str, log_path: str) -> None:
+    def __init__(self, netns: Netns | None, config_path: str, log_path: str,
+                 env: dict[str, str] | None = None) -> None:
         self.netns = netns
         self.config_path = config_path
         self.log_path = log_path
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Netwatch:
         argv = [sys.executable, "-m", "netwatch", "run", "-c", self.config_path]
+        # Plain stderr lines unless a test asks for a journal.
+        env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        env.setdefault("NETWATCH_JOURNAL_SOCKET", "/nonexistent")
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.netns.exec_argv(*argv) if self.netns else argv,
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                          preexec_fn=_die_with_parent)
         return self
 

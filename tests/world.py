@@ -107,9 +107,13 @@ class World:
         self.qemus[name] = qemu
         return qemu
 
-    def start_netwatch(self) -> Netwatch:
-        self.netwatch = Netwatch(self.ns, self.config_path, str(self.tmp / "netwatch.log")).start()
+    def start_netwatch(self, env: dict[str, str] | None = None) -> Netwatch:
+        self.netwatch = Netwatch(self.ns, self.config_path, str(self.tmp / "netwatch.log"), env).start()
         return self.netwatch
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A netwatch command against this world's config, as an admin runs it."""
+        return run_netwatch(args[0], "-c", self.config_path, *args[1:])
 
     def close(self) -> None:
         if self.netwatch is not None:
@@ -195,9 +199,9 @@ class World:
             sock.close()
 
     def _mac(self, vm: str, nic: str) -> str:
-        vm_config = self.config().vm(vm)
-        assert vm_config is not None
-        return next(n.mac for n in vm_config.nics if n.id == nic)
+        # From the world's own description: the file on disk may be broken on purpose.
+        vm_dict = next(v for v in self.vms if v["name"] == vm)
+        return str(next(n["mac"] for n in vm_dict["nics"] if n["id"] == nic))
 
 
 def run_netwatch(*args: str, ns: Netns | None = None, env: dict[str, str] | None = None,

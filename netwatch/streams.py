@@ -1,0 +1,75 @@
+"""Paced test-frame streams for loss measurements (tests and bench).
+
+``python -m netwatch.streams send QEMU_DGRAM_PATH COUNT RATE SRC_MAC TAG``
+sends COUNT frames at RATE per second into a NIC's hub, as the guest would;
+``python -m netwatch.streams count TAG COUNT SECONDS WIRE...`` (inside the
+namespace) counts which of them came out on any of the wires and prints a
+JSON summary. Separate processes, so a test can act while frames flow.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import struct
+import sys
+import time
+
+from .sandbox import ETH_P_TEST, frame_payload, test_frame
+
+PEER_MAC = "02:00:00:00:00:01"
+PROGRESS_STEP = 250
+
+
+def send(path: str, count: int, rate: float, src_mac: str, tag: bytes) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    start = time.monotonic()
+    for seq in range(count):
+        delay = start + seq / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        sock.sendto(test_frame(PEER_MAC, src_mac, tag + struct.pack("!I", seq)), path)
+    sock.close()
+
+
+def count(tag: bytes, expected: int, seconds: float, wires: list[str]) -> dict[str, object]:
+    socks = []
+    for wire in wires:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_TEST))
+        sock.bind((wire, ETH_P_TEST))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        socks.append(sock)
+    print("ready", flush=True)
+    seen: set[int] = set()
+    frames = 0
+    reported = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and len(seen) < expected:
+        readable, _, _ = select.select(socks, [], [], 0.05)
+        for sock in readable:
+            payload = frame_payload(sock.recv(2048))
+            if payload is not None and payload.startswith(tag):
+                frames += 1
+                seen.add(struct.unpack_from("!I", payload, len(tag))[0])
+        if len(seen) >= reported + PROGRESS_STEP:
+            reported = len(seen) - len(seen) % PROGRESS_STEP
+            print(f"progress {reported}", flush=True)
+    missing = sorted(set(range(expected)) - seen)
+    return {"expected": expected, "received": len(seen), "lost": len(missing), "duplicates": frames - len(seen),
+            "first_missing": missing[:20]}
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "send":
+        send(argv[1], int(argv[2]), float(argv[3]), argv[4], argv[5].encode())
+        return 0
+    if argv[0] == "count":
+        print(json.dumps(count(argv[1].encode(), int(argv[2]), float(argv[3]), argv[4:])), flush=True)
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

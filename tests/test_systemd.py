@@ -1,0 +1,145 @@
+"""The systemd side: the unit file, the journal catalog and real journald entries."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netwatch.events import EVENT_KINDS
+from netwatch.sandbox import wait_until
+
+from .world import World
+
+UNITS = Path(__file__).parent.parent / "units"
+JOURNALD = next((p for p in ("/lib/systemd/systemd-journald", "/usr/lib/systemd/systemd-journald")
+                 if os.path.exists(p)), None)
+needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+
+
+def installed_unit(tmp_path: Path) -> Path:
+    """The unit as installed: its ExecStart pointing at this netwatch."""
+    netwatch = Path(sys.executable).parent / "netwatch"
+    assert netwatch.exists()
+    unit = tmp_path / "netwatch.service"
+    unit.write_text((UNITS / "netwatch.service").read_text().replace("/usr/local/bin/netwatch", str(netwatch)))
+    return unit
+
+
+@pytest.fixture
+def analyze() -> Iterator[None]:
+    """systemd-analyze leaves a marker file in /run/systemd: remove it if it was not there."""
+    marker = Path("/run/systemd/systemd-units-load")
+    existed = marker.exists()
+    yield
+    if not existed:
+        marker.unlink(missing_ok=True)
+
+
+@needs_systemd
+def test_unit_verifies(tmp_path: Path, analyze: None) -> None:
+    result = subprocess.run(["systemd-analyze", "verify", str(installed_unit(tmp_path))], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+@needs_systemd
+def test_unit_security_exposure_is_at_most_2_8(tmp_path: Path, analyze: None) -> None:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(installed_unit(tmp_path))],
+                            capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for netwatch.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.8, result.stdout
+    unit = (UNITS / "netwatch.service").read_text()
+    for needed in ("Type=notify", "WatchdogSec=", "ExecReload=/usr/local/bin/netwatch reload",
+                   "Restart=on-failure"):
+        assert needed in unit
+
+
+@needs_systemd
+def test_catalog_explains_every_message_id(tmp_path: Path) -> None:
+    catalog_dir = tmp_path / "usr" / "lib" / "systemd" / "catalog"
+    catalog_dir.mkdir(parents=True)
+    shutil.copy(UNITS / "netwatch.catalog", catalog_dir)
+    subprocess.run(["journalctl", f"--root={tmp_path}", "--update-catalog"], check=True)
+    listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"], capture_output=True, text=True,
+                            check=True).stdout
+    for kind, event in EVENT_KINDS.items():
+        assert f"{event.message_id} netwatch:" in listed, kind
+
+
+@pytest.fixture
+def journald() -> Iterator[str]:
+    """A journald of our own (a journal namespace), stopped and removed afterwards."""
+    if JOURNALD is None:
+        pytest.skip("needs systemd-journald")
+    namespace = f"nwt{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([JOURNALD, namespace], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = Path(f"/run/systemd/journal.{namespace}")
+    machine = Path("/etc/machine-id").read_text().strip()
+    try:
+        wait_until(lambda: (run_dir / "socket").exists(), 10, "journald's socket")
+        yield namespace
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for base in ("/var/log/journal", "/run/log/journal"):
+            shutil.rmtree(f"{base}/{machine}.{namespace}", ignore_errors=True)
+
+
+def journal(namespace: str) -> list[dict[str, str]]:
+    out = subprocess.run(["journalctl", f"--namespace={namespace}", "-o", "json", "--all",
+                          "SYSLOG_IDENTIFIER=netwatch"], capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.integration
+def test_a_flap_in_the_journal(world: World, journald: str) -> None:
+    world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": "52:54:00:ee:00:01"})
+    world.lower("lo0", "wi0")
+    world.start_qemu("vm1")
+    world.start_netwatch(env={"NETWATCH_JOURNAL_SOCKET": f"/run/systemd/journal.{journald}/socket"})
+    world.wait_state("vm1", "net0", "attached")
+    world.delete_link("lo0")
+    world.wait_state("vm1", "net0", "waiting-lower")
+    world.lower("lo0", "wi0")
+    world.wait_state("vm1", "net0", "attached")
+
+    def flap_logged() -> list[dict[str, str]]:
+        entries = journal(journald)
+        kinds = [entry.get("NETWATCH_EVENT") for entry in entries]
+        return entries if "lower-lost" in kinds and "lower-back" in kinds else []
+    entries = wait_until(flap_logged, 10, "the flap's journal entries", world.dump)
+    by_kind = {entry["NETWATCH_EVENT"]: entry for entry in entries if "NETWATCH_EVENT" in entry}
+    lost, back = by_kind["lower-lost"], by_kind["lower-back"]
+    for entry, kind, priority in ((lost, "lower-lost", "4"), (back, "lower-back", "6")):
+        assert entry["MESSAGE_ID"] == EVENT_KINDS[kind].message_id
+        assert entry["PRIORITY"] == priority
+        assert (entry["NETWATCH_VM"], entry["NETWATCH_NIC"], entry["NETWATCH_LOWER"]) == ("vm1", "net0", "lo0")
+    # Every state change is one entry, with its cause.
+    transitions = [e["MESSAGE"] for e in entries if e.get("NETWATCH_STATE")]
+    assert [t.split(":")[0] for t in transitions] == [
+        "waiting-vm -> attaching", "attaching -> attached", "attached -> waiting-lower",
+        "waiting-lower -> attaching", "attaching -> attached"]
+
+
+def test_large_entries_go_through_a_memfd(journald: str) -> None:
+    import logging
+
+    from netwatch.journal import JournalHandler
+    handler = JournalHandler(f"/run/systemd/journal.{journald}/socket")
+    record = logging.LogRecord("netwatch", logging.INFO, __file__, 1, "big: %s", ("x" * 400_000,), None)
+    handler.emit(record)
+    handler.close()
+    entries = wait_until(lambda: [e for e in journal(journald) if str(e.get("MESSAGE", "")).startswith("big: ")],
+                         10, "the large entry")
+    assert len(entries[0]["MESSAGE"]) == 400_005
