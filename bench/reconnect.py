@@ -21,14 +21,11 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+from common import run_in_netns, summary
 from pyroute2 import AsyncIPRoute
 from qemu.qmp import QMPClient
 
@@ -37,7 +34,6 @@ from netwatch import control
 from netwatch.chardev import macvtap_devnum, open_chardev
 from netwatch.config import NicConfig, VmConfig
 from netwatch.sandbox import (
-    Netns,
     Netwatch,
     Qemu,
     delete_link,
@@ -99,13 +95,6 @@ async def bridge_up(name: str) -> float:
     async with AsyncIPRoute() as ipr:
         await ipr.link("add", ifname=name, kind="bridge", state="up")
         return time.monotonic()
-
-
-def summary(name: str, values: list[float]) -> str:
-    ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return (f"{name:<9} p50 {statistics.median(ordered):6.2f} ms   p90 {p90:6.2f} ms   "
-            f"max {ordered[-1]:6.2f} ms   (n={len(ordered)})")
 
 
 async def inner(workdir: str, flaps: int) -> int:
@@ -205,20 +194,7 @@ def main() -> int:
     if args.inner:
         exit_on_sigterm()
         return asyncio.run(inner(args.inner, args.flaps))
-    if os.geteuid() != 0:
-        print("reconnect.py: needs root (network namespaces, macvtap)", file=sys.stderr)
-        return 2
-    workdir = tempfile.mkdtemp(prefix="nw-bench-")
-    started = time.monotonic()
-    try:
-        with Netns("nwbench") as ns:
-            argv = ns.exec_argv(sys.executable, str(Path(__file__).resolve()), "-n", str(args.flaps),
-                                "--inner", workdir)
-            code = subprocess.run(argv).returncode
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"(bench took {time.monotonic() - started:.0f} s)")
-    return code
+    return run_in_netns(__file__, ["-n", str(args.flaps)])
 
 
 if __name__ == "__main__":

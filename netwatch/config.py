@@ -6,6 +6,7 @@ and the key, so that an admin can fix a file in one pass.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import re
@@ -93,6 +94,7 @@ class Settings:
     udev: str = "auto"
     hook_timeout: float = 10.0
     qmp_timeout: float = 5.0
+    control_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,17 @@ class _Validator:
         if not isinstance(raw, dict):
             self.problem("", "netwatch", "must be a table")
             return None
-        self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout"), where)
+        self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "control_group"),
+                          where)
         defaults = Settings()
         values: dict[str, Any] = {}
+        group = self.string(raw, "control_group", where)
+        if group is not None:
+            try:
+                grp.getgrnam(group)
+                values["control_group"] = group
+            except KeyError:
+                self.problem(where, "control_group", f"there is no group named '{group}'")
         for key in ("state_dir", "hooks_dir"):
             path = self.string(raw, key, where)
             if path is not None and not os.path.isabs(path):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import logging
 import os
+import pwd
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -36,8 +38,9 @@ def socket_path(state_dir: str) -> str:
 class ControlServer:
     """Serves requests on ``state_dir/control.sock`` (mode 0600, owner only)."""
 
-    def __init__(self, state_dir: str, handlers: dict[str, Handler]) -> None:
+    def __init__(self, state_dir: str, handlers: dict[str, Handler], group: str | None = None) -> None:
         self.path = socket_path(state_dir)
+        self.group = group
         self.handlers = handlers
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -50,7 +53,12 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        if self.group is None:
+            os.chmod(self.path, 0o600)
+        else:
+            # Members of the configured group may use netwatch's CLI too.
+            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+            os.chmod(self.path, 0o660)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -65,7 +73,7 @@ class ControlServer:
         assert task is not None
         self._clients.add(task)
         try:
-            if not _peer_allowed(writer):
+            if not peer_allowed(_peer_creds(writer), self.group):
                 await _send(writer, {"ok": False, "error": "permission denied"})
                 return
             while True:
@@ -112,11 +120,26 @@ class ControlServer:
             return {"ok": False, "error": "the service did not answer in time"}
 
 
-def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
+def _peer_creds(writer: asyncio.StreamWriter) -> tuple[int, int]:
     sock = writer.get_extra_info("socket")
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid in (0, os.getuid())
+    _pid, uid, gid = struct.unpack("3i", creds)
+    return uid, gid
+
+
+def peer_allowed(creds: tuple[int, int], group: str | None) -> bool:
+    """root, netwatch's own user, and (when configured) members of ``group``."""
+    uid, gid = creds
+    if uid in (0, os.getuid()):
+        return True
+    if group is None:
+        return False
+    try:
+        entry = grp.getgrnam(group)
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return gid == entry.gr_gid or user in entry.gr_mem
 
 
 async def _send(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:

@@ -75,7 +75,7 @@ class Service:
                     UdevMonitor(source, reconciler.on_uevent, lambda: self._resync(links)))
             await stack.enter_async_context(reconciler)
             await stack.enter_async_context(ControlServer(settings.state_dir, {
-                "status": self._status, "rebind": self._rebind, "reload": self._reload}))
+                "status": self._status, "rebind": self._rebind, "reload": self._reload}, settings.control_group))
             self._start(self._watchdog(), "netwatch-watchdog")
             self._start(self._announce_ready(), "netwatch-ready")
             stack.push_async_callback(tasks.stop, list(self._background))

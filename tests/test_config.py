@@ -91,6 +91,7 @@ BAD_CASES = [
     ("[netwatch]\nhook_timeout = -1\n", "key 'hook_timeout': -1 is not between 0 and 3600 seconds"),
     ("[netwatch]\nhook_timeout = true\n", "key 'hook_timeout': must be a number of seconds, not a boolean"),
     ("vm = 3\n", "key 'vm': must be an array of tables"),
+    ('[netwatch]\ncontrol_group = "no-such-group-x"\n', "key 'control_group': there is no group named"),
     ('[[vm]]\nqmp = "/run/x"\n', "vm #1: key 'name': is required"),
     ('[[vm]]\nname = "v"\n', "vm 'v': key 'qmp': is required"),
     ('[[vm]]\nname = "v w"\nqmp = "/run/x"\n', "vm 'v w': key 'name': 'v w' must be"),

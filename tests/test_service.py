@@ -269,3 +269,18 @@ def test_control_socket_survives_abuse(world: World) -> None:
     assert world.cli("status").returncode == 0
     world.wait_state("vm1", "net0", "attached")
     world.frame_reaches_guest("vm1", "net0", "wi0")
+
+
+def test_restart_returns_a_rebound_nic_to_the_config(world: World) -> None:
+    two_lower_world(world)
+    world.start_qemu("vm1")
+    netwatch = world.start_netwatch()
+    world.wait_state("vm1", "net0", "attached")
+    assert world.cli("rebind", "vm1", "net0", "lo1").returncode == 0
+    world.wait_state("vm1", "net0", "attached", lower="lo1")
+    netwatch.kill(signal.SIGTERM)
+    world.start_netwatch()
+    nic = world.wait_state("vm1", "net0", "attached", lower="lo0", netdev="nw-net0-tap3")
+    assert "rebound" not in nic
+    assert world.macvtaps() == ["nw-vm1-net0"]
+    world.frame_reaches_guest("vm1", "net0", "wi0")

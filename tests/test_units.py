@@ -92,3 +92,15 @@ def test_control_protocol_survives_garbage(tmp_path: Path) -> None:
 def test_control_client_errors(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="netwatch is not running"):
         control.request(str(tmp_path), "status")
+
+
+def test_control_peers_root_own_user_and_the_configured_group() -> None:
+    import grp
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    assert control.peer_allowed((0, 0), None)
+    assert control.peer_allowed((os.getuid(), 0), None)
+    assert not control.peer_allowed((nobody.pw_uid, nobody.pw_gid), None)
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    assert control.peer_allowed((nobody.pw_uid, nobody.pw_gid), group)
+    assert not control.peer_allowed((nobody.pw_uid, nobody.pw_gid), "root")
