@@ -66,7 +66,12 @@ def find_lower(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
     """The usable link matching ``spec`` (lowest ifindex if several), never one of ``exclude``."""
     if spec is None:
         return None
-    found = [link for link in links if link.name not in exclude and lower_matches(spec, link) and usable(link)]
+    if spec.name is not None:  # the common case: one lookup, not a scan
+        named = links.named(spec.name)
+        candidates = [named] if named is not None else []
+    else:
+        candidates = list(links)
+    found = [link for link in candidates if link.name not in exclude and lower_matches(spec, link) and usable(link)]
     return min(found, key=lambda link: link.index) if found else None
 
 

@@ -6,6 +6,7 @@ and the key, so that an admin can fix a file in one pass.
 
 from __future__ import annotations
 
+import functools
 import grp
 import hashlib
 import os
@@ -74,7 +75,7 @@ class NicConfig:
         """The fixed hubport the guest NIC is peered with."""
         return f"nw-{self.id}"
 
-    @property
+    @functools.cached_property
     def backend_names(self) -> tuple[str, str]:
         """The two names this NIC's backend link may have."""
         return self.ifname, alt_ifname(self.ifname)

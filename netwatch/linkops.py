@@ -45,11 +45,19 @@ class LinkOps:
                             link=lower, macvtap_mode=mode, address=mac, state="up")
         return await self.index_of(name)
 
+    async def index_of(self, name: str) -> int:
+        """A link's ifindex: from sysfs (cheap), else over netlink."""
+        try:
+            with open(f"/sys/class/net/{name}/ifindex") as handle:
+                return int(handle.read())
+        except (OSError, ValueError):
+            return await self._index_of(name)
+
     async def configure(self, index: int, what: str, **changes: Any) -> None:
         """Change a link (address, state, master, ...)."""
         await self._request(f"cannot {what}", "set", index=index, **changes)
 
-    async def index_of(self, name: str) -> int:
+    async def _index_of(self, name: str) -> int:
         reply = await self._request(f"cannot find {name}", "get", ifname=name)
         return int(reply[0]["index"])
 

@@ -61,16 +61,18 @@ ChangeHandler = Callable[[Link | None, Link | None], None]
 
 
 class LinkTable:
-    """ifindex -> Link, with lookups by name."""
+    """ifindex -> Link, with an index by name."""
 
     def __init__(self) -> None:
         self.by_index: dict[int, Link] = {}
+        self._by_name: dict[str, int] = {}
 
     def get(self, index: int | None) -> Link | None:
         return self.by_index.get(index) if index is not None else None
 
     def named(self, name: str) -> Link | None:
-        return next((link for link in self.by_index.values() if link.name == name), None)
+        index = self._by_name.get(name)
+        return self.by_index.get(index) if index is not None else None
 
     def __iter__(self) -> Any:
         return iter(list(self.by_index.values()))
@@ -79,15 +81,19 @@ class LinkTable:
         """Fold one decoded RTM_NEWLINK/RTM_DELLINK in; return (old, new)."""
         index = int(fields["index"])
         old = self.by_index.get(index)
+        if old is not None and self._by_name.get(old.name) == index:
+            del self._by_name[old.name]
         if msg_type == rtnl.RTM_DELLINK:
             self.by_index.pop(index, None)
             return old, None
         new = Link(index=index, **{k: v for k, v in fields.items() if k != "index"})
         self.by_index[index] = new
+        self._by_name[new.name] = index
         return old, new
 
     def replace(self, links: list[Link]) -> None:
         self.by_index = {link.index: link for link in links}
+        self._by_name = {link.name: link.index for link in links}
 
 
 class LinkMonitor:

@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
 from . import events
-from .backends import DRIVERS, Created, LinkVanished, Placement, find_lower, lower_matches
+from .backends import DRIVERS, Created, LinkVanished, Placement, find_lower
 from .config import LowerSpec, NicConfig, ifname_problem
 from .errors import BadRequest, LinkError, NetwatchError, QmpError
 from .hooks import HookRunner
@@ -63,6 +63,8 @@ class NicEnv:
     on_state_change: Callable[[], None] | None = None
     # Every backend name of every configured NIC: never a lower.
     own_links: Callable[[], set[str]] = set
+    # Told when a NIC's interest() may have changed.
+    on_interest_change: Callable[[NicController], None] = lambda nic: None
 
 
 class NicController:
@@ -101,20 +103,33 @@ class NicController:
     def kick(self) -> None:
         self._kick.set()
 
-    def interested(self, link: Link) -> bool:
-        if link.name in self.nic.backend_names or link.name == self.nic.bridge:
-            return True
-        for spec in (self.nic.lower, self.override):
-            if spec is not None and (spec.pci is not None or lower_matches(spec, link)):
-                return True
-        known = {self.backend.ifindex, self.backend.lower_ifindex} if self.backend else set()
+    def interest(self) -> set[tuple[str, object]]:
+        """The link names, MACs and ifindexes whose changes concern this NIC.
+
+        ("any", None) means every link (a PCI match needs sysfs, not the event).
+        """
+        keys: set[tuple[str, object]] = {("name", name) for name in self.nic.backend_names}
+        if self.nic.bridge:
+            keys.add(("name", self.nic.bridge))
+        for spec in (self.nic.lower, self.override, self._pending_config.lower if self._pending_config else None):
+            if spec is None:
+                continue
+            if spec.pci is not None:
+                keys.add(("any", None))
+            elif spec.name is not None:
+                keys.add(("name", spec.name))
+            elif spec.mac is not None:
+                keys.add(("mac", spec.mac))
+        if self.backend is not None:
+            keys.update((("index", self.backend.ifindex), ("index", self.backend.lower_ifindex)))
         if self.lower is not None:
-            known.add(self.lower.index)
-        return link.index in known
+            keys.add(("index", self.lower.index))
+        return keys
 
     def update_config(self, nic: NicConfig) -> None:
         """A reload: the new config applies from the next pass (rebinds end there)."""
         self._pending_config = nic
+        self.env.on_interest_change(self)
         self.kick()
 
     async def rebind(self, lower: str) -> dict[str, Any]:
@@ -164,6 +179,7 @@ class NicController:
             raise
         finally:
             self.first_pass.set()
+            self.env.on_interest_change(self)
 
     async def reconcile(self) -> None:
         if not self.vm.connected:
@@ -429,8 +445,7 @@ class NicController:
 
     async def _announce(self) -> None:
         # Switches relearn where the guest MAC lives now.
-        await self.vm.execute("announce-self", {"initial": 50, "max": 550, "rounds": 3, "step": 100,
-                                                "interfaces": [self.nic.id]})
+        self.vm.announce(self.nic.id)
 
     async def _detach(self, cause: str, context: str) -> None:
         backend = self.backend
@@ -509,6 +524,7 @@ class NicController:
             raise BadRebind(f"{target.name} is a loopback device")
         backend = self.backend
         previous, self.override = self.override, spec
+        self.env.on_interest_change(self)
         try:
             if backend is None or backend.lower_ifindex == target.index:
                 return  # the next pass attaches it there, or it is there already

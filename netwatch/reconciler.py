@@ -35,7 +35,13 @@ class Reconciler:
         self.vms: dict[str, VmSession] = {}
         self.nics: dict[str, dict[str, NicController]] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Which NICs care about which link names, MACs and ifindexes: events
+        # are routed by lookup, not by asking every NIC.
+        self._interest: dict[tuple[str, object], set[NicController]] = {}
+        self._keys: dict[NicController, set[tuple[str, object]]] = {}
+        self._own_links: set[str] | None = None
         env.own_links = self.own_links
+        env.on_interest_change = self.update_interest
 
     async def __aenter__(self) -> Reconciler:
         await self._remove_orphans()
@@ -77,6 +83,8 @@ class Reconciler:
 
     def _add_nic(self, vm: str, controller: NicController) -> None:
         self.nics[vm][controller.nic.id] = controller
+        self._own_links = None
+        self.update_interest(controller)
         self._tasks[(vm, controller.nic.id)] = asyncio.create_task(
             controller.run(), name=f"netwatch-nic-{vm}-{controller.nic.id}")
 
@@ -84,6 +92,8 @@ class Reconciler:
         controller = self.nics[vm].pop(nic_id)
         await tasks.stop([self._tasks.pop((vm, nic_id))])
         await controller.remove()
+        self._own_links = None
+        self._set_interest(controller, set())
 
     async def _remove_vm(self, vm: str) -> None:
         for nic_id in list(self.nics[vm]):
@@ -130,6 +140,7 @@ class Reconciler:
                     if controller.nic != nic or controller.override is not None:
                         summary["NICs changed"] += 1
                     controller.update_config(nic)
+        self._own_links = None
         text = ", ".join(f"{count} {what}" for what, count in sorted(summary.items())) or "nothing changed"
         events.emit("service", f"configuration reloaded from {new.path}: {text}")
         return {"changes": dict(summary), "summary": text}
@@ -140,7 +151,32 @@ class Reconciler:
         return [nic for nics in self.nics.values() for nic in nics.values()]
 
     def own_links(self) -> set[str]:
-        return {name for nic in self.all_nics() for name in nic.nic.backend_names}
+        if self._own_links is None:
+            self._own_links = {name for nic in self.all_nics() for name in nic.nic.backend_names}
+            for nic in self.all_nics():
+                if nic._pending_config is not None:
+                    self._own_links.update(nic._pending_config.backend_names)
+        return self._own_links
+
+    def update_interest(self, nic: NicController) -> None:
+        self._set_interest(nic, nic.interest())
+
+    def _set_interest(self, nic: NicController, keys: set[tuple[str, object]]) -> None:
+        old = self._keys.get(nic, set())
+        if keys == old:
+            return
+        for key in old - keys:
+            holders = self._interest.get(key)
+            if holders is not None:
+                holders.discard(nic)
+                if not holders:
+                    del self._interest[key]
+        for key in keys - old:
+            self._interest.setdefault(key, set()).add(nic)
+        if keys:
+            self._keys[nic] = keys
+        else:
+            self._keys.pop(nic, None)
 
     def kick_vm(self, name: str) -> None:
         for nic in self.nics.get(name, {}).values():
@@ -151,9 +187,13 @@ class Reconciler:
             nic.kick()
 
     def on_link_change(self, old: Link | None, new: Link | None) -> None:
-        for nic in self.all_nics():
-            if (old is not None and nic.interested(old)) or (new is not None and nic.interested(new)):
-                nic.kick()
+        concerned: set[NicController] = set(self._interest.get(("any", None), ()))
+        for link in (old, new):
+            if link is not None:
+                for key in (("name", link.name), ("index", link.index), ("mac", link.mac)):
+                    concerned.update(self._interest.get(key, ()))
+        for nic in concerned:
+            nic.kick()
 
     def on_uevent(self, action: str, name: str, ifindex: int | None) -> None:
         link = self.env.links.get(ifindex) or self.env.links.named(name)

@@ -59,10 +59,10 @@ class RecordStore:
         path = self._path(record.vm, record.nic)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
+        # Write and rename: a crash of netwatch never leaves half a record. No
+        # fsync: records describe the running host, which a reboot resets.
         with open(tmp, "w") as handle:
             json.dump(asdict(record), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
 
     def remove(self, vm: str, nic: str) -> None:

@@ -33,6 +33,7 @@ from .qemu_args import vm_args
 CLONE_NEWNET = 0x40000000
 ETH_P_TEST = 0x88B5  # IEEE "local experimental" ethertype: nobody else's traffic
 QEMU_BINARY = "qemu-system-x86_64"
+OBSERVER_QUEUE = 4096
 
 T = TypeVar("T")
 
@@ -87,6 +88,9 @@ class Netns:
     def __enter__(self) -> Netns:
         sh("ip", "netns", "add", self.name)
         self.ip("link", "set", "lo", "up")
+        # Observer sockets made in here queue 10 datagrams by default; a full
+        # one makes QEMU's dgram netdev spin (EAGAIN, yet "writable").
+        sh(*self.exec_argv("sysctl", "-q", "-w", f"net.unix.max_dgram_qlen={OBSERVER_QUEUE}"))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -385,7 +389,7 @@ def time_to_first_frame(wire: str, observer: Observer, dst_mac: str, since: floa
     """Send test frames on ``wire`` until one reaches ``observer``; seconds since ``since``."""
     # Unbound and listening to nothing: binding a packet socket waits for an
     # RCU grace period (~8 ms here), which would be counted against netwatch.
-    sock = _sender()
+    sock = sender_socket()
     tag = uuid.uuid4().bytes
     frame = test_frame(dst_mac, "02:00:00:00:00:01", tag)
     while time.monotonic() - since < timeout:
@@ -403,7 +407,7 @@ def time_to_first_frame(wire: str, observer: Observer, dst_mac: str, since: floa
 _SENDERS: dict[int, socket.socket] = {}
 
 
-def _sender() -> socket.socket:
+def sender_socket() -> socket.socket:
     """One send-only packet socket per network namespace this process is in."""
     key = os.stat("/proc/self/ns/net").st_ino
     if key not in _SENDERS:

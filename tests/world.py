@@ -103,7 +103,9 @@ class World:
         old = self.qemus.get(name)
         if old is not None:
             old.close()
-        qemu = Qemu(vm, str(self.tmp), monitor=True).start()
+        with self.ns.entered():  # its observer sockets get the namespace's longer queues
+            qemu = Qemu(vm, str(self.tmp), monitor=True)
+        qemu.start()
         self.qemus[name] = qemu
         return qemu
 
