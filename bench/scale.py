@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import select
 import signal
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from common import run_in_netns
 
@@ -50,7 +52,7 @@ def mac(vm: int, nic: int) -> str:
 
 def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
@@ -59,7 +61,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
@@ -114,10 +116,8 @@ def time_until_all_pass(observers: dict[str, Observer], since: float, timeout: f
         if now >= next_round:
             for nic_mac, frame in frames.items():
                 if nic_mac not in seen:
-                    try:
+                    with contextlib.suppress(OSError):
                         sock.sendto(frame, (WIRE, 0))
-                    except OSError:
-                        pass
             next_round = now + 0.01
         # Gently: the bench shares two cores with netwatch and 32 QEMUs.
         readable, _, _ = select.select(list(by_fd), [], [], 0.005)
@@ -172,7 +172,7 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, profile: b
             seen = time_until_all_pass(observers, up)
             wait_until(lambda: all_attached(state, total), 60, "all NICs attached", lambda: service.log()[-3000:],
                        interval=0.2)
-            user, system = (after - before for after, before in zip(cpu_times(service.pid), cpu_before))
+            user, system = (after - before for after, before in zip(cpu_times(service.pid), cpu_before, strict=True))
             times = sorted(t * 1000 for t in seen.values())
             if len(times) < total:
                 print(f"flap {flap}: only {len(times)} of {total} NICs passed a frame within 30 s")
