@@ -96,6 +96,7 @@ class Settings:
     hook_timeout: float = 10.0
     qmp_timeout: float = 5.0
     control_group: str | None = None
+    netlink_rcvbuf: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -232,10 +233,15 @@ class _Validator:
         if not isinstance(raw, dict):
             self.problem("", "netwatch", "must be a table")
             return None
-        self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "control_group"),
-                          where)
+        self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "control_group",
+                                "netlink_rcvbuf"), where)
         defaults = Settings()
         values: dict[str, Any] = {}
+        rcvbuf = self._get(raw, "netlink_rcvbuf", where, int, "a number of bytes", False)
+        if rcvbuf is not None and not 4096 <= rcvbuf <= 1 << 30:
+            self.problem(where, "netlink_rcvbuf", f"{rcvbuf} is not between 4096 and 1073741824 bytes")
+        elif rcvbuf is not None:
+            values["netlink_rcvbuf"] = rcvbuf
         group = self.string(raw, "control_group", where)
         if group is not None:
             try:

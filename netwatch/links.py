@@ -77,6 +77,9 @@ class LinkTable:
     def __iter__(self) -> Any:
         return iter(list(self.by_index.values()))
 
+    def __len__(self) -> int:
+        return len(self.by_index)
+
     def apply(self, msg_type: int, fields: dict[str, Any]) -> tuple[Link | None, Link | None]:
         """Fold one decoded RTM_NEWLINK/RTM_DELLINK in; return (old, new)."""
         index = int(fields["index"])

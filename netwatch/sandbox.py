@@ -255,6 +255,7 @@ class Qemu:
         from qemu.qmp.legacy import QEMUMonitorProtocol
         assert self.monitor, "started without a test monitor"
         client = QEMUMonitorProtocol(self.monitor)
+        client.settimeout(5)
         try:
             client.connect()
             return client.cmd(command, **arguments)

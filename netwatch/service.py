@@ -42,6 +42,7 @@ class Service:
         self.retry_wait = retry_wait
         self.notifier = notifier or Notifier()
         self.reconciler: Reconciler | None = None
+        self.links: LinkMonitor | None = None
         self._stop = asyncio.Event()
         self._refresh: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
@@ -69,7 +70,8 @@ class Service:
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
             links = await stack.enter_async_context(
-                LinkMonitor(table, reconciler.on_link_change, reconciler.kick_all))
+                LinkMonitor(table, reconciler.on_link_change, reconciler.kick_all, rcvbuf=settings.netlink_rcvbuf))
+            self.links = links
             if source is not None:
                 await stack.enter_async_context(
                     UdevMonitor(source, reconciler.on_uevent, lambda: self._resync(links)))
@@ -139,7 +141,12 @@ class Service:
 
     async def _status(self, request: dict[str, Any]) -> Any:
         assert self.reconciler is not None
-        return self.reconciler.status()
+        status = self.reconciler.status()
+        # For watching resource use from outside: all of it should stay flat.
+        status["service"] = {"pid": os.getpid(), "tasks": len(asyncio.all_tasks()),
+                             "link_resyncs": self.links.resyncs if self.links else 0, "links": len(self.links.table)
+                             if self.links else 0}
+        return status
 
     async def _rebind(self, request: dict[str, Any]) -> Any:
         assert self.reconciler is not None
