@@ -19,6 +19,9 @@ class LinkOps:
 
     async def __aenter__(self) -> LinkOps:
         self._ipr = AsyncIPRoute()
+        # pyroute2 opens a helper socket on the first "set" and keeps it: open
+        # it now (an empty change to lo) so that fd counts stay flat later.
+        await self._request("cannot reach netlink", "set", index=1)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

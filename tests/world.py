@@ -43,6 +43,7 @@ class World:
         self.vms: list[dict[str, Any]] = []
         self.settings: dict[str, Any] = {}
         self.hooks_dir = Path(self.state) / "hooks"
+        self._scratch: Netns | None = None
 
     # -- building ------------------------------------------------------------
 
@@ -117,11 +118,19 @@ class World:
         """A netwatch command against this world's config, as an admin runs it."""
         return run_netwatch(args[0], "-c", self.config_path, *args[1:])
 
+    def scratch_netns(self) -> str:
+        """A second namespace to move links into (removed with the world)."""
+        if self._scratch is None:
+            self._scratch = Netns("nwx").__enter__()
+        return self._scratch.name
+
     def close(self) -> None:
         if self.netwatch is not None:
             self.netwatch.kill(signal.SIGTERM)
         for qemu in self.qemus.values():
             qemu.close()
+        if self._scratch is not None:
+            self._scratch.__exit__(None, None, None)
 
     # -- looking -------------------------------------------------------------
 
