@@ -7,6 +7,7 @@ A failure names the seed and the faults so far, so it can be replayed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -168,12 +169,11 @@ class Chaos:
             lower = self.expected_lower(key)
             match = {"lower": lower} if lower else {}
             w.wait_state(*key, "attached", timeout=30, **match)
-        for key, (lower, wire) in NICS.items():
+        for key in NICS:
             target = self.expected_lower(key)
             if target is not None:
-                wire = LOWERS[target]
-                w.frame_reaches_guest(*key, wire)
-                w.frame_reaches_wire(*key, wire)
+                w.frame_reaches_guest(*key, LOWERS[target])
+                w.frame_reaches_wire(*key, LOWERS[target])
         status = {(vm["name"], nic["id"]): nic for vm in w.status()["vms"] for nic in vm["nics"]}
         # Exactly one backend per NIC, in QEMU and in the kernel; nothing orphaned.
         for vm in ("va", "vb", "vc"):
@@ -202,10 +202,8 @@ class Chaos:
 def fd_links(pid: int) -> list[str]:
     found = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
             found.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
-        except FileNotFoundError:
-            pass
     return found
 
 
@@ -229,7 +227,7 @@ def test_chaos(world: World) -> None:
     chaos.build()
     try:
         chaos.settle_and_check()
-        for step in range(FAULTS):
+        for _ in range(FAULTS):
             chaos.history.append(chaos.fault())
             chaos.settle_and_check()
     except (AssertionError, Deadline, subprocess.CalledProcessError) as exc:
