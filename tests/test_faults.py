@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from netwatch.sandbox import wait_until
+from netwatch.sandbox import Netwatch, wait_until
 
 from .world import World
 
@@ -19,6 +19,17 @@ def two_vm_world(world: World) -> None:
     world.vm("vm2", {"id": "net0", "backend": "macvtap", "lower": "lo1", "mac": "52:54:00:f0:00:02"})
     world.lower("lo0", "wi0")
     world.lower("lo1", "wi1")
+
+
+def running_two_vms(world: World) -> Netwatch:
+    """Both VMs up, both NICs attached; the netwatch serving them."""
+    two_vm_world(world)
+    world.start_qemu("vm1")
+    world.start_qemu("vm2")
+    netwatch = world.start_netwatch()
+    world.wait_state("vm1", "net0", "attached")
+    world.wait_state("vm2", "net0", "attached")
+    return netwatch
 
 
 def test_a_stuck_qemu_delays_no_other_vm(world: World) -> None:
@@ -53,12 +64,7 @@ def test_a_stuck_qemu_delays_no_other_vm(world: World) -> None:
 def test_netlink_overflow_in_a_burst_is_resynced(world: World) -> None:
     # A small receive buffer and a stopped netwatch make the overflow certain.
     world.settings["netlink_rcvbuf"] = 65536
-    two_vm_world(world)
-    world.start_qemu("vm1")
-    world.start_qemu("vm2")
-    netwatch = world.start_netwatch()
-    world.wait_state("vm1", "net0", "attached")
-    world.wait_state("vm2", "net0", "attached")
+    netwatch = running_two_vms(world)
     baseline = world.status()["service"]
     netwatch_proc = netwatch.proc
     assert netwatch_proc is not None
@@ -85,12 +91,7 @@ def test_netlink_overflow_in_a_burst_is_resynced(world: World) -> None:
 
 
 def test_event_storms_leave_no_growth(world: World) -> None:
-    two_vm_world(world)
-    world.start_qemu("vm1")
-    world.start_qemu("vm2")
-    netwatch = world.start_netwatch()
-    world.wait_state("vm1", "net0", "attached")
-    world.wait_state("vm2", "net0", "attached")
+    netwatch = running_two_vms(world)
     baseline = world.status()["service"]
     fds = netwatch.fd_count()
     for _ in range(3):
