@@ -104,3 +104,40 @@ def test_control_peers_root_own_user_and_the_configured_group() -> None:
     group = grp.getgrgid(nobody.pw_gid).gr_name
     assert control.peer_allowed((nobody.pw_uid, nobody.pw_gid), group)
     assert not control.peer_allowed((nobody.pw_uid, nobody.pw_gid), "root")
+
+
+def test_link_events_reach_only_the_nics_they_concern(tmp_path: Path) -> None:
+    """Routing is by lookup: with hundreds of NICs, each event must not ask every NIC."""
+    from netwatch.config import load
+    from netwatch.hooks import HookRunner
+    from netwatch.links import Link, LinkTable
+    from netwatch.nic import NicEnv
+    from netwatch.reconciler import Reconciler
+    from netwatch.records import RecordStore
+
+    nics = "".join(f'[[vm.nic]]\nid = "n{i}"\nbackend = "macvtap"\nlower = "eth{i}"\nmac = "52:54:00:00:00:{i:02x}"\n'
+                   for i in range(1, 41))
+    path = tmp_path / "netwatch.toml"
+    path.write_text(f'[netwatch]\nstate_dir = "{tmp_path}"\n[[vm]]\nname = "v"\nqmp = "{tmp_path}/v.qmp"\n{nics}')
+
+    async def main() -> list[str]:
+        env = NicEnv(links=LinkTable(), ops=None, records=RecordStore(str(tmp_path)),  # type: ignore[arg-type]
+                     hooks=HookRunner(str(tmp_path), 1), node_dir=str(tmp_path))
+        reconciler = Reconciler(load(str(path)), env)
+        for vm in reconciler.config.vms:
+            reconciler.vms[vm.name] = None  # type: ignore[assignment]
+            reconciler.nics[vm.name] = {}
+            from netwatch.nic import NicController
+            for nic in vm.nics:
+                controller = NicController(vm.name, nic, None, env)  # type: ignore[arg-type]
+                reconciler.nics[vm.name][nic.id] = controller
+                reconciler.update_interest(controller)
+        for nic in reconciler.all_nics():
+            nic._kick.clear()
+        reconciler.on_link_change(None, Link(index=99, name="eth7", kind="veth", mac="02:00:00:00:00:07",
+                                             parent=None, flags=1))
+        reconciler.on_link_change(None, Link(index=98, name="unrelated", kind="veth", mac=None, parent=None,
+                                             flags=1))
+        return [nic.nic.id for nic in reconciler.all_nics() if nic._kick.is_set()]
+
+    assert asyncio.run(main()) == ["n7"]
