@@ -89,7 +89,7 @@ class NicController:
         self._up_context = "reattach"  # for the next if-up after "start"
         self._lost_lower: str | None = None
         self._requests: list[tuple[LowerSpec, asyncio.Future[dict[str, Any]]]] = []
-        self._pending_config: NicConfig | None = None
+        self.pending_config: NicConfig | None = None
         self._kick = asyncio.Event()
         self._kick.set()
         self._backend_ids = re.compile(rf"nw-{re.escape(nic.id)}-(tap|up|fd)(\d+)\Z")
@@ -103,6 +103,11 @@ class NicController:
     def kick(self) -> None:
         self._kick.set()
 
+    @property
+    def kicked(self) -> bool:
+        """Whether a pass is due (an event arrived since the last one began)."""
+        return self._kick.is_set()
+
     def interest(self) -> set[tuple[str, object]]:
         """The link names, MACs and ifindexes whose changes concern this NIC.
 
@@ -111,7 +116,7 @@ class NicController:
         keys: set[tuple[str, object]] = {("name", name) for name in self.nic.backend_names}
         if self.nic.bridge:
             keys.add(("name", self.nic.bridge))
-        for spec in (self.nic.lower, self.override, self._pending_config.lower if self._pending_config else None):
+        for spec in (self.nic.lower, self.override, self.pending_config.lower if self.pending_config else None):
             if spec is None:
                 continue
             if spec.pci is not None:
@@ -128,7 +133,7 @@ class NicController:
 
     def update_config(self, nic: NicConfig) -> None:
         """A reload: the new config applies from the next pass (rebinds end there)."""
-        self._pending_config = nic
+        self.pending_config = nic
         self.env.on_interest_change(self)
         self.kick()
 
@@ -150,9 +155,9 @@ class NicController:
         while True:
             await self._kick.wait()
             self._kick.clear()
-            if self._pending_config is not None:
+            if self.pending_config is not None:
                 # Between passes, never in the middle of one.
-                self.nic, self.override, self._pending_config = self._pending_config, None, None
+                self.nic, self.override, self.pending_config = self.pending_config, None, None
             while self._requests:
                 spec, future = self._requests.pop(0)
                 await self._serve_rebind(spec, future)

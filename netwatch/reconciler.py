@@ -154,8 +154,8 @@ class Reconciler:
         if self._own_links is None:
             self._own_links = {name for nic in self.all_nics() for name in nic.nic.backend_names}
             for nic in self.all_nics():
-                if nic._pending_config is not None:
-                    self._own_links.update(nic._pending_config.backend_names)
+                if nic.pending_config is not None:
+                    self._own_links.update(nic.pending_config.backend_names)
         return self._own_links
 
     def update_interest(self, nic: NicController) -> None:
