@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -23,7 +22,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -318,16 +316,6 @@ class Netwatch:
             return ""
 
 
-@dataclass
-class NicWire:
-    """How a test reaches one NIC: the lower's name and its wire peer's."""
-
-    lower: str
-    wire: str
-    mac: str
-    peer_mac: str = "02:00:00:00:00:01"
-
-
 def write_config(path: str, state_dir: str, vms: list[dict[str, Any]], **settings: Any) -> None:
     """A netwatch config file for ``vms`` (dicts shaped like [[vm]] tables)."""
     settings = {"state_dir": state_dir, "hooks_dir": state_dir + "/hooks", "udev": "kernel", **settings}
@@ -350,10 +338,6 @@ def _toml(value: Any) -> str:
     if isinstance(value, int | float):
         return str(value)
     return json.dumps(str(value))  # a JSON string is a TOML basic string
-
-
-def cleanup_dir(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def veth_up(lower: str, wire: str) -> float:
