@@ -192,9 +192,11 @@ class Observer:
 class Qemu:
     """A running (not paused) QEMU with no guest OS: SeaBIOS idles, the hub forwards."""
 
-    def __init__(self, vm: VmConfig, directory: str, observe: bool = True, monitor: bool = False) -> None:
+    def __init__(self, vm: VmConfig, directory: str, observe: bool = True, monitor: bool = False,
+                 extra_args: list[str] | None = None) -> None:
         self.vm = vm
         self.directory = directory
+        self.extra_args = extra_args or []
         # A second QMP monitor for the test's own questions: netwatch's is taken.
         self.monitor = os.path.join(directory, f"{vm.name}.test.qmp") if monitor else None
         self.observers: dict[str, Observer] = {}
@@ -212,6 +214,7 @@ class Qemu:
                 "-global", "virtio-net-pci.romfile=", *vm_args(self.vm)]
         if self.monitor:
             argv += ["-qmp", f"unix:{self.monitor},server=on,wait=off"]
+        argv += self.extra_args
         for nic in self.vm.nics:
             if nic.id in self.observers:
                 argv += self.observers[nic.id].qemu_args(f"obs{self.vm.nics.index(nic)}", nic.hub)

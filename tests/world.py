@@ -98,14 +98,14 @@ class World:
     def delete_link(self, name: str) -> None:
         self.ns.ip("link", "del", name)
 
-    def start_qemu(self, name: str) -> Qemu:
+    def start_qemu(self, name: str, extra_args: list[str] | None = None) -> Qemu:
         vm = self.config().vm(name)
         assert vm is not None
         old = self.qemus.get(name)
         if old is not None:
             old.close()
         with self.ns.entered():  # its observer sockets get the namespace's longer queues
-            qemu = Qemu(vm, str(self.tmp), monitor=True)
+            qemu = Qemu(vm, str(self.tmp), monitor=True, extra_args=extra_args)
         qemu.start()
         self.qemus[name] = qemu
         return qemu

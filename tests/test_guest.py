@@ -1,0 +1,69 @@
+"""A real Linux guest keeps its network across lower flaps and a rebind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netwatch.sandbox import wait_until
+
+from .guest import build, guest_args
+from .world import World
+
+pytestmark = pytest.mark.integration
+
+MAC = "52:54:00:9a:00:01"
+
+
+class Serial:
+    """The guest's console log, read from a mark onwards."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mark = 0
+
+    def lines(self) -> list[str]:
+        text = self.path.read_text(errors="replace") if self.path.exists() else ""
+        return [line.strip() for line in text[self.mark:].splitlines()]
+
+    def set_mark(self) -> None:
+        self.mark = len(self.path.read_text(errors="replace")) if self.path.exists() else 0
+
+    def wait(self, predicate: str, world: World, timeout: float = 30, count: int = 1) -> None:
+        wait_until(lambda: sum(1 for line in self.lines() if line == predicate) >= count, timeout,
+                   f"the guest to print {predicate!r} x{count}",
+                   lambda: "\n".join(self.lines()[-20:]) + "\n" + world.dump())
+
+
+def test_guest_pings_survive_lower_flaps_and_a_rebind(world: World) -> None:
+    kernel, initrd = build("10.77.0.2", "10.77.0.1")
+    world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": MAC})
+    world.bridge("peerbr")
+    world.ns.ip("addr", "add", "10.77.0.1/24", "dev", "peerbr")
+    for lower, wire in (("lo0", "wi0"), ("lo1", "wi1")):
+        world.lower(lower, wire)
+        world.ns.ip("link", "set", wire, "master", "peerbr")
+    serial = Serial(world.tmp / "guest-serial.log")
+    world.start_qemu("vm1", guest_args(kernel, initrd, str(serial.path)))
+    world.start_netwatch()
+    world.wait_state("vm1", "net0", "attached")
+    serial.wait("GUEST-PING ok", world, timeout=120, count=3)
+    ready = [line for line in serial.lines() if line.startswith("GUEST-READY")]
+    assert len(ready) == 1 and ready[0].startswith(f"GUEST-READY mac={MAC} pci=0000:00:"), ready
+    for _ in range(3):
+        serial.set_mark()
+        world.delete_link("lo0")
+        serial.wait("GUEST-CARRIER 0", world)
+        world.lower("lo0", "wi0")
+        world.ns.ip("link", "set", "wi0", "master", "peerbr")
+        serial.wait("GUEST-CARRIER 1", world)
+        serial.wait("GUEST-PING ok", world, count=3)
+    serial.set_mark()
+    assert world.cli("rebind", "vm1", "net0", "lo1").returncode == 0
+    serial.wait("GUEST-PING ok", world, count=5)
+    assert world.nic("vm1", "net0")["lower"] == "lo1"
+    whole = Serial(serial.path)
+    assert [line for line in whole.lines() if line.startswith("GUEST-READY")] == ready, "the guest never rebooted"
+    carriers = {line for line in whole.lines() if line.startswith("GUEST-CARRIER")}
+    assert carriers <= {"GUEST-CARRIER 0", "GUEST-CARRIER 1"}, "eth0 never went away (no hot-unplug)"
