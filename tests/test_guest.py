@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,17 +34,31 @@ class Serial:
     def wait(self, predicate: str, world: World, timeout: float = 30, count: int = 1) -> None:
         wait_until(lambda: sum(1 for line in self.lines() if line == predicate) >= count, timeout,
                    f"the guest to print {predicate!r} x{count}",
-                   lambda: "\n".join(self.lines()[-20:]) + "\n" + world.dump())
+                   lambda: "\n".join(self.lines()[-5:]) + "\n" + world.dump())
+
+
+def peer_network(world: World) -> str:
+    """The guest's peer (10.77.0.1 on a bridge) in a namespace of its own, as outside a real host."""
+    peer = world.scratch_netns()
+    for args in (("link", "add", "peerbr", "type", "bridge"), ("link", "set", "peerbr", "up"),
+                 ("addr", "add", "10.77.0.1/24", "dev", "peerbr")):
+        subprocess.run(["ip", "-n", peer, *args], check=True)
+    return peer
+
+
+def cable(world: World, peer: str, lower: str, wire: str) -> None:
+    """A lower on the host whose other end plugs into the peer's bridge."""
+    world.lower(lower, wire)
+    world.ns.ip("link", "set", wire, "netns", peer)
+    subprocess.run(["ip", "-n", peer, "link", "set", wire, "master", "peerbr", "up"], check=True)
 
 
 def test_guest_pings_survive_lower_flaps_and_a_rebind(world: World) -> None:
     kernel, initrd = build("10.77.0.2", "10.77.0.1")
     world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": MAC})
-    world.bridge("peerbr")
-    world.ns.ip("addr", "add", "10.77.0.1/24", "dev", "peerbr")
-    for lower, wire in (("lo0", "wi0"), ("lo1", "wi1")):
-        world.lower(lower, wire)
-        world.ns.ip("link", "set", wire, "master", "peerbr")
+    peer = peer_network(world)
+    cable(world, peer, "lo0", "wi0")
+    cable(world, peer, "lo1", "wi1")
     serial = Serial(world.tmp / "guest-serial.log")
     world.start_qemu("vm1", guest_args(kernel, initrd, str(serial.path)))
     world.start_netwatch()
@@ -55,8 +70,7 @@ def test_guest_pings_survive_lower_flaps_and_a_rebind(world: World) -> None:
         serial.set_mark()
         world.delete_link("lo0")
         serial.wait("GUEST-CARRIER 0", world)
-        world.lower("lo0", "wi0")
-        world.ns.ip("link", "set", "wi0", "master", "peerbr")
+        cable(world, peer, "lo0", "wi0")
         serial.wait("GUEST-CARRIER 1", world)
         serial.wait("GUEST-PING ok", world, count=3)
     serial.set_mark()
