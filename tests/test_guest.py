@@ -40,7 +40,10 @@ class Serial:
 def peer_network(world: World) -> str:
     """The guest's peer (10.77.0.1 on a bridge) in a namespace of its own, as outside a real host."""
     peer = world.scratch_netns()
-    for args in (("link", "add", "peerbr", "type", "bridge"), ("link", "set", "peerbr", "up"),
+    # A fixed bridge MAC: otherwise it follows the lowest port MAC, which changes
+    # as cables come and go, and the guest's ARP entry points at an old one.
+    for args in (("link", "add", "peerbr", "address", "02:00:00:77:00:01", "type", "bridge"),
+                 ("link", "set", "peerbr", "up"),
                  ("addr", "add", "10.77.0.1/24", "dev", "peerbr")):
         subprocess.run(["ip", "-n", peer, *args], check=True)
     return peer
