@@ -84,3 +84,27 @@ def test_guest_pings_survive_lower_flaps_and_a_rebind(world: World) -> None:
     assert [line for line in whole.lines() if line.startswith("GUEST-READY")] == ready, "the guest never rebooted"
     carriers = {line for line in whole.lines() if line.startswith("GUEST-CARRIER")}
     assert carriers <= {"GUEST-CARRIER 0", "GUEST-CARRIER 1"}, "eth0 never went away (no hot-unplug)"
+
+
+def test_guest_on_a_tap_survives_its_bridge_being_recreated(world: World) -> None:
+    kernel, initrd = build("10.77.0.2", "10.77.0.1")
+    world.vm("vm1", {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": "br0", "lower": "up0",
+                     "mac": MAC})
+    world.bridge("br0")
+    peer = peer_network(world)
+    cable(world, peer, "up0", "upw0")
+    serial = Serial(world.tmp / "guest-serial.log")
+    world.start_qemu("vm1", guest_args(kernel, initrd, str(serial.path)))
+    world.start_netwatch()
+    before = world.wait_state("vm1", "net0", "attached")
+    serial.wait("GUEST-PING ok", world, timeout=120, count=3)
+    for _ in range(3):
+        serial.set_mark()
+        world.ns.ip("link", "del", "br0")
+        serial.wait("GUEST-PING fail", world)
+        world.bridge("br0")
+        serial.wait("GUEST-PING ok", world, count=3)
+    after = world.wait_state("vm1", "net0", "attached")
+    assert after["netdev"] == before["netdev"], "the bridge came back without touching QEMU"
+    whole = Serial(serial.path)
+    assert len([line for line in whole.lines() if line.startswith("GUEST-READY")]) == 1
