@@ -270,6 +270,9 @@ class NicController:
             self.swaps = max(self.swaps, record.swaps)
         self.generation = max([self.generation, *gens])
         self.guest_link = None
+        # An attach cut short between getfd and netdev_add (netwatch killed)
+        # leaves QEMU holding the fd under the next generation's name.
+        await self._closefd(f"nw-{self.nic.id}-fd{self.generation + 1}")
         keep = record if record is not None and self._adoptable(record, network) else None
         for name in sorted(netdevs, key=lambda n: "-up" not in n):  # hubports before their taps
             if keep is None or name not in (keep.hub_netdev, keep.tap_netdev):
@@ -322,6 +325,16 @@ class NicController:
         if record.qemu_pid != self.vm.pid:
             return "stop"  # that QEMU is gone; this one is new
         return "lower-lost" if self._matches_config(record) else "rebind"
+
+    async def _closefd(self, fdname: str) -> None:
+        try:
+            await self.vm.execute("closefd", {"fdname": fdname})
+        except QmpError as exc:
+            if "not found" not in str(exc):
+                raise
+        else:
+            log.info("%s/%s: closed %s, left in QEMU by an attach that was cut short", self.vm_name, self.nic.id,
+                     fdname)
 
     async def _netdev_del(self, name: str) -> None:
         try:

@@ -3,6 +3,7 @@ survives its lower disappearing and coming back."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -197,3 +198,37 @@ def test_lower_matched_by_mac_follows_a_rename(world: World) -> None:
     world.ns.ip("link", "set", "renamed0", "up")
     world.wait_state("vm1", "net0", "attached", lower="renamed0", guest_link=True)
     world.frame_reaches_guest("vm1", "net0", "wi0")
+
+
+def test_an_fd_left_by_a_cut_short_attach_is_closed(world: World) -> None:
+    """netwatch killed between getfd and netdev_add: QEMU must not keep the fd."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    one_nic_world(world)
+    qemu = world.start_qemu("vm1")
+    netwatch = world.start_netwatch()
+    world.wait_state("vm1", "net0", "attached", netdev="nw-net0-tap1")
+    netwatch.kill(signal.SIGKILL)
+
+    def dev_null_fds() -> int:
+        fds = os.listdir(f"/proc/{qemu.pid}/fd")
+        return sum(1 for fd in fds if os.path.realpath(f"/proc/{qemu.pid}/fd/{fd}") == "/dev/null")
+    before = dev_null_fds()
+    vm = world.config().vm("vm1")
+    assert vm is not None
+    # What the killed netwatch would have done next, on its monitor: getfd for generation 2.
+    client = QEMUMonitorProtocol(vm.qmp)
+    client.settimeout(5)
+    client.connect()
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        client.send_fd_scm(fd)
+        client.cmd("getfd", fdname="nw-net0-fd2")
+    finally:
+        os.close(fd)
+        client.close()
+    assert dev_null_fds() == before + 1
+    world.start_netwatch()
+    # The backend is adopted (no new attach would replace the fd by name) ...
+    world.wait_state("vm1", "net0", "attached", netdev="nw-net0-tap1")
+    # ... and the stray fd is closed all the same.
+    wait_until(lambda: dev_null_fds() == before, 10, "QEMU to close the fd left by getfd", world.dump)
