@@ -271,8 +271,8 @@ class NicController:
         self.generation = max([self.generation, *gens])
         self.guest_link = None
         # An attach cut short between getfd and netdev_add (netwatch killed)
-        # leaves QEMU holding the fd under the next generation's name.
-        await self._closefd(f"nw-{self.nic.id}-fd{self.generation + 1}")
+        # leaves QEMU holding the fd under the NIC's fd name.
+        await self._closefd(self._fdname)
         keep = record if record is not None and self._adoptable(record, network) else None
         for name in sorted(netdevs, key=lambda n: "-up" not in n):  # hubports before their taps
             if keep is None or name not in (keep.hub_netdev, keep.tap_netdev):
@@ -446,8 +446,14 @@ class NicController:
                             lower=uplink.name, previous=backend.lower)
         self.env.records.save(self.backend)
 
+    @property
+    def _fdname(self) -> str:
+        # One name per NIC, not per generation: netdev_add consumes the fd at
+        # once, and a stray one left under it is replaced or closed by name.
+        return f"nw-{self.nic.id}-fd"
+
     async def _add_backend(self, fd: int, gen: int, tap: str, hub: str) -> None:
-        fdname = f"nw-{self.nic.id}-fd{gen}"
+        fdname = self._fdname
         await self.vm.pass_fd(fd, fdname)
         try:
             await self.vm.execute("netdev_add", {"type": "tap", "id": tap, "fd": fdname})

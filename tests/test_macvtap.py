@@ -215,14 +215,14 @@ def test_an_fd_left_by_a_cut_short_attach_is_closed(world: World) -> None:
     before = dev_null_fds()
     vm = world.config().vm("vm1")
     assert vm is not None
-    # What the killed netwatch would have done next, on its monitor: getfd for generation 2.
+    # What the killed netwatch would have done next, on its monitor: getfd.
     client = QEMUMonitorProtocol(vm.qmp)
     client.settimeout(5)
     client.connect()
     fd = os.open("/dev/null", os.O_RDWR)
     try:
         client.send_fd_scm(fd)
-        client.cmd("getfd", fdname="nw-net0-fd2")
+        client.cmd("getfd", fdname="nw-net0-fd")
     finally:
         os.close(fd)
         client.close()
