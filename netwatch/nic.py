@@ -326,22 +326,23 @@ class NicController:
             return "stop"  # that QEMU is gone; this one is new
         return "lower-lost" if self._matches_config(record) else "rebind"
 
-    async def _closefd(self, fdname: str) -> None:
+    async def _remove_from_qemu(self, command: str, arguments: dict[str, Any]) -> bool:
+        """Run a removal command; False if QEMU had nothing by that name."""
         try:
-            await self.vm.execute("closefd", {"fdname": fdname})
+            await self.vm.execute(command, arguments)
         except QmpError as exc:
             if "not found" not in str(exc):
                 raise
-        else:
+            return False
+        return True
+
+    async def _closefd(self, fdname: str) -> None:
+        if await self._remove_from_qemu("closefd", {"fdname": fdname}):
             log.info("%s/%s: closed %s, left in QEMU by an attach that was cut short", self.vm_name, self.nic.id,
                      fdname)
 
     async def _netdev_del(self, name: str) -> None:
-        try:
-            await self.vm.execute("netdev_del", {"id": name})
-        except QmpError as exc:
-            if "not found" not in str(exc):
-                raise
+        await self._remove_from_qemu("netdev_del", {"id": name})
 
     async def _set_guest_link(self, up: bool, cause: str) -> None:
         if self.guest_link is up:
