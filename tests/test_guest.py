@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from netwatch.guest import Serial, build
 from netwatch.sandbox import wait_until
 
-from .guest import build, guest_args
 from .world import World
 
 pytestmark = pytest.mark.integration
@@ -17,24 +16,9 @@ pytestmark = pytest.mark.integration
 MAC = "52:54:00:9a:00:01"
 
 
-class Serial:
-    """The guest's console log, read from a mark onwards."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.mark = 0
-
-    def lines(self) -> list[str]:
-        text = self.path.read_text(errors="replace") if self.path.exists() else ""
-        return [line.strip() for line in text[self.mark:].splitlines()]
-
-    def set_mark(self) -> None:
-        self.mark = len(self.path.read_text(errors="replace")) if self.path.exists() else 0
-
-    def wait(self, predicate: str, world: World, timeout: float = 30, count: int = 1) -> None:
-        wait_until(lambda: sum(1 for line in self.lines() if line == predicate) >= count, timeout,
-                   f"the guest to print {predicate!r} x{count}",
-                   lambda: "\n".join(self.lines()[-5:]) + "\n" + world.dump())
+def wait_line(serial: Serial, line: str, world: World, timeout: float = 30, count: int = 1) -> None:
+    wait_until(lambda: serial.count(line) >= count, timeout, f"the guest to print {line!r} x{count}",
+               lambda: "\n".join(serial.lines()[-5:]) + "\n" + world.dump())
 
 
 def peer_network(world: World) -> str:
@@ -57,28 +41,28 @@ def cable(world: World, peer: str, lower: str, wire: str) -> None:
 
 
 def test_guest_pings_survive_lower_flaps_and_a_rebind(world: World) -> None:
-    kernel, initrd = build("10.77.0.2", "10.77.0.1")
+    image = build()
     world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": MAC})
     peer = peer_network(world)
     cable(world, peer, "lo0", "wi0")
     cable(world, peer, "lo1", "wi1")
     serial = Serial(world.tmp / "guest-serial.log")
-    world.start_qemu("vm1", guest_args(kernel, initrd, str(serial.path)))
+    world.start_qemu("vm1", image.qemu_args(serial.path, ["10.77.0.2/24"], ping="10.77.0.1"))
     world.start_netwatch()
     world.wait_state("vm1", "net0", "attached")
-    serial.wait("GUEST-PING ok", world, timeout=120, count=3)
+    wait_line(serial, "GUEST-PING ok", world, timeout=120, count=3)
     ready = [line for line in serial.lines() if line.startswith("GUEST-READY")]
     assert len(ready) == 1 and ready[0].startswith(f"GUEST-READY mac={MAC} pci=0000:00:"), ready
     for _ in range(3):
         serial.set_mark()
         world.delete_link("lo0")
-        serial.wait("GUEST-CARRIER 0", world)
+        wait_line(serial, "GUEST-CARRIER 0", world)
         cable(world, peer, "lo0", "wi0")
-        serial.wait("GUEST-CARRIER 1", world)
-        serial.wait("GUEST-PING ok", world, count=3)
+        wait_line(serial, "GUEST-CARRIER 1", world)
+        wait_line(serial, "GUEST-PING ok", world, count=3)
     serial.set_mark()
     assert world.cli("rebind", "vm1", "net0", "lo1").returncode == 0
-    serial.wait("GUEST-PING ok", world, count=5)
+    wait_line(serial, "GUEST-PING ok", world, count=5)
     assert world.nic("vm1", "net0")["lower"] == "lo1"
     whole = Serial(serial.path)
     assert [line for line in whole.lines() if line.startswith("GUEST-READY")] == ready, "the guest never rebooted"
@@ -87,23 +71,23 @@ def test_guest_pings_survive_lower_flaps_and_a_rebind(world: World) -> None:
 
 
 def test_guest_on_a_tap_survives_its_bridge_being_recreated(world: World) -> None:
-    kernel, initrd = build("10.77.0.2", "10.77.0.1")
+    image = build()
     world.vm("vm1", {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": "br0", "lower": "up0",
                      "mac": MAC})
     world.bridge("br0")
     peer = peer_network(world)
     cable(world, peer, "up0", "upw0")
     serial = Serial(world.tmp / "guest-serial.log")
-    world.start_qemu("vm1", guest_args(kernel, initrd, str(serial.path)))
+    world.start_qemu("vm1", image.qemu_args(serial.path, ["10.77.0.2/24"], ping="10.77.0.1"))
     world.start_netwatch()
     before = world.wait_state("vm1", "net0", "attached")
-    serial.wait("GUEST-PING ok", world, timeout=120, count=3)
+    wait_line(serial, "GUEST-PING ok", world, timeout=120, count=3)
     for _ in range(3):
         serial.set_mark()
         world.ns.ip("link", "del", "br0")
-        serial.wait("GUEST-PING fail", world)
+        wait_line(serial, "GUEST-PING fail", world)
         world.bridge("br0")
-        serial.wait("GUEST-PING ok", world, count=3)
+        wait_line(serial, "GUEST-PING ok", world, count=3)
     after = world.wait_state("vm1", "net0", "attached")
     assert after["netdev"] == before["netdev"], "the bridge came back without touching QEMU"
     whole = Serial(serial.path)
