@@ -154,6 +154,9 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
     try:
         qemu.start()
         for path in (direct, nohdr):
+            # QEMU opens its QMP socket before it makes its netdevs.
+            wait_until(lambda path=path: os.path.exists(f"/sys/class/net/{path.tap}"), 30,
+                       f"QEMU to create {path.tap}", dump)
             ip("link", "set", path.tap, "master", path.bridge, "up")
         service.start()
         wait_until(lambda: _nic_state(state) == "attached", 30, "netwatch to attach the hub NIC", dump)

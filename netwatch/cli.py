@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     command("reload", "re-read the config file (like SIGHUP); a bad file is refused")
     demo = sub.add_parser("demo", help="flap a lower under a sandboxed VM and show netwatch reattaching it")
     demo.add_argument("--flaps", type=int, default=5, help="how many times to flap the lower (default 5)")
+    demo.add_argument("--no-guest", dest="guest", action="store_false",
+                      help="no Linux guest: show frames at the guest NIC (needs no download)")
     return parser
 
 
@@ -116,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.flaps < 1:
             return _fail("--flaps must be at least 1", EXIT_USAGE)
         from .demo import run_demo
-        return run_demo(args.flaps)
+        return run_demo(args.flaps, args.guest)
     raise AssertionError(args.command)
 
 

@@ -343,15 +343,17 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
-async def veth_up(lower: str, wire: str) -> float:
+async def veth_up(lower: str, wire: str, wire_mac: str | None = None) -> float:
     """Create a veth pair here; return the moment ``lower`` exists, already up.
 
     ``lower`` is created up in one request, so a watcher cannot start early
-    on a "created but down" event; the wire end comes up right after.
+    on a "created but down" event; the wire end comes up right after (with
+    ``wire_mac`` if given: a peer whose MAC stays put across recreations).
     """
     from pyroute2 import AsyncIPRoute
+    peer: str | dict[str, str] = {"ifname": wire, "address": wire_mac} if wire_mac else wire
     async with AsyncIPRoute() as ipr:
-        await ipr.link("add", ifname=lower, kind="veth", peer=wire, state="up")
+        await ipr.link("add", ifname=lower, kind="veth", peer=peer, state="up")
         up_at = time.monotonic()
         wire_index = (await ipr.link_lookup(ifname=wire))[0]
         await ipr.link("set", index=wire_index, state="up")
