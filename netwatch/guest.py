@@ -2,12 +2,13 @@
 
 Used by the demo, the tests and the hub-cost bench to show what a real
 guest sees. The initramfs loads the virtio-net driver, gives eth0, eth1, ...
-the static addresses named on the kernel command line and reports over
-the serial console: each NIC's MAC and PCI address once, every eth0 carrier
-change, and, when asked, one line per ping to a peer. It can also serve TCP
-for measurements: an echo on port 5001, an endless stream of zeros on 5002
-and a sink on 5003. Nothing is downloaded but Debian packages (through
-apt); the result is cached.
+the static addresses named on the kernel command line and reports over the
+serial console: each NIC's MAC and PCI address once, every eth0 carrier
+change (with eth0's MAC and PCI address as they are then) and, when asked,
+one line per ping to a peer. It can also serve TCP for measurements: an
+echo on port 5001, an endless stream of zeros on 5002 and a sink on 5003.
+Nothing is downloaded but Debian packages (through apt); the result is
+cached.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ if [ -n "$serve" ]; then
   nc -ll -p {source} -e cat /dev/zero &
   nc -ll -p {sink} -e dd of=/dev/null &
 fi
-echo "GUEST-READY mac=$(cat /sys/class/net/eth0/address) pci=$(basename $(readlink -f /sys/class/net/eth0/device/..))"
+eth0() {{ echo "mac=$(cat /sys/class/net/eth0/address) pci=$(basename $(readlink -f /sys/class/net/eth0/device/..))"; }}
+echo "GUEST-READY $(eth0)"
 last=x
 while true; do
   c=$(cat /sys/class/net/eth0/carrier 2>/dev/null)
-  if [ "$c" != "$last" ]; then echo "GUEST-CARRIER $c"; last=$c; fi
+  if [ "$c" != "$last" ]; then echo "GUEST-CARRIER $c"; echo "GUEST-ETH0 $(eth0)"; last=$c; fi
   if [ -z "$peer" ]; then sleep 0.2
   elif ping -c1 -W1 $peer >/dev/null 2>&1; then echo "GUEST-PING ok"; sleep 0.2
   else echo "GUEST-PING fail"; fi
@@ -161,6 +163,9 @@ def build(cache: Path = CACHE, progress: Callable[[str], None] = lambda _: None)
             partial = final.with_suffix(f".{os.getpid()}.part")
             partial.write_bytes(data)
             partial.rename(final)
+    for old in cache.glob("initrd-*.cpio"):
+        if old != image.initrd:  # from an older init script
+            old.unlink(missing_ok=True)
     return image
 
 
