@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """What the hub wiring costs a real guest, against a NIC wired straight to a tap.
 
-One Linux guest (netwatch.guest) with three virtio-net NICs, each on its own
-host bridge with its own subnet, so the only difference between them is the
-wiring in QEMU:
+One Linux guest (netwatch.guest) with five virtio-net NICs, each on its own
+host link and subnet, so the only difference between them is the wiring:
 
-  hub     netwatch's wiring: NIC -> hubport -> hub -> hubport -> tap (managed
-          by netwatch, swappable; the hub has no vnet header, so no offloads)
-  direct  the usual setup: NIC -> tap with vnet_hdr=on (offloads; cannot be
-          swapped under a running guest)
-  nohdr   NIC -> tap with vnet_hdr=off: no hub, no offloads either; it
-          separates what the hub's forwarding costs from what losing the
-          offloads costs
+  hub       netwatch's wiring: NIC -> hubport -> hub -> hubport -> tap (a tap
+            in a host bridge, managed by netwatch, swappable; the hub has no
+            vnet header, so no offloads)
+  direct    the usual setup: NIC -> tap with vnet_hdr=on (offloads; cannot be
+            swapped under a running guest)
+  nohdr     NIC -> tap with vnet_hdr=off: no hub, no offloads either; it
+            separates what the hub's forwarding costs from what losing the
+            offloads costs
+  mvhub     netwatch's wiring on a macvtap (on a veth lower whose far end is
+            the host's address)
+  mvdirect  the same kind of macvtap, its fd given straight to a tap netdev
+            (vnet header and offloads on, as libvirt does)
 
 The host side measures everything with its own clock, interleaving the
 paths round by round in the same run: TCP request/response round trips
@@ -42,6 +46,7 @@ from common import run_in_netns, summary
 
 from netwatch import config as config_mod
 from netwatch import control
+from netwatch.chardev import macvtap_devnum, open_chardev
 from netwatch.errors import NetwatchError
 from netwatch.guest import ECHO_PORT, SINK_PORT, SOURCE_PORT, Serial, build
 from netwatch.sandbox import Netwatch, Qemu, exit_on_sigterm, wait_until, write_config
@@ -50,18 +55,21 @@ from netwatch.sandbox import Netwatch, Qemu, exit_on_sigterm, wait_until, write_
 @dataclass(frozen=True)
 class Wiring:
     name: str
-    bridge: str
+    link: str  # the host link that holds the host's address: a bridge, or a veth lower's far end
     host: str
     guest: str
     mac: str
-    tap: str
+    ifname: str  # the guest's tap or macvtap
 
 
-PATHS = (
-    Wiring("hub", "hcbr-hub", "10.78.0.1", "10.78.0.2", "52:54:00:bc:00:01", "hc-hub"),
-    Wiring("direct", "hcbr-direct", "10.79.0.1", "10.79.0.2", "52:54:00:bc:00:02", "hc-direct"),
-    Wiring("nohdr", "hcbr-nohdr", "10.80.0.1", "10.80.0.2", "52:54:00:bc:00:03", "hc-nohdr"),
-)
+HUB = Wiring("hub", "hcbr-hub", "10.78.0.1", "10.78.0.2", "52:54:00:bc:00:01", "hc-hub")
+MVHUB = Wiring("mvhub", "hcw-mvhub", "10.81.0.1", "10.81.0.2", "52:54:00:bc:00:04", "hc-mvhub")
+DIRECT = Wiring("direct", "hcbr-direct", "10.79.0.1", "10.79.0.2", "52:54:00:bc:00:02", "hc-direct")
+NOHDR = Wiring("nohdr", "hcbr-nohdr", "10.80.0.1", "10.80.0.2", "52:54:00:bc:00:03", "hc-nohdr")
+MVDIRECT = Wiring("mvdirect", "hcw-mvdirect", "10.82.0.1", "10.82.0.2", "52:54:00:bc:00:05", "hc-mvdirect")
+# In the guest's PCI order: netwatch's NICs come first on QEMU's command line.
+PATHS = (HUB, MVHUB, DIRECT, NOHDR, MVDIRECT)
+COMPARED = ((HUB, DIRECT), (HUB, NOHDR), (MVHUB, MVDIRECT))
 CHUNK = 64 * 1024
 
 
@@ -69,10 +77,25 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True)
 
 
-def straight_nic_args(path: Wiring, vnet_hdr: bool) -> list[str]:
-    netdev = (f"tap,id={path.name},ifname={path.tap},script=no,downscript=no,"
+def lower_of(path: Wiring) -> str:
+    return path.link.replace("hcw-", "hcl-")
+
+
+def straight_tap_args(path: Wiring, vnet_hdr: bool) -> list[str]:
+    netdev = (f"tap,id={path.name},ifname={path.ifname},script=no,downscript=no,"
               f"vnet_hdr={'on' if vnet_hdr else 'off'}")
     return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={path.name},mac={path.mac}"]
+
+
+def straight_macvtap(path: Wiring, workdir: str) -> tuple[int, list[str]]:
+    """A macvtap on the path's lower, opened here; its fd wired straight to the guest's NIC."""
+    ip("link", "add", "link", lower_of(path), "name", path.ifname, "address", path.mac, "type", "macvtap",
+       "mode", "bridge")
+    ip("link", "set", path.ifname, "up")
+    index = socket.if_nametoindex(path.ifname)
+    fd = open_chardev(macvtap_devnum(path.ifname, index), os.path.join(workdir, "nodes"), path.ifname)
+    return fd, ["-netdev", f"tap,id={path.name},fd={fd}", "-device",
+                f"virtio-net-pci,netdev={path.name},mac={path.mac}"]
 
 
 def round_trips(path: Wiring, count: int) -> list[float]:
@@ -130,22 +153,29 @@ def _unacked_bytes(sock: socket.socket) -> int:
 
 def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
     image = build(progress=print)
-    hub, direct, nohdr = PATHS
+    for path in (HUB, DIRECT, NOHDR):
+        ip("link", "add", path.link, "type", "bridge")
+        ip("link", "set", path.link, "up")
+    for path in (MVHUB, MVDIRECT):
+        ip("link", "add", lower_of(path), "type", "veth", "peer", "name", path.link)
+        ip("link", "set", lower_of(path), "up")
+        ip("link", "set", path.link, "up")
     for path in PATHS:
-        ip("link", "add", path.bridge, "type", "bridge")
-        ip("link", "set", path.bridge, "up")
-        ip("addr", "add", f"{path.host}/24", "dev", path.bridge)
+        ip("addr", "add", f"{path.host}/24", "dev", path.link)
     cfg_path = os.path.join(workdir, "netwatch.toml")
     state = os.path.join(workdir, "state")
     write_config(cfg_path, state, [{"name": "hc", "qmp": os.path.join(workdir, "hc.qmp"), "nics": [
-        {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": hub.bridge, "ifname": hub.tap,
-         "mac": hub.mac}]}])
+        {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": HUB.link, "ifname": HUB.ifname,
+         "mac": HUB.mac},
+        {"id": "net1", "backend": "macvtap", "lower": lower_of(MVHUB), "ifname": MVHUB.ifname, "mac": MVHUB.mac}]}])
     vm = config_mod.load(cfg_path).vms[0]
     serial = Serial(Path(workdir) / "serial.log")
     guest = image.qemu_args(serial.path, [f"{p.guest}/24" for p in PATHS], serve=True)
+    fd, macvtap_args = straight_macvtap(MVDIRECT, workdir)
     # No observer port: an unread one on the hub would only add work.
-    qemu = Qemu(vm, workdir, observe=False,
-                extra_args=[*guest, *straight_nic_args(direct, True), *straight_nic_args(nohdr, False)])
+    qemu = Qemu(vm, workdir, observe=False, pass_fds=(fd,),
+                extra_args=[*guest, *straight_tap_args(DIRECT, True), *straight_tap_args(NOHDR, False),
+                            *macvtap_args])
     service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log"))
 
     def dump() -> str:
@@ -153,13 +183,14 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
 
     try:
         qemu.start()
-        for path in (direct, nohdr):
+        os.close(fd)
+        for path in (DIRECT, NOHDR):
             # QEMU opens its QMP socket before it makes its netdevs.
-            wait_until(lambda path=path: os.path.exists(f"/sys/class/net/{path.tap}"), 30,
-                       f"QEMU to create {path.tap}", dump)
-            ip("link", "set", path.tap, "master", path.bridge, "up")
+            wait_until(lambda path=path: os.path.exists(f"/sys/class/net/{path.ifname}"), 30,
+                       f"QEMU to create {path.ifname}", dump)
+            ip("link", "set", path.ifname, "master", path.link, "up")
         service.start()
-        wait_until(lambda: _nic_state(state) == "attached", 30, "netwatch to attach the hub NIC", dump)
+        wait_until(lambda: _nic_states(state) == ["attached", "attached"], 30, "netwatch to attach its NICs", dump)
         wait_until(lambda: serial.first("GUEST-READY"), 120, "the guest to boot", dump)
         nics = [line for line in serial.lines() if line.startswith("GUEST-NIC")]
         for index, path in enumerate(PATHS):
@@ -167,9 +198,8 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
             assert expected in nics, f"{expected!r} not in {nics}"
         for path in PATHS:
             wait_until(lambda path=path: _reachable(path), 60, f"the guest's servers on the {path.name} path", dump)
-        print(f"guest up: eth0 on the hub (netwatch), eth1 straight on a tap (vnet_hdr=on), "
-              f"eth2 straight on a tap (vnet_hdr=off); {rounds} rounds, {seconds:.0f} s per stream, "
-              f"{pings} round trips per path per round")
+        print(f"guest up with {len(PATHS)} NICs ({', '.join(p.name for p in PATHS)}); {rounds} rounds, "
+              f"{seconds:g} s per stream, {pings} round trips per path per round")
         rtt: dict[str, list[float]] = {p.name: [] for p in PATHS}
         out: dict[str, list[float]] = {p.name: [] for p in PATHS}
         into: dict[str, list[float]] = {p.name: [] for p in PATHS}
@@ -179,9 +209,9 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
                 rtt[path.name] += round_trips(path, pings)
                 out[path.name].append(guest_to_host(path, seconds))
                 into[path.name].append(host_to_guest(path, seconds))
-            print(f"round {number}: " + "  ".join(
-                f"{p.name} rtt {statistics.median(rtt[p.name][-pings:]):.2f} ms, "
-                f"out {out[p.name][-1]:.0f} / in {into[p.name][-1]:.0f} Mbit/s" for p in PATHS))
+            print(f"round {number}: " + ", ".join(
+                f"{p.name} {statistics.median(rtt[p.name][-pings:]):.2f} ms "
+                f"{out[p.name][-1]:.0f}/{into[p.name][-1]:.0f} Mbit/s" for p in PATHS))
         print()
         print("TCP round trip (1 byte each way):")
         for path in PATHS:
@@ -195,9 +225,9 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
             print(f"  {path.name:<9} median {statistics.median(into[path.name]):7.0f} Mbit/s   "
                   f"min {min(into[path.name]):7.0f}   max {max(into[path.name]):7.0f}")
         print()
-        for other in (direct, nohdr):
-            print(f"hub / {other.name}: round trip p50 x{_ratio(rtt, hub, other):.2f}, "
-                  f"guest->host x{_ratio(out, hub, other):.2f}, host->guest x{_ratio(into, hub, other):.2f}")
+        for a, b in COMPARED:
+            print(f"{a.name} / {b.name}: round trip p50 x{_ratio(rtt, a, b):.2f}, "
+                  f"guest->host x{_ratio(out, a, b):.2f}, host->guest x{_ratio(into, a, b):.2f}")
         return 0
     finally:
         service.kill()
@@ -208,11 +238,11 @@ def _ratio(values: dict[str, list[float]], a: Wiring, b: Wiring) -> float:
     return statistics.median(values[a.name]) / statistics.median(values[b.name])
 
 
-def _nic_state(state_dir: str) -> str | None:
+def _nic_states(state_dir: str) -> list[str]:
     try:
-        return str(control.request(state_dir, "status")["vms"][0]["nics"][0]["state"])
+        return [str(nic["state"]) for nic in control.request(state_dir, "status")["vms"][0]["nics"]]
     except NetwatchError:
-        return None
+        return []
 
 
 def _reachable(path: Wiring) -> bool:

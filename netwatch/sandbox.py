@@ -193,10 +193,11 @@ class Qemu:
     """A running (not paused) QEMU with no guest OS: SeaBIOS idles, the hub forwards."""
 
     def __init__(self, vm: VmConfig, directory: str, observe: bool = True, monitor: bool = False,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.vm = vm
         self.directory = directory
         self.extra_args = extra_args or []
+        self.pass_fds = pass_fds  # for netdevs given as "fd=N" in extra_args
         # A second QMP monitor for the test's own questions: netwatch's is taken.
         self.monitor = os.path.join(directory, f"{vm.name}.test.qmp") if monitor else None
         self.observers: dict[str, Observer] = {}
@@ -229,7 +230,7 @@ class Qemu:
                 os.unlink(observer.theirs)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         preexec_fn=_die_with_parent)
+                                         pass_fds=self.pass_fds, preexec_fn=_die_with_parent)
         wait_until(lambda: (os.path.exists(self.vm.qmp) and (not self.monitor or os.path.exists(self.monitor)))
                    or self.proc is None or self.proc.poll() is not None,
                    20, f"QEMU of {self.vm.name} to open its QMP socket")
