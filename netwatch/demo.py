@@ -125,7 +125,7 @@ def _inner(workdir: str, flaps: int, with_guest: bool) -> int:
             results.append(took * 1000)
             swaps = nic_status().get("swaps")
             print(f"flap {flap}: lower deleted and recreated; frames reached the guest again after "
-                  f"{took * 1000:.1f} ms (backend swaps so far: {swaps})")
+                  f"{took * 1000:.1f} ms (backends handed to QEMU so far: {swaps})")
         print(f"{flaps} flaps: median {statistics.median(results):.1f} ms, max {max(results):.1f} ms "
               "from the lower being up to the first frame at the guest; the guest NIC never changed")
         return 0
@@ -164,7 +164,8 @@ def _guest_flaps(flaps: int, started: float, serial: Serial, observer: Observer,
         failed = serial.count("GUEST-PING fail")
         print(f"flap {flap}: {LOWER} deleted (guest: carrier 0, {failed} pings failed meanwhile) and recreated; "
               f"frames reached the guest NIC after {frames[-1]:.1f} ms, carrier 1, pings answered again "
-              f"{resumed[-1]:.2f} s after the lower came back (swaps so far: {nic_status().get('swaps')})")
+              f"{resumed[-1]:.2f} s after the lower came back "
+              f"(backends handed to QEMU so far: {nic_status().get('swaps')})")
     whole = Serial(serial.path)
     rebooted = len([line for line in whole.lines() if line.startswith("GUEST-READY")]) != 1
     # eth0 gone from sysfs, even for a moment, would show as an empty carrier.
