@@ -57,12 +57,20 @@ class RecordStore:
 
     def save(self, record: NicRecord) -> None:
         path = self._path(record.vm, record.nic)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
+        tmp = f"{path}.tmp"
         # Write and rename: a crash of netwatch never leaves half a record. No
         # fsync: records describe the running host, which a reboot resets.
-        with open(tmp, "w") as handle:
-            json.dump(asdict(record), handle)
+        data = json.dumps(asdict(record)).encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:  # the VM's first record (the common case skips the mkdir calls)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
 
     def remove(self, vm: str, nic: str) -> None:
