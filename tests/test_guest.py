@@ -99,3 +99,6 @@ def test_guest_on_a_tap_survives_its_bridge_being_recreated(world: World) -> Non
     assert after["netdev"] == before["netdev"], "the bridge came back without touching QEMU"
     whole = Serial(serial.path)
     assert len([line for line in whole.lines() if line.startswith("GUEST-READY")]) == 1
+    # A tap's carrier is its own (QEMU holds it throughout): the guest keeps
+    # its link while the bridge is away and only its pings go unanswered.
+    assert [line for line in whole.lines() if line.startswith("GUEST-CARRIER")] == ["GUEST-CARRIER 1"], whole.lines()
