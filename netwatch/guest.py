@@ -17,7 +17,6 @@ import hashlib
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,13 +189,3 @@ class Serial:
 
     def first(self, prefix: str) -> str | None:
         return next((line for line in self.lines() if line.startswith(prefix)), None)
-
-    def wait_for(self, line: str, timeout: float, count: int = 1) -> float:
-        """Seconds until ``line`` appeared ``count`` times since the mark; raises TimeoutError."""
-        start = time.monotonic()
-        while self.count(line) < count:
-            if time.monotonic() - start > timeout:
-                raise TimeoutError(f"the guest did not print {line!r} x{count} within {timeout:.0f} s")
-            time.sleep(0.05)
-        return time.monotonic() - start
-
