@@ -32,10 +32,12 @@ Usage (root; runs in its own network namespace):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import random
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -71,6 +73,7 @@ MVDIRECT = Wiring("mvdirect", "hcw-mvdirect", "10.82.0.1", "10.82.0.2", "52:54:0
 PATHS = (HUB, MVHUB, DIRECT, NOHDR, MVDIRECT)
 COMPARED = ((HUB, DIRECT), (HUB, NOHDR), (MVHUB, MVDIRECT))
 CHUNK = 64 * 1024
+SIOCOUTQ = 0x5411  # bytes in a TCP socket's send queue, not yet acknowledged
 
 
 def ip(*args: str) -> None:
@@ -134,21 +137,18 @@ def host_to_guest(path: Wiring, seconds: float) -> float:
         warm_until = time.perf_counter() + 0.5
         while time.perf_counter() < warm_until:
             sock.sendall(data)
-        sent, start = 0, time.perf_counter()
+        # Acknowledged in the window: what was queued at its start, plus what
+        # was written in it, minus what is still queued at its end.
+        queued, start = _unacked_bytes(sock), time.perf_counter()
         while time.perf_counter() - start < seconds:
             sock.sendall(data)
-            sent += len(data)
-        # What is still in the send buffer has not reached the guest yet.
-        unacked = _unacked_bytes(sock)
-        elapsed = time.perf_counter() - start
-        return (sent - unacked) * 8 / elapsed / 1e6
+            queued += len(data)
+        queued -= _unacked_bytes(sock)
+        return queued * 8 / (time.perf_counter() - start) / 1e6
 
 
 def _unacked_bytes(sock: socket.socket) -> int:
-    import fcntl
-    import struct
-    siocoutq = 0x5411
-    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), siocoutq, b"\0" * 4))[0])
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0])
 
 
 def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
