@@ -9,6 +9,7 @@ one netwatch creates itself in its state directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
@@ -35,17 +36,39 @@ def open_chardev(devnum: int, node_dir: str, label: str) -> int:
     try:
         os.makedirs(node_dir, mode=0o700, exist_ok=True)
         _remove(node)
-        os.mknod(node, 0o600 | stat.S_IFCHR, devnum)
-        try:
-            fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        finally:
-            _remove(node)
     except OSError as exc:
-        raise DeviceError(f"cannot open the device of {label} in {node_dir}: {exc.strerror or exc}") from exc
+        raise DeviceError(f"cannot prepare the device-node directory {node_dir} for {label}: "
+                          f"{exc.strerror or exc}") from exc
+    try:
+        os.mknod(node, 0o600 | stat.S_IFCHR, devnum)
+    except OSError as exc:
+        # Under systemd: DeviceAllow= without "m", or no CAP_MKNOD.
+        raise DeviceError(f"cannot create the device node of {label} in {node_dir} (mknod failed: "
+                          f"{exc.strerror or exc})") from exc
+    try:
+        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise DeviceError(f"cannot open the device node of {label} in {node_dir} (open failed: "
+                          f"{exc.strerror or exc}){_nodev_hint(node_dir, exc)}") from exc
+    finally:
+        _remove(node)
     if os.fstat(fd).st_rdev != devnum:
         os.close(fd)
         raise DeviceError(f"the device opened for {label} is not the one sysfs names")
     return fd
+
+
+def _nodev_hint(node_dir: str, exc: OSError) -> str:
+    # /run is mounted nodev by systemd and Debian's initramfs: a node made
+    # there cannot be opened, which says nothing about the device itself.
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    try:
+        nodev = bool(os.statvfs(node_dir).f_flag & os.ST_NODEV)
+    except OSError:
+        return ""
+    return (f"; {node_dir} is on a filesystem mounted nodev: set device_dir to a directory on one without nodev"
+            if nodev else "")
 
 
 def _remove(node: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import json
 import logging
@@ -53,12 +54,14 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
         finally:
             os.umask(old_umask)
-        if self.group is None:
-            os.chmod(self.path, 0o600)
-        else:
-            # Members of the configured group may use netwatch's CLI too.
-            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
-            os.chmod(self.path, 0o660)
+        try:
+            if self.group is None:
+                os.chmod(self.path, 0o600)
+            else:
+                grant_group(self.path, self.group)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -118,6 +121,41 @@ class ControlServer:
             return {"ok": False, "error": str(exc), "kind": "input" if isinstance(exc, BadRequest) else "runtime"}
         except TimeoutError:
             return {"ok": False, "error": "the service did not answer in time"}
+
+
+def grant_group(path: str, group: str) -> None:
+    """Let members of ``group`` use the socket at ``path`` (read and write).
+
+    A POSIX ACL needs no privilege beyond owning the file, so the hardened
+    unit can do without CAP_CHOWN (which would cost it its @privileged
+    system call filter). Where the filesystem has no ACLs, chown instead.
+    """
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise ControlError(f"cannot open the control socket to group '{group}': there is no such group") from exc
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl_xattr(gid))
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise ControlError(f"cannot open the control socket {path} to group '{group}' "
+                               f"(setting its ACL failed: {exc.strerror or exc})") from exc
+    try:
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        raise ControlError(f"cannot open the control socket {path} to group '{group}': the filesystem has no "
+                           f"ACLs and chown failed ({exc.strerror or exc})") from exc
+
+
+def acl_xattr(gid: int) -> bytes:
+    """``system.posix_acl_access`` for u::rw-, g::---, g:<gid>:rw-, m::rw-, o::---."""
+    # The kernel's posix_acl_xattr format: version 2, then (tag, perm, id)
+    # entries sorted by tag; ids other than the named group's are unused.
+    unused = 0xFFFFFFFF
+    entries = ((0x01, 6, unused), (0x04, 0, unused), (0x08, 6, gid), (0x10, 6, unused), (0x20, 0, unused))
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in entries)
 
 
 def _peer_creds(writer: asyncio.StreamWriter) -> tuple[int, int]:

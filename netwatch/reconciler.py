@@ -105,7 +105,7 @@ class Reconciler:
         """Apply ``new`` as a difference; refuse what only a restart can change."""
         old = self.config
         refused = [f"{new.path}: key '{key}': cannot change while netwatch runs (restart it)"
-                   for key in ("state_dir", "udev", "control_group")
+                   for key in ("state_dir", "udev", "control_group", "device_dir")
                    if getattr(old.settings, key) != getattr(new.settings, key)]
         if refused:
             raise ConfigError(refused)

@@ -65,7 +65,7 @@ class Service:
             ops = await stack.enter_async_context(LinkOps())
             hooks = await stack.enter_async_context(HookRunner(settings.hooks_dir, settings.hook_timeout))
             env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir), hooks=hooks,
-                         node_dir=os.path.join(settings.state_dir, "dev"), udev_gate=source == "udev",
+                         node_dir=settings.node_dir, udev_gate=source == "udev",
                          retry_wait=self.retry_wait, on_state_change=self._status_changed)
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
