@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from . import config as config_mod
 from . import control, events
-from .errors import ConfigError, ControlError, NetwatchError
+from .errors import BadRequest, ConfigError, ControlError, NetwatchError
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     command("check", "validate the config file")
     qemu_args = command("qemu-args", "print the QEMU arguments netwatch needs for a VM")
-    qemu_args.add_argument("--json", action="store_true", help="a JSON array instead of a shell line")
+    form = qemu_args.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="a JSON array instead of a shell line")
+    form.add_argument("--libvirt", action="store_true",
+                      help="a <qemu:commandline> block to paste into a libvirt domain")
     qemu_args.add_argument("vm", help="VM name")
     status = command("status", "show every VM and NIC as the running service sees it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"netwatch: {line}" if not line.startswith("/") else line, file=sys.stderr)
         return EXIT_USAGE if exc.bad_request else EXIT_RUNTIME
+    except BadRequest as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except NetwatchError as exc:
         return _fail(str(exc), EXIT_RUNTIME)
     except KeyboardInterrupt:
@@ -89,8 +94,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         vm = cfg.vm(args.vm)
         if vm is None:
             return _fail(f"no VM named '{args.vm}' in {cfg.path}", EXIT_USAGE)
-        from .qemu_args import render
-        print(render(vm, args.json))
+        from .qemu_args import render, render_libvirt
+        print(render_libvirt(vm) if args.libvirt else render(vm, args.json))
         return 0
     if args.command == "status":
         cfg = _load(args.config)

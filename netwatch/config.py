@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,15 @@ _VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 _PCI = re.compile(r"([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\Z")
 IFNAME_MAX = 15
+# guest_pci: "[bus:]slot", slot in hex as QEMU's addr= takes it ("0x1a", "1a").
+_GUEST_PCI = re.compile(r"(?:(?P<bus>[A-Za-z][A-Za-z0-9._-]*):)?(?:0x)?(?P<slot>[0-9a-fA-F]{1,2})(?:\.0)?\Z")
+# Default slots on the root bus, taken in this order by the NICs that do not
+# set guest_pci. libvirt, Proxmox VE and a plain QEMU command line all fill
+# bus 0 from its low slots up (libvirt's own hotplug takes the lowest free
+# slot), and put chipset devices at the top (q35: 0x1b sound, 0x1d USB,
+# 0x1e DMI-PCI bridge, 0x1f LPC/SATA/SMBus; Proxmox: bridges at 0x1e/0x1f).
+# README "PCI slots" has the table this comes from.
+DEFAULT_GUEST_SLOTS = (0x19, 0x1a, 0x18, 0x17, 0x16)
 
 
 def default_config_path() -> str:
@@ -59,6 +68,22 @@ class LowerSpec:
 
 
 @dataclass(frozen=True)
+class GuestPci:
+    """Where the NIC sits in the guest: a slot on the root bus, or on a named bus."""
+
+    slot: int
+    bus: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.bus}:{self.slot:#04x}" if self.bus else f"{self.slot:#04x}"
+
+    @property
+    def device_props(self) -> str:
+        """The ``-device`` properties that pin it (function 0 always)."""
+        return f"bus={self.bus},addr={self.slot:#04x}" if self.bus else f"addr={self.slot:#04x}"
+
+
+@dataclass(frozen=True)
 class NicConfig:
     id: str
     backend: str
@@ -69,6 +94,7 @@ class NicConfig:
     lower: LowerSpec | None = None
     mode: str = "bridge"
     bridge: str | None = None
+    guest_pci: GuestPci | None = None
 
     @property
     def guest_port(self) -> str:
@@ -97,6 +123,12 @@ class Settings:
     qmp_timeout: float = 5.0
     control_group: str | None = None
     netlink_rcvbuf: int = 8 * 1024 * 1024
+    # Where macvtap device nodes are made; on a filesystem without nodev.
+    device_dir: str | None = None
+
+    @property
+    def node_dir(self) -> str:
+        return self.device_dir or os.path.join(self.state_dir, "dev")
 
 
 @dataclass(frozen=True)
@@ -120,7 +152,13 @@ def derived_ifname(vm: str, nic: str) -> str:
 
 def alt_ifname(ifname: str) -> str:
     """The NIC's second backend name: make-before-break needs two at once."""
-    return f"{ifname[:13]}-r" if not ifname.endswith("-r") else f"{ifname[:13]}-s"
+    suffix = "-s" if ifname.endswith("-r") else "-r"
+    if len(ifname.encode()) <= IFNAME_MAX - 2:
+        return ifname + suffix
+    # Cut short, names sharing a prefix ("nw-web1-ua-net0", "nw-web1-ua-net1")
+    # would share a second name: a digest of the whole name keeps them apart.
+    digest = hashlib.blake2s(ifname.encode(), digest_size=3).hexdigest()
+    return f"{ifname.encode()[:7].decode(errors='ignore')}{digest}{suffix}"
 
 
 def ifname_problem(value: str) -> str | None:
@@ -234,7 +272,7 @@ class _Validator:
             self.problem("", "netwatch", "must be a table")
             return None
         self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "control_group",
-                                "netlink_rcvbuf"), where)
+                                "netlink_rcvbuf", "device_dir"), where)
         defaults = Settings()
         values: dict[str, Any] = {}
         rcvbuf = self._get(raw, "netlink_rcvbuf", where, int, "a number of bytes", False)
@@ -249,7 +287,7 @@ class _Validator:
                 values["control_group"] = group
             except KeyError:
                 self.problem(where, "control_group", f"there is no group named '{group}'")
-        for key in ("state_dir", "hooks_dir"):
+        for key in ("state_dir", "hooks_dir", "device_dir"):
             path = self.string(raw, key, where)
             if path is not None and not os.path.isabs(path):
                 self.problem(where, key, f"'{path}' must be an absolute path")
@@ -303,16 +341,39 @@ class _Validator:
             seen_ids.add(nic.id)
             seen_hubs.setdefault(nic.hub, nic.id)
             nics.append(nic)
+        nics = self.guest_slots(nics, where)
         if len(self.problems) != count or name is None or qmp is None:
             return None
         return VmConfig(name=name, qmp=qmp, nics=tuple(nics))
+
+    def guest_slots(self, nics: list[NicConfig], where: str) -> list[NicConfig]:
+        """Give every NIC without guest_pci a default slot; refuse two NICs on one slot."""
+        taken: dict[GuestPci, str] = {}
+        for nic in nics:
+            if nic.guest_pci is None:
+                continue
+            if nic.guest_pci in taken:
+                self.problem(f"{where} nic '{nic.id}'", "guest_pci",
+                             f"{nic.guest_pci} is used by NIC '{taken[nic.guest_pci]}' too")
+            taken.setdefault(nic.guest_pci, nic.id)
+        free = [GuestPci(slot) for slot in DEFAULT_GUEST_SLOTS if GuestPci(slot) not in taken]
+        placed = []
+        for nic in nics:
+            if nic.guest_pci is None:
+                if not free:
+                    self.problem(f"{where} nic '{nic.id}'", "guest_pci",
+                                 f"is required: the {len(DEFAULT_GUEST_SLOTS)} default slots are taken")
+                    continue
+                nic = replace(nic, guest_pci=free.pop(0))
+            placed.append(nic)
+        return placed
 
     def nic(self, raw: dict[str, Any], index: int, vm_name: str, vm_where: str) -> NicConfig | None:
         count = len(self.problems)
         nic_id = self.string(raw, "id", f"{vm_where} nic #{index + 1}", required=True)
         where = f"{vm_where} nic '{nic_id}'" if nic_id else f"{vm_where} nic #{index + 1}"
-        self.unknown_keys(raw, ("id", "backend", "lower", "mode", "mac", "hub", "model", "bridge", "ifname"),
-                          where)
+        self.unknown_keys(raw, ("id", "backend", "lower", "mode", "mac", "hub", "model", "bridge", "ifname",
+                                "guest_pci"), where)
         if nic_id is not None and (len(nic_id) > NIC_ID_MAX or not _QEMU_ID.match(nic_id)):
             self.problem(where, "id", f"'{nic_id}' is not a QEMU id: 1-{NIC_ID_MAX} of A-Z a-z 0-9 . _ -,"
                          " starting with a letter")
@@ -336,6 +397,7 @@ class _Validator:
         if ifname is not None:
             self.check_ifname(ifname, where, "ifname")
         lower = self.lower(raw, where)
+        guest_pci = self.guest_pci(raw, where)
         bridge = self.string(raw, "bridge", where)
         if bridge is not None:
             self.check_ifname(bridge, where, "bridge")
@@ -354,7 +416,25 @@ class _Validator:
         assert nic_id and backend and mode and mac and model is not None and isinstance(hub, int)
         return NicConfig(id=nic_id, backend=backend, mac=mac.lower(), hub=hub, model=model,
                          ifname=ifname or derived_ifname(vm_name, nic_id), lower=lower, mode=mode,
-                         bridge=bridge)
+                         bridge=bridge, guest_pci=guest_pci)
+
+    def guest_pci(self, raw: dict[str, Any], where: str) -> GuestPci | None:
+        if "guest_pci" not in raw:
+            return None
+        value = raw["guest_pci"]
+        if isinstance(value, int) and not isinstance(value, bool):
+            bus, slot = None, value
+        elif isinstance(value, str) and (match := _GUEST_PCI.match(value)):
+            bus, slot = match.group("bus"), int(match.group("slot"), 16)
+        else:
+            self.problem(where, "guest_pci", f"{value!r} is not a PCI slot like \"0x19\" or \"pci.1:0x03\"")
+            return None
+        lowest = 0 if bus is not None else 1  # slot 0 of the root bus is the host bridge
+        if not lowest <= slot <= 0x1F:
+            self.problem(where, "guest_pci", f"slot {slot:#x} is not between {lowest:#04x} and 0x1f"
+                         + ("" if bus else " on the root bus"))
+            return None
+        return GuestPci(slot=slot, bus=bus)
 
     def lower(self, raw: dict[str, Any], where: str) -> LowerSpec | None:
         if "lower" not in raw:

@@ -385,7 +385,8 @@ class NicController:
             vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=name, ifindex=created.index,
             lower=lower.name if lower else (nic.lower.describe() if nic.lower else ""),
             lower_ifindex=lower.index if lower else 0, tap_netdev=tap, hub_netdev=hub, generation=gen,
-            mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps)
+            mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps,
+            guest_pci=str(nic.guest_pci) if nic.guest_pci else None)
 
     async def _attach(self, placement: Placement) -> None:
         name = self.nic.ifname
@@ -596,6 +597,7 @@ class NicController:
             "hub": self.nic.hub if self._hub is None else self._hub,
             "mac": self.nic.mac,
             "mode": self.nic.mode,
+            "guest_pci": str(self.nic.guest_pci) if self.nic.guest_pci else None,
             "guest_link": self.guest_link,
             "swaps": self.swaps,
             "generation": self.generation,

@@ -34,6 +34,7 @@ class NicRecord:
     bridge: str | None
     qemu_pid: int | None
     swaps: int = 0
+    guest_pci: str | None = None
 
 
 class RecordStore:

@@ -92,10 +92,56 @@ def test_qemu_args_shell_and_json(good: str) -> None:
     assert args == [
         "-qmp", "unix:/run/netwatch-test/web1.qmp,server=on,wait=off",
         "-netdev", "hubport,id=nw-net0,hubid=0",
-        "-device", "virtio-net-pci,id=net0,netdev=nw-net0,mac=52:54:00:12:34:56",
+        "-device", "virtio-net-pci,id=net0,netdev=nw-net0,mac=52:54:00:12:34:56,addr=0x19",
         "-netdev", "hubport,id=nw-net1,hubid=7",
-        "-device", "e1000,id=net1,netdev=nw-net1,mac=52:54:00:12:34:57",
+        "-device", "e1000,id=net1,netdev=nw-net1,mac=52:54:00:12:34:57,addr=0x1a",
     ]
+
+
+def test_qemu_args_libvirt_block(tmp_path: Path) -> None:
+    path = tmp_path / "lv.toml"
+    path.write_text('''
+[[vm]]
+name = "web1"
+qmp = "/run/nw-qmp/web&1.qmp"
+  [[vm.nic]]
+  id = "ua-net0"
+  backend = "macvtap"
+  lower = "eth1"
+  mac = "52:54:00:12:34:56"
+  [[vm.nic]]
+  id = "ua-net1"
+  backend = "macvtap"
+  lower = "eth2"
+  mac = "52:54:00:12:34:57"
+  guest_pci = "pci.1:0x05"
+''')
+    result = run_netwatch("qemu-args", "-c", str(path), "--libvirt", "web1")
+    assert result.returncode == 0, result.stderr
+    comment, block = result.stdout.split("\n", 1)
+    assert "xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" in comment
+    assert comment.startswith("<!--") and comment.endswith("-->")
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring(f"<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>{block}</domain>")
+    ns = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+    args = [arg.get("value") for arg in root.iter(f"{ns}arg")]
+    as_json = json.loads(run_netwatch("qemu-args", "-c", str(path), "--json", "web1").stdout)
+    assert args == as_json
+    assert args[1] == "unix:/run/nw-qmp/web&1.qmp,server=on,wait=off"
+    assert args[5].endswith(",addr=0x19") and args[9].endswith(",bus=pci.1,addr=0x05")
+
+
+@pytest.mark.parametrize("nic_id", ["net0", "hostnet3", "video0", "pci.1", "sata0-0-0", "virtio-disk2"])
+def test_qemu_args_libvirt_refuses_libvirt_ids(tmp_path: Path, nic_id: str) -> None:
+    path = tmp_path / "lv.toml"
+    path.write_text(f'[[vm]]\nname = "web1"\nqmp = "/run/w.qmp"\n[[vm.nic]]\nid = "{nic_id}"\n'
+                    'backend = "macvtap"\nlower = "eth1"\nmac = "52:54:00:12:34:56"\n')
+    result = run_netwatch("qemu-args", "-c", str(path), "--libvirt", "web1")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (f"netwatch: VM 'web1' NIC '{nic_id}': libvirt uses ids like '{nic_id}' for "
+                                     f"its own devices ('Duplicate device ID'); use an id starting 'ua-', "
+                                     f"such as 'ua-{nic_id}'")
+    assert run_netwatch("qemu-args", "-c", str(path), "web1").returncode == 0, "plain QEMU has no such ids"
 
 
 def test_qemu_args_unknown_vm(good: str) -> None:

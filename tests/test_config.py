@@ -134,6 +134,13 @@ BAD_CASES = [
     (NIC + MACVTAP + 'ifname = "shared0"\n' + NIC.replace('"v"', '"w"').replace("/run/v", "/run/w") + MACVTAP
      + 'ifname = "shared0"\n', "key 'ifname': 'shared0' is used by v/net0 too"),
     ("[[vm]\nname = 1", "invalid TOML"),
+    (NIC + MACVTAP + 'guest_pci = "0x20"\n', "key 'guest_pci': slot 0x20 is not between 0x01 and 0x1f on the root bus"),
+    (NIC + MACVTAP + "guest_pci = 0\n", "key 'guest_pci': slot 0x0 is not between 0x01 and 0x1f"),
+    (NIC + MACVTAP + 'guest_pci = "slot 3"\n', "key 'guest_pci': 'slot 3' is not a PCI slot like \"0x19\""),
+    (NIC + MACVTAP + "guest_pci = true\n", "key 'guest_pci': True is not a PCI slot"),
+    (NIC + MACVTAP + 'guest_pci = "0x10"\n[[vm.nic]]\n' + MACVTAP.replace("net0", "net1").replace("56", "57")
+     + "guest_pci = 16\n", "nic 'net1': key 'guest_pci': 0x10 is used by NIC 'net0' too"),
+    ("[netwatch]\ndevice_dir = \"dev\"\n", "key 'device_dir': 'dev' must be an absolute path"),
 ]
 
 
@@ -163,3 +170,21 @@ def test_derived_ifname_is_stable_and_short() -> None:
     long = config.derived_ifname("a" * 40, "net0")
     assert long == config.derived_ifname("a" * 40, "net0") and len(long) == 15
     assert long != config.derived_ifname("a" * 40, "net1")
+
+
+def test_alt_ifnames_of_long_names_stay_apart() -> None:
+    # 15-byte names sharing 13 leading bytes once shared their second name.
+    first, second = config.alt_ifname("nw-web1-ua-net0"), config.alt_ifname("nw-web1-ua-net1")
+    assert first != second and len(first) == len(second) == 15
+    assert config.alt_ifname("nw-vm1-net0") == "nw-vm1-net0-r"
+    assert config.alt_ifname(first) != first
+
+
+def test_guest_pci_defaults_skip_explicit_slots(tmp_path: Path) -> None:
+    nics = "".join("[[vm.nic]]\n" + MACVTAP.replace("net0", f"net{i}").replace(":56", f":5{i}")
+                   + (f"guest_pci = {config.DEFAULT_GUEST_SLOTS[0]}\n" if i == 2 else "") for i in range(3))
+    path = tmp_path / "netwatch.toml"
+    path.write_text('[[vm]]\nname = "v"\nqmp = "/run/v.qmp"\n' + nics)
+    slots = [nic.guest_pci for nic in config.load(str(path)).vms[0].nics]
+    assert [s.slot for s in slots if s] == [*config.DEFAULT_GUEST_SLOTS[1:3], config.DEFAULT_GUEST_SLOTS[0]]
+    assert str(slots[2]) == f"{config.DEFAULT_GUEST_SLOTS[0]:#04x}"

@@ -116,7 +116,7 @@ def test_link_events_reach_only_the_nics_they_concern(tmp_path: Path) -> None:
     from netwatch.records import RecordStore
 
     nics = "".join(f'[[vm.nic]]\nid = "n{i}"\nbackend = "macvtap"\nlower = "eth{i}"\nmac = "52:54:00:00:00:{i:02x}"\n'
-                   for i in range(1, 41))
+                   f'guest_pci = "pci.{1 + i // 32}:{i % 32:#x}"\n' for i in range(1, 41))
     path = tmp_path / "netwatch.toml"
     path.write_text(f'[netwatch]\nstate_dir = "{tmp_path}"\n[[vm]]\nname = "v"\nqmp = "{tmp_path}/v.qmp"\n{nics}')
 
