@@ -7,6 +7,8 @@ attaches the fields the journal handler turns into NETWATCH_* fields.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("netwatch")
@@ -46,28 +48,46 @@ def emit(kind: str, message: str, *, vm: str | None = None, nic: str | None = No
 
 
 class PlainFormatter(logging.Formatter):
-    """One line per entry for stderr: ``vm/nic: message``."""
+    """One line per entry for stderr, with a UTC timestamp and the journal's fields as text:
+
+    ``2026-11-22T01:02:03.456Z netwatch[42]: warning: web1/net0: lower eth1 is gone [event=lower-lost lower=eth1]``
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         vm = getattr(record, "nw_vm", None)
         nic = getattr(record, "nw_nic", None)
         where = "/".join(part for part in (vm, nic) if part)
-        text = record.getMessage()
-        line = f"{record.levelname.lower()}: {where}: {text}" if where else f"{record.levelname.lower()}: {text}"
+        text = one_line(record.getMessage())
         if record.exc_info and record.levelno >= logging.ERROR:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            text += " | " + one_line(self.formatException(record.exc_info))
+        fields = {"event": getattr(record, "nw_event", None), "lower": getattr(record, "nw_lower", None),
+                  **(getattr(record, "nw_fields", None) or {})}
+        extra = " ".join(f"{key}={one_line(str(value))}" for key, value in fields.items() if value is not None)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f"{stamp} netwatch[{record.process}]: {record.levelname.lower()}: "
+        line += f"{where}: {text}" if where else text
+        return f"{line} [{extra}]" if extra else line
+
+
+def one_line(text: str) -> str:
+    """Control characters escaped: a value (QEMU's error text, say) cannot start a new line or move the cursor."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def setup(verbose: bool = False) -> None:
-    """Log to the journal when there is one, else plain lines on stderr."""
+    """Log to the journal when there is one (or systemd started us), else plain lines on stderr.
+
+    The journal handler falls back to the same plain lines whenever the
+    journal refuses a message, and uses the journal again once it answers.
+    """
     from .journal import JournalHandler
-    handler: logging.Handler
-    if JournalHandler.available():
-        handler = JournalHandler()
-    else:
-        handler = logging.StreamHandler()
-        handler.setFormatter(PlainFormatter())
+    plain = logging.StreamHandler()
+    plain.setFormatter(PlainFormatter())
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    handler: logging.Handler = JournalHandler(fallback=plain) if under_systemd or JournalHandler.available() \
+        else plain
+    # A handler that fails (stderr closed, say) must not print a traceback per message.
+    logging.raiseExceptions = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

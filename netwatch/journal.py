@@ -1,12 +1,13 @@
 """journald's native protocol: one datagram per entry, structured fields.
 
 Entries too large for a datagram go in a sealed memfd passed over
-SCM_RIGHTS, as journald expects. Without a journal socket, netwatch logs
-plain lines to stderr instead (see events.setup).
+SCM_RIGHTS, as journald expects. Without a journal socket, or while it
+refuses, netwatch logs plain lines to stderr instead (see events.setup).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -54,12 +55,21 @@ def field_name(name: str) -> str:
 
 
 class JournalHandler(logging.Handler):
-    """Sends records to journald with netwatch's NETWATCH_* fields."""
+    """Sends records to journald with netwatch's NETWATCH_* fields.
 
-    def __init__(self, path: str | None = None) -> None:
+    A journal that refuses (journald restarting, a stale socket file, a full
+    queue) costs no message: the record goes to ``fallback`` (plain lines on
+    stderr) and the journal is tried again with the next record. The socket
+    never blocks, so a stuck journald cannot stall the event loop.
+    """
+
+    def __init__(self, path: str | None = None, fallback: logging.Handler | None = None) -> None:
         super().__init__()
         self.path = path or socket_path()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self.fallback = fallback or logging.StreamHandler()
+        self.down: str | None = None  # why the journal refused, while it does
+        self.diverted = 0
 
     @staticmethod
     def available(path: str | None = None) -> bool:
@@ -90,9 +100,32 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.send(encode(self.fields(record)))
-        except Exception:  # noqa: BLE001 - logging must never take the service down
-            self.handleError(record)
+            payload = encode(self.fields(record))
+            self.send(payload)
+        except OSError as exc:
+            self._divert(record, f"the journal at {self.path} refused a message ({exc.strerror or exc})")
+            return
+        except Exception as exc:  # noqa: BLE001 - logging must never take the service down
+            self._divert(record, f"a message could not be encoded for the journal ({exc!r})")
+            return
+        if self.down is not None:
+            self.down = None
+            self._fallback_line(f"the journal at {self.path} answers again; {self.diverted} messages went to "
+                                "stderr meanwhile", logging.WARNING)
+            self.diverted = 0
+
+    def _divert(self, record: logging.LogRecord, why: str) -> None:
+        if self.down is None:
+            self.down = why
+            self._fallback_line(f"{why}; logging plain lines to stderr until it answers", logging.WARNING)
+        self.diverted += 1
+        with contextlib.suppress(Exception):  # nowhere left to report to
+            self.fallback.handle(record)
+
+    def _fallback_line(self, message: str, level: int) -> None:
+        record = logging.LogRecord("netwatch", level, __file__, 0, message, None, None)
+        with contextlib.suppress(Exception):
+            self.fallback.handle(record)
 
     def send(self, payload: bytes) -> None:
         try:
@@ -114,4 +147,5 @@ class JournalHandler(logging.Handler):
 
     def close(self) -> None:
         self.sock.close()
+        self.fallback.close()
         super().close()

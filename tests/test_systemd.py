@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -76,24 +77,53 @@ def test_catalog_explains_every_message_id(tmp_path: Path) -> None:
         assert f"{event.message_id} netwatch:" in listed, kind
 
 
+class Journald:
+    """A journald of our own (a journal namespace) that a test may stop and start again."""
+
+    def __init__(self) -> None:
+        assert JOURNALD is not None
+        self.namespace = f"nwt{uuid.uuid4().hex[:8]}"
+        self.run_dir = Path(f"/run/systemd/journal.{self.namespace}")
+        self.socket = str(self.run_dir / "socket")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert JOURNALD is not None
+        # A socket file left by the previous run must not count as the new one's.
+        Path(self.socket).unlink(missing_ok=True)
+        self.proc = subprocess.Popen([JOURNALD, self.namespace], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(lambda: Path(self.socket).exists(), 10, "journald's socket")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        machine = Path("/etc/machine-id").read_text().strip()
+        for base in ("/var/log/journal", "/run/log/journal"):
+            shutil.rmtree(f"{base}/{machine}.{self.namespace}", ignore_errors=True)
+
+
 @pytest.fixture
-def journald() -> Iterator[str]:
-    """A journald of our own (a journal namespace), stopped and removed afterwards."""
+def journald_ctl() -> Iterator[Journald]:
     if JOURNALD is None:
         pytest.skip("needs systemd-journald")
-    namespace = f"nwt{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen([JOURNALD, namespace], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_dir = Path(f"/run/systemd/journal.{namespace}")
-    machine = Path("/etc/machine-id").read_text().strip()
+    daemon = Journald()
     try:
-        wait_until(lambda: (run_dir / "socket").exists(), 10, "journald's socket")
-        yield namespace
+        daemon.start()
+        yield daemon
     finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        for base in ("/var/log/journal", "/run/log/journal"):
-            shutil.rmtree(f"{base}/{machine}.{namespace}", ignore_errors=True)
+        daemon.remove()
+
+
+@pytest.fixture
+def journald(journald_ctl: Journald) -> str:
+    return journald_ctl.namespace
 
 
 def journal(namespace: str) -> list[dict[str, str]]:
@@ -147,3 +177,60 @@ def test_large_entries_go_through_a_memfd(journald: str) -> None:
     entries = wait_until(lambda: [e for e in journal(journald) if str(e.get("MESSAGE", "")).startswith("big: ")],
                          10, "the large entry")
     assert len(entries[0]["MESSAGE"]) == 400_005
+
+
+STAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z netwatch\[\d+\]: (\w+): (.*)")
+
+
+def stamped_lines(text: str) -> list[str]:
+    """Every line must be one timestamped entry: no traceback, no stray output."""
+    lines = text.splitlines()
+    assert lines and all(STAMPED.match(line) for line in lines), text[-3000:]
+    assert "Traceback" not in text
+    return lines
+
+
+@pytest.mark.integration
+def test_a_stale_journal_socket_loses_no_message(world: World, short_tmp: Path) -> None:
+    stale = str(short_tmp / "journal.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(stale)
+    sock.close()  # the file stays, nobody listens: what a crashed journald leaves
+    world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": "52:54:00:ee:00:02"})
+    world.lower("lo0", "wi0")
+    world.start_qemu("vm1")
+    netwatch = world.start_netwatch(env={"NETWATCH_JOURNAL_SOCKET": stale})
+    world.wait_state("vm1", "net0", "attached")
+    wait_until(lambda: "[event=attached" in netwatch.log(), 10, "the attach on stderr", world.dump)
+    lines = stamped_lines(netwatch.log())
+    assert f"the journal at {stale} refused a message (Connection refused)" in lines[0]
+    assert any("vm1/net0:" in line and "[event=attached lower=lo0" in line for line in lines)
+
+
+@pytest.mark.integration
+def test_journald_restarted_under_netwatch(world: World, journald_ctl: Journald) -> None:
+    world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": "52:54:00:ee:00:03"})
+    world.lower("lo0", "wi0")
+    world.start_qemu("vm1")
+    netwatch = world.start_netwatch(env={"NETWATCH_JOURNAL_SOCKET": journald_ctl.socket})
+    world.wait_state("vm1", "net0", "attached")
+    kinds = lambda: [e.get("NETWATCH_EVENT") for e in journal(journald_ctl.namespace)]  # noqa: E731
+    wait_until(lambda: "attached" in kinds(), 10, "the attach in the journal", world.dump)
+    assert netwatch.log() == "", "nothing on stderr while the journal answers"
+
+    journald_ctl.stop()
+    world.delete_link("lo0")
+    world.wait_state("vm1", "net0", "waiting-lower")
+    wait_until(lambda: "[event=lower-lost" in netwatch.log(), 10, "lower-lost on stderr", world.dump)
+    lines = stamped_lines(netwatch.log())
+    assert "refused a message" in lines[0] and "logging plain lines to stderr until it answers" in lines[0]
+    assert any(STAMPED.match(line).group(1) == "warning" and "vm1/net0:" in line  # type: ignore[union-attr]
+               and "[event=lower-lost lower=lo0" in line for line in lines)
+
+    journald_ctl.start()
+    world.lower("lo0", "wi0")
+    world.wait_state("vm1", "net0", "attached")
+    wait_until(lambda: "lower-back" in kinds(), 10, "lower-back in the restarted journal", world.dump)
+    lines = stamped_lines(netwatch.log())
+    assert "answers again" in lines[-1] and "messages went to stderr meanwhile" in lines[-1]
+    assert not any("lower-back" in line for line in lines), "once it answers, the journal gets the entries"
