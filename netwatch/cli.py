@@ -135,7 +135,8 @@ def _status_text(result: dict[str, Any]) -> str:
         for nic in vm.get("nics", []):
             lower = nic["lower"] + (f" (ifindex {nic['lower_ifindex']})" if nic["lower_present"] else " (absent)")
             lines.append(f"  {nic['id']:<10} {nic['state']:<14} {nic['backend']} {nic['ifname']} on {lower}, "
-                         f"netdev {nic['netdev'] or '-'}, {nic['swaps']} swaps, since {nic['last_change']}")
+                         f"netdev {nic['netdev'] or '-'}, guest PCI {nic.get('guest_pci') or '-'}, "
+                         f"{nic['swaps']} swaps, since {nic['last_change']}")
             if nic["state"] in ("failed", "waiting-lower", "waiting-vm"):
                 lines.append(f"  {'':<10} {nic['cause']}")
     return "\n".join(lines) if lines else "no VMs configured"
