@@ -139,7 +139,9 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, profile: b
     state = os.path.join(workdir, "state")
     write_config(cfg_path, state, [
         {"name": f"sc{v:02d}", "qmp": os.path.join(workdir, f"sc{v:02d}.qmp"),
-         "nics": [{"id": f"net{n}", "backend": "macvtap", "lower": LOWER, "mac": mac(v, n)} for n in range(nics)]}
+         # More NICs than netwatch has default slots for: pinned in a row, as an admin would.
+         "nics": [{"id": f"net{n}", "backend": "macvtap", "lower": LOWER, "mac": mac(v, n), "guest_pci": 0x08 + n}
+                  for n in range(nics)]}
         for v in range(vms)])
     config = config_mod.load(cfg_path)
     asyncio.run(veth_up(LOWER, WIRE))

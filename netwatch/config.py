@@ -41,12 +41,14 @@ IFNAME_MAX = 15
 # guest_pci: "[bus:]slot", slot in hex as QEMU's addr= takes it ("0x1a", "1a").
 _GUEST_PCI = re.compile(r"(?:(?P<bus>[A-Za-z][A-Za-z0-9._-]*):)?(?:0x)?(?P<slot>[0-9a-fA-F]{1,2})(?:\.0)?\Z")
 # Default slots on the root bus, taken in this order by the NICs that do not
-# set guest_pci. libvirt, Proxmox VE and a plain QEMU command line all fill
-# bus 0 from its low slots up (libvirt's own hotplug takes the lowest free
-# slot), and put chipset devices at the top (q35: 0x1b sound, 0x1d USB,
-# 0x1e DMI-PCI bridge, 0x1f LPC/SATA/SMBus; Proxmox: bridges at 0x1e/0x1f).
-# README "PCI slots" has the table this comes from.
-DEFAULT_GUEST_SLOTS = (0x19, 0x1a, 0x18, 0x17, 0x16)
+# set guest_pci. libvirt and a plain QEMU command line fill bus 0 from its
+# low slots up (libvirt's own hotplug takes the lowest free slot too) and
+# put chipset devices at the top on q35 (0x1a/0x1d USB, 0x1b sound, 0x1c
+# root ports, 0x1e DMI-PCI bridge, 0x1f LPC/SATA/SMBus). Proxmox VE maps
+# every slot of bus 0 on pc: these are its vga1-3 (0x18-0x1a, Windows with
+# multi-monitor qxl only) and net5..net3 (0x17-0x15), and on q35 its NICs
+# sit behind a bridge. README "PCI slots" has the whole table.
+DEFAULT_GUEST_SLOTS = (0x19, 0x18, 0x17, 0x16, 0x15, 0x13, 0x12)
 
 
 def default_config_path() -> str:

@@ -94,7 +94,7 @@ def test_qemu_args_shell_and_json(good: str) -> None:
         "-netdev", "hubport,id=nw-net0,hubid=0",
         "-device", "virtio-net-pci,id=net0,netdev=nw-net0,mac=52:54:00:12:34:56,addr=0x19",
         "-netdev", "hubport,id=nw-net1,hubid=7",
-        "-device", "e1000,id=net1,netdev=nw-net1,mac=52:54:00:12:34:57,addr=0x1a",
+        "-device", "e1000,id=net1,netdev=nw-net1,mac=52:54:00:12:34:57,addr=0x18",
     ]
 
 
