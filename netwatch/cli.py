@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 from . import config as config_mod
 from . import control, events
 from .errors import BadRequest, ConfigError, ControlError, NetwatchError
+from .untrusted import clean
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -128,17 +129,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _status_text(result: dict[str, Any]) -> str:
+    # Every value is shown through clean(): a cause may quote QEMU, which a
+    # guest may own, and an older service may not have cleaned it.
     lines = []
     for vm in result.get("vms", []):
         state = f"connected, QEMU pid {vm.get('qemu_pid')}" if vm.get("connected") else "not connected"
-        lines.append(f"{vm['name']}: {state} ({vm['qmp']})")
+        lines.append(f"{clean(vm['name'])}: {state} ({clean(vm['qmp'])})")
         for nic in vm.get("nics", []):
-            lower = nic["lower"] + (f" (ifindex {nic['lower_ifindex']})" if nic["lower_present"] else " (absent)")
-            lines.append(f"  {nic['id']:<10} {nic['state']:<14} {nic['backend']} {nic['ifname']} on {lower}, "
-                         f"netdev {nic['netdev'] or '-'}, guest PCI {nic.get('guest_pci') or '-'}, "
-                         f"{nic['swaps']} swaps, since {nic['last_change']}")
+            lower = clean(nic["lower"]) + (f" (ifindex {nic['lower_ifindex']})" if nic["lower_present"]
+                                           else " (absent)")
+            lines.append(f"  {clean(nic['id']):<10} {clean(nic['state']):<14} {clean(nic['backend'])} "
+                         f"{clean(nic['ifname'])} on {lower}, netdev {clean(nic['netdev'] or '-')}, "
+                         f"guest PCI {clean(nic.get('guest_pci') or '-')}, {nic['swaps']} swaps, "
+                         f"since {clean(nic['last_change'])}")
             if nic["state"] in ("failed", "waiting-lower", "waiting-vm"):
-                lines.append(f"  {'':<10} {nic['cause']}")
+                lines.append(f"  {'':<10} {clean(nic['cause'])}")
     return "\n".join(lines) if lines else "no VMs configured"
 
 

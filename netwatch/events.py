@@ -11,6 +11,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from .untrusted import one_line
+
 log = logging.getLogger("netwatch")
 
 
@@ -67,11 +69,6 @@ class PlainFormatter(logging.Formatter):
         line = f"{stamp} netwatch[{record.process}]: {record.levelname.lower()}: "
         line += f"{where}: {text}" if where else text
         return f"{line} [{extra}]" if extra else line
-
-
-def one_line(text: str) -> str:
-    """Control characters escaped: a value (QEMU's error text, say) cannot start a new line or move the cursor."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def setup(verbose: bool = False) -> None:

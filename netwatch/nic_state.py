@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from . import events
+from .untrusted import clean
 
 
 class NicState(enum.Enum):
@@ -53,6 +54,8 @@ class NicStateMachine:
             return False
         if new not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"{self.vm}/{self.nic}: {self.state.value} -> {new.value} ({cause})")
+        # A cause may quote QEMU's or the kernel's words: kept to one short line.
+        cause = clean(cause)
         old, self.state, self.cause, self.changed_at = self.state, new, cause, time.time()
         events.emit(_EVENT_FOR[new], f"{old.value} -> {new.value}: {cause}", vm=self.vm, nic=self.nic,
                     lower=lower, state=new.value, previous=old.value)
