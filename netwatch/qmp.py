@@ -15,17 +15,19 @@ import re
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import ConnectError, QMPClient, QMPError, Runstate
+from qemu.qmp import QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
 from . import events, tasks
 from .errors import QmpError
+from .untrusted import clean
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class _Client(QMPClient):
 
 
 ANNOUNCE_GATHER = 0.01
+# Seconds a QMP session must last before a reconnect is immediate again.
+STABLE_SESSION = 5.0
 
 
 def default_connect_wait() -> wait_base:
@@ -126,8 +130,10 @@ class VmSession:
         """
         if self._pidfd is None:
             return False
-        readable, _, _ = select.select([self._pidfd], [], [], 0)
-        return not readable
+        # poll, not select: select() cannot watch an fd numbered 1024 or more.
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def _watch_pid(self, pid: int | None) -> None:
         self._unwatch_pid()
@@ -162,8 +168,29 @@ class VmSession:
         self._unwatch_pid()
 
     async def _run(self) -> None:
+        # Supervised: whatever ends a session (QEMU, qemu.qmp, or a bug here)
+        # is reported and followed by a new attempt, never by silence. A peer
+        # that keeps hanging up soon after connecting meets a growing delay:
+        # only a session that lasted resets it.
+        short_sessions = 0
         while True:
-            client = await self._connect()
+            started = time.monotonic()
+            try:
+                await self._session(short_sessions)
+            except Exception as exc:
+                log.debug("%s: QMP session failed", self.name, exc_info=True)
+                events.emit("error", f"QMP session on {self.path} failed: {clean(exc)}", vm=self.name)
+                await self._drop()
+                self.on_change()
+            short_sessions = 0 if time.monotonic() - started >= STABLE_SESSION else short_sessions + 1
+
+    async def _session(self, short_sessions: int) -> None:
+        if short_sessions:
+            state = RetryCallState(AsyncRetrying(), None, (), {})
+            state.attempt_number = short_sessions
+            await asyncio.sleep(self.connect_wait(state))
+        client = await self._connect()
+        try:
             self._client = client
             self.session += 1
             self.pid = _peer_pid(client)
@@ -173,9 +200,10 @@ class VmSession:
             self.on_change()
             while client.runstate == Runstate.RUNNING:
                 await client.runstate_changed()
+        finally:
             await self._drop()
-            events.emit("vm-gone", "QMP connection to QEMU closed", vm=self.name)
-            self.on_change()
+        events.emit("vm-gone", "QMP connection to QEMU closed", vm=self.name)
+        self.on_change()
 
     async def _connect(self) -> QMPClient:
         async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(QmpError),
@@ -192,9 +220,11 @@ class VmSession:
         try:
             async with asyncio.timeout(self.timeout):
                 await client.connect(self.path)
-        except (TimeoutError, ConnectError, OSError, EOFError) as exc:
+        except Exception as exc:
+            # Not only ConnectError/OSError: a peer that hangs up right after
+            # its greeting makes qemu.qmp's connect() raise AssertionError.
             await _quiet_disconnect(client)
-            raise QmpError(f"cannot connect to {self.path}: {exc}") from exc
+            raise QmpError(f"cannot connect to {self.path}: {clean(exc) or type(exc).__name__}") from exc
         return client
 
     async def _drop(self) -> None:
@@ -212,7 +242,8 @@ class VmSession:
         except TimeoutError as exc:
             raise QmpError(f"{command} got no answer within {self.timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:
-            raise QmpError(f"{command} failed: {exc}") from exc
+            # QEMU's words: a guest that owns QEMU chooses them.
+            raise QmpError(f"{command} failed: {clean(exc)}") from exc
 
     async def pass_fd(self, fd: int, fdname: str) -> None:
         """Hand ``fd`` to QEMU under ``fdname`` (getfd over SCM_RIGHTS)."""
