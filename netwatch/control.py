@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0
+# Idle clients cost a file descriptor each: past this many, new ones are
+# refused at once, so other users cannot starve netwatch of fds.
+MAX_CLIENTS = 32
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -74,11 +77,16 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        # Who may not use netwatch is turned away before taking a client slot.
+        refusal = ("permission denied" if not peer_allowed(_peer_creds(writer), self.group) else
+                   f"too many control connections ({MAX_CLIENTS})" if len(self._clients) >= MAX_CLIENTS else None)
+        if refusal is not None:
+            with contextlib.suppress(OSError):
+                await _send(writer, {"ok": False, "error": refusal})
+            writer.close()
+            return
         self._clients.add(task)
         try:
-            if not peer_allowed(_peer_creds(writer), self.group):
-                await _send(writer, {"ok": False, "error": "permission denied"})
-                return
             while True:
                 try:
                     async with asyncio.timeout(REQUEST_TIMEOUT):
