@@ -48,7 +48,7 @@ from common import run_in_netns, summary
 
 from netwatch import config as config_mod
 from netwatch import control
-from netwatch.chardev import macvtap_devnum, open_chardev
+from netwatch.chardev import open_macvtap
 from netwatch.errors import NetwatchError
 from netwatch.guest import ECHO_PORT, SINK_PORT, SOURCE_PORT, Serial, build
 from netwatch.sandbox import Netwatch, Qemu, exit_on_sigterm, wait_until, write_config
@@ -96,7 +96,7 @@ def straight_macvtap(path: Wiring, workdir: str) -> tuple[int, list[str]]:
        "mode", "bridge")
     ip("link", "set", path.ifname, "up")
     index = socket.if_nametoindex(path.ifname)
-    fd = open_chardev(macvtap_devnum(path.ifname, index), os.path.join(workdir, "nodes"), path.ifname)
+    fd = open_macvtap(path.ifname, index, os.path.join(workdir, "nodes"))
     return fd, ["-netdev", f"tap,id={path.name},fd={fd}", "-device",
                 f"virtio-net-pci,netdev={path.name},mac={path.mac}"]
 

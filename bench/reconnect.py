@@ -31,7 +31,7 @@ from qemu.qmp import QMPClient
 
 from netwatch import config as config_mod
 from netwatch import control
-from netwatch.chardev import macvtap_devnum, open_chardev
+from netwatch.chardev import open_macvtap
 from netwatch.config import NicConfig, VmConfig
 from netwatch.sandbox import (
     Netwatch,
@@ -74,7 +74,7 @@ class StraightSwap:
         await self.ipr.link("add", ifname="fl-mvtap", kind="macvtap", link=lower_index, macvtap_mode="bridge",
                             address=FL_MAC, state="up")
         index = (await self.ipr.link_lookup(ifname="fl-mvtap"))[0]
-        fd = open_chardev(macvtap_devnum("fl-mvtap", index), self.node_dir, "fl-mvtap")
+        fd = open_macvtap("fl-mvtap", index, self.node_dir)
         try:
             self.qmp.send_fd_scm(fd)
             await self.qmp.execute("getfd", {"fdname": f"fl-fd{self.gen}"})

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .chardev import macvtap_devnum, open_chardev
+from .chardev import open_macvtap
 from .config import LowerSpec, NicConfig
 from .errors import DeviceError, LinkError, NetwatchError
 from .linkops import LinkOps
@@ -109,7 +109,7 @@ class MacvtapDriver:
         assert placement.lower is not None
         index = await ops.add_macvtap(name, placement.lower.index, nic.mac, nic.mode)
         try:
-            fd = open_chardev(macvtap_devnum(name, index), node_dir, name)
+            fd = open_macvtap(name, index, node_dir)
         except DeviceError:
             await ops.delete(index)
             raise

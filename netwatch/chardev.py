@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
 
 from .errors import DeviceError
+from .untrusted import clean
 
 
 def macvtap_devnum(name: str, index: int, sysfs: str = "/sys/class/net") -> int:
@@ -56,6 +58,46 @@ def open_chardev(devnum: int, node_dir: str, label: str) -> int:
         os.close(fd)
         raise DeviceError(f"the device opened for {label} is not the one sysfs names")
     return fd
+
+
+# TUNGETIFF = _IOR('T', 210, unsigned int): a tap or macvtap fd's interface name and flags.
+TUNGETIFF = 0x800454D2
+
+
+def open_macvtap(name: str, index: int, node_dir: str, sysfs: str = "/sys/class/net") -> int:
+    """Open the character device of macvtap ``name`` (ifindex ``index``) and prove the fd is it.
+
+    Macvtap minors are global and reused at once: the number read from
+    sysfs may, by the time the node is opened, belong to another macvtap
+    (another namespace's, another tenant's). The fd is kept only when the
+    device itself names ``name`` (TUNGETIFF) and sysfs still gives ``name``
+    that ifindex and the fd's device number.
+    """
+    devnum = macvtap_devnum(name, index, sysfs)
+    fd = open_chardev(devnum, node_dir, name)
+    try:
+        verify_macvtap(fd, name, index, sysfs)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def verify_macvtap(fd: int, name: str, index: int, sysfs: str = "/sys/class/net") -> None:
+    try:
+        ifreq = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    except OSError as exc:
+        raise DeviceError(f"the device opened for {name} is not a macvtap (TUNGETIFF: {exc.strerror or exc})") from exc
+    named = ifreq[:16].split(b"\0", 1)[0].decode(errors="replace")
+    if named != name:
+        raise DeviceError(f"the device opened for {name} belongs to {clean(named, 16)}: its number was reused")
+    try:
+        same_index = int((Path(sysfs) / name / "ifindex").read_text()) == index
+        same_dev = macvtap_devnum(name, index, sysfs) == os.fstat(fd).st_rdev
+    except (OSError, ValueError, DeviceError):
+        same_index = same_dev = False
+    if not (same_index and same_dev):
+        raise DeviceError(f"the device opened for {name} is not the macvtap with ifindex {index} any more")
 
 
 def _nodev_hint(node_dir: str, exc: OSError) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from netwatch.chardev import open_chardev
+from netwatch.sandbox import Netns
 
 # /dev/null stands in for a macvtap: the node-making steps are the same.
 OPEN_NULL = ("import os, sys\nfrom netwatch.chardev import open_chardev\nfrom netwatch.errors import DeviceError\n"
@@ -46,3 +47,42 @@ def test_a_nodev_directory_says_open_and_why(tmp_path: Path) -> None:
     assert result.stdout.strip() == (
         f"cannot open the device node of nw-x in {tmp_path} (open failed: Permission denied); {tmp_path} is on a "
         "filesystem mounted nodev: set device_dir to a directory on one without nodev")
+
+
+REUSED = """
+import os, subprocess, sys
+from netwatch.chardev import macvtap_devnum, open_chardev, open_macvtap, verify_macvtap
+from netwatch.errors import DeviceError
+def ip(*args):
+    subprocess.run(["ip", *args], check=True)
+def index(name):
+    return int(open(f"/sys/class/net/{name}/ifindex").read())
+ip("link", "add", "nwt-low", "type", "veth", "peer", "name", "nwt-wire")
+ip("link", "add", "nwt-mva", "link", "nwt-low", "type", "macvtap")
+a = index("nwt-mva")
+stale = macvtap_devnum("nwt-mva", a)
+ip("link", "del", "nwt-mva")
+ip("link", "add", "nwt-mvb", "link", "nwt-low", "type", "macvtap")
+b = index("nwt-mvb")
+print("reused" if macvtap_devnum("nwt-mvb", b) == stale else "not reused")
+fd = open_chardev(stale, sys.argv[1], "nwt-mva")  # what netwatch checked before: passes
+try:
+    verify_macvtap(fd, "nwt-mva", a)
+except DeviceError as exc:
+    print(exc)
+os.close(fd)
+os.close(open_macvtap("nwt-mvb", b, sys.argv[1]))
+print("own opened")
+"""
+
+
+@root_only
+@pytest.mark.integration
+def test_a_reused_macvtap_number_is_refused(netns: Netns, tmp_path: Path) -> None:
+    # Minors are global and reused at once: a number read for one macvtap
+    # opens the next one made, which the device-number comparison let through.
+    result = subprocess.run(netns.exec_argv(sys.executable, "-c", REUSED, str(tmp_path)), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "reused", "the device opened for nwt-mva belongs to nwt-mvb: its number was reused", "own opened"]
