@@ -12,11 +12,13 @@ from typing import Any
 from tenacity.wait import wait_base
 
 from . import events, tasks
+from .backends import tap_mac
 from .config import Config, VmConfig
 from .errors import BadRequest, ConfigError
 from .links import Link
 from .nic import NicController, NicEnv
 from .qmp import VmSession
+from .records import NicRecord
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,13 @@ class Reconciler:
             if (record.vm, record.nic) in configured:
                 continue
             link = self.env.links.get(record.ifindex)
-            if link is not None and link.name == record.ifname:
+            if link is not None and link.name == record.ifname and _made_by_netwatch(link, record):
                 log.info("removing %s left for %s/%s, which is no longer configured",
                          record.ifname, record.vm, record.nic)
                 await self.env.ops.delete(record.ifindex)
+            elif link is not None and link.name == record.ifname:
+                log.warning("not removing %s: the record of %s/%s names it, but it is not the %s netwatch made",
+                            record.ifname, record.vm, record.nic, record.backend)
             self.env.records.remove(record.vm, record.nic)
             self.env.hooks.submit("down", "stop", record)
 
@@ -233,3 +238,15 @@ class Reconciler:
         waiting = states["waiting-vm"] + states["waiting-lower"] + states["attaching"]
         return (f"{len(self.vms)} VMs ({connected} connected), {sum(states.values())} NICs: "
                 f"{states['attached']} attached, {waiting} waiting, {states['failed']} failed")
+
+
+def _made_by_netwatch(link: Link, record: NicRecord) -> bool:
+    """Whether ``link`` is the kind of link the record's backend is, with the MAC netwatch gave it.
+
+    A record is only a file: before a link it names is deleted, the link
+    itself must say it is netwatch's (a macvtap with the guest's MAC, or a
+    tap with the guest MAC's fe: form).
+    """
+    if record.backend == "macvtap":
+        return link.kind == "macvtap" and link.mac == record.mac
+    return link.kind == "tun" and link.mac == tap_mac(record.mac)

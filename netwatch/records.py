@@ -8,11 +8,17 @@ the record, the kernel and QEMU all agree on it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .config import ifname_problem
+from .errors import NetwatchError
+from .untrusted import clean
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +43,59 @@ class NicRecord:
     guest_pci: str | None = None
 
 
+class RecordError(NetwatchError):
+    """A record could not be read for a reason that may pass (EMFILE, EIO): retry, do not assume none."""
+
+
+# The shapes of VM names and NIC ids that config accepts: a record's path
+# components must have them, so no record names a file outside its directory.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "vm": (str,), "nic": (str,), "backend": (str,), "ifname": (str,), "ifindex": (int,), "lower": (str,),
+    "lower_ifindex": (int,), "tap_netdev": (str,), "hub_netdev": (str,), "generation": (int,), "mac": (str,),
+    "mode": (str,), "bridge": (str, type(None)), "qemu_pid": (int, type(None)), "swaps": (int,),
+    "guest_pci": (str, type(None)),
+}
+
+
 class RecordStore:
+    """``state_dir/nics/<vm>/<nic>.json``, one per attached NIC.
+
+    Records are read back by a later netwatch and acted on (a recorded link
+    may be deleted), so nothing in one is believed that its path does not
+    confirm, symlinks are never followed, and a read that fails for a
+    passing reason is an error, not an absent record.
+    """
+
     def __init__(self, state_dir: str) -> None:
         self.root = Path(state_dir) / "nics"
 
     def _path(self, vm: str, nic: str) -> Path:
+        if not (_NAME.match(vm) and _NAME.match(nic)):
+            raise RecordError(f"refusing a runtime record path for {vm!r}/{nic!r}")
         return self.root / vm / f"{nic}.json"
 
     def load(self, vm: str, nic: str) -> NicRecord | None:
         path = self._path(vm, nic)
         try:
-            data = json.loads(path.read_text())
-            return NicRecord(**data)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError) as exc:
-            # An unreadable record only costs a fresh attach.
-            log.warning("ignoring unreadable runtime record %s: %s", path, exc)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
+                log.warning("ignoring runtime record %s: not a plain file", path)
+                return None
+            raise RecordError(f"cannot read the runtime record {path}: {exc.strerror or exc}") from exc
+        try:
+            with os.fdopen(fd, "rb") as file:
+                raw = file.read(MAX_RECORD + 1)
+        except OSError as exc:
+            raise RecordError(f"cannot read the runtime record {path}: {exc.strerror or exc}") from exc
+        try:
+            return _parse(raw, vm, nic)
+        except ValueError as exc:
+            # A damaged or planted record only costs a fresh attach.
+            log.warning("ignoring runtime record %s: %s", path, clean(exc))
             return None
 
     def save(self, record: NicRecord) -> None:
@@ -61,8 +103,12 @@ class RecordStore:
         tmp = f"{path}.tmp"
         # Write and rename: a crash of netwatch never leaves half a record. No
         # fsync: records describe the running host, which a reboot resets.
+        # O_EXCL|O_NOFOLLOW: a file planted at the temporary name is never
+        # written through; a stale one is removed first.
         data = json.dumps(asdict(record)).encode()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(tmp)
         try:
             fd = os.open(tmp, flags, 0o600)
         except FileNotFoundError:  # the VM's first record (the common case skips the mkdir calls)
@@ -81,7 +127,37 @@ class RecordStore:
     def all(self) -> list[NicRecord]:
         found = []
         for path in sorted(self.root.glob("*/*.json")):
-            record = self.load(path.parent.name, path.stem)
+            vm, nic = path.parent.name, path.stem
+            if not (_NAME.match(vm) and _NAME.match(nic)) or path.parent.is_symlink():
+                log.warning("ignoring %s: not a runtime record netwatch writes", path)
+                continue
+            record = self.load(vm, nic)
             if record is not None:
                 found.append(record)
         return found
+
+
+MAX_RECORD = 64 * 1024
+
+
+def _parse(raw: bytes, vm: str, nic: str) -> NicRecord:
+    if len(raw) > MAX_RECORD:
+        raise ValueError("larger than any record netwatch writes")
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    unknown = set(data) - set(_FIELD_TYPES)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    for key, kinds in _FIELD_TYPES.items():
+        if key in data and (not isinstance(data[key], kinds) or isinstance(data[key], bool)):
+            raise ValueError(f"field {key!r} has the wrong type")
+    try:
+        record = NicRecord(**data)
+    except TypeError as exc:
+        raise ValueError("fields are missing") from exc
+    if (record.vm, record.nic) != (vm, nic):
+        raise ValueError(f"it names {record.vm!r}/{record.nic!r}, not the VM and NIC of its path")
+    if ifname_problem(record.ifname) or record.backend not in ("macvtap", "tap") or record.ifindex <= 0:
+        raise ValueError("it does not describe a netwatch backend")
+    return record
