@@ -61,18 +61,37 @@ def _pci_address(ifname: str) -> str | None:
         return None
 
 
-def find_lower(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
-               usable: Callable[[Link], bool]) -> Link | None:
-    """The usable link matching ``spec`` (lowest ifindex if several), never one of ``exclude``."""
+def matching_lowers(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
+                    usable: Callable[[Link], bool]) -> list[Link]:
+    """Every usable link matching ``spec``, by ifindex, never one of ``exclude``.
+
+    A MAC may match several links (VLAN subinterfaces and macvlans inherit
+    their parent's, bond members share the bond's), and a PCI address too
+    (representors, multi-port cards): more than one match is the caller's
+    to refuse, never to settle by picking one.
+    """
     if spec is None:
-        return None
+        return []
     if spec.name is not None:  # the common case: one lookup, not a scan
         named = links.named(spec.name)
         candidates = [named] if named is not None else []
     else:
         candidates = list(links)
     found = [link for link in candidates if link.name not in exclude and lower_matches(spec, link) and usable(link)]
-    return min(found, key=lambda link: link.index) if found else None
+    return sorted(found, key=lambda link: link.index)
+
+
+def find_lower(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
+               usable: Callable[[Link], bool]) -> Link | None:
+    """The one usable link matching ``spec``; None when there is none or more than one."""
+    found = matching_lowers(spec, exclude, links, usable)
+    return found[0] if len(found) == 1 else None
+
+
+def ambiguity(spec: LowerSpec, found: list[Link]) -> str:
+    names = ", ".join(link.name for link in found[:8]) + (", ..." if len(found) > 8 else "")
+    return (f"lower {spec.describe()} matches {len(found)} links ({names}): "
+            "add the name (or more of mac, pci) to the lower spec to say which")
 
 
 class MacvtapDriver:

@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
 from . import events
-from .backends import DRIVERS, Created, LinkVanished, Placement, find_lower
+from .backends import DRIVERS, Created, LinkVanished, Placement, ambiguity, find_lower, matching_lowers
 from .config import LowerSpec, NicConfig, ifname_problem
 from .errors import BadRequest, LinkError, NetwatchError, QmpError
 from .hooks import HookRunner
@@ -195,9 +195,14 @@ class NicController:
             session = self.vm.session
             await self._sync_with_qemu()
             self._synced_session = session
-        lower = self.find_lower()
+        matches = self._matching_lowers()
+        lower = self._pick(matches)
         self.lower = lower or self.lower
         placement = self.driver.place(self.nic, lower, self.env.links)
+        if lower is None and len(matches) > 1:
+            spec = self.override or self.nic.lower
+            assert spec is not None
+            placement = replace(placement, ready=False, missing=ambiguity(spec, matches))
         if self.backend is not None:
             await self._check_backend(placement)
         if self.backend is None:
@@ -241,8 +246,20 @@ class NicController:
                 await self._detach(misplaced, "lower-lost")
 
     def find_lower(self) -> Link | None:
-        return find_lower(self.override or self.nic.lower, self.env.own_links() | set(self.nic.backend_names),
-                          self.env.links, self._ready)
+        return self._pick(self._matching_lowers())
+
+    def _matching_lowers(self) -> list[Link]:
+        return matching_lowers(self.override or self.nic.lower, self.env.own_links() | set(self.nic.backend_names),
+                               self.env.links, self._ready)
+
+    def _pick(self, matches: list[Link]) -> Link | None:
+        if len(matches) == 1:
+            return matches[0]
+        # A second match appearing under an attached NIC (a VLAN made on its
+        # lower, say) must not tear the NIC down: it stays where it is.
+        backend = self.backend
+        current = [link for link in matches if backend is not None and link.index == backend.lower_ifindex]
+        return current[0] if current else None
 
     def _ready(self, link: Link) -> bool:
         # With udevd, a link is used only once udev is done with it (renames).
