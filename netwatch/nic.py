@@ -596,6 +596,12 @@ class NicController:
     def _lower_name(self) -> str | None:
         return self.lower.name if self.lower else (self.nic.lower.describe() if self.nic.lower else None)
 
+    def _cause(self) -> str:
+        # Connection attempts fail without a transition: say why while waiting.
+        if self.fsm.state is NicState.WAITING_VM and self.vm is not None and self.vm.last_error:
+            return f"QEMU is not connected: {self.vm.last_error}"
+        return self.fsm.cause
+
     def status(self) -> dict[str, Any]:
         lower = self.find_lower()
         backend = self.backend
@@ -603,7 +609,7 @@ class NicController:
             "id": self.nic.id,
             "backend": self.nic.backend,
             "state": self.fsm.state.value,
-            "cause": self.fsm.cause,
+            "cause": self._cause(),
             "lower": lower.name if lower else self._spec_name(),
             "lower_ifindex": lower.index if lower else None,
             "lower_present": lower is not None,

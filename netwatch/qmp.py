@@ -70,12 +70,46 @@ def parse_info_network(text: str) -> NetworkInfo:
     return NetworkInfo(tuple(ports), frozenset(names))
 
 
-class _Client(QMPClient):
-    """qemu.qmp's client without pretty-printing every message for a debug log.
+# What one QEMU may send: a line longer than READ_LIMIT, or more than
+# BUDGET_MESSAGES lines or BUDGET_BYTES bytes within BUDGET_WINDOW seconds,
+# ends its session (and the reconnect backoff grows). netwatch's largest
+# answer is "info network", about 100 bytes per net client; a flood from a
+# QEMU a guest has taken over must not cost the other VMs their event loop.
+READ_LIMIT = 256 * 1024
+BUDGET_WINDOW = 1.0
+BUDGET_MESSAGES = 400
+BUDGET_BYTES = 2 * 1024 * 1024
 
-    The base hooks format each message as indented JSON even when debug
-    logging is off: a tenth of netwatch's CPU time when 256 NICs reattach.
+
+class PeerFlood(QmpError):
+    """QEMU sent more than a QMP session may: the session is dropped."""
+
+
+class _Client(QMPClient):
+    """qemu.qmp's client with a bounded read and a per-session budget, and
+    without pretty-printing every message for a debug log (the base hooks
+    format each message as indented JSON even when debug logging is off: a
+    tenth of netwatch's CPU time when 256 NICs reattach).
     """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, readbuflen=READ_LIMIT)
+        self._window_start = time.monotonic()
+        self._window_messages = 0
+        self._window_bytes = 0
+
+    async def _readline(self) -> bytes:
+        # Checked before a message is parsed: past the budget nothing more is.
+        line = await super()._readline()
+        now = time.monotonic()
+        if now - self._window_start > BUDGET_WINDOW:
+            self._window_start, self._window_messages, self._window_bytes = now, 0, 0
+        self._window_messages += 1
+        self._window_bytes += len(line)
+        if self._window_messages > BUDGET_MESSAGES or self._window_bytes > BUDGET_BYTES:
+            raise PeerFlood(f"QEMU sent more than {BUDGET_MESSAGES} messages or {BUDGET_BYTES} bytes "
+                            f"within {BUDGET_WINDOW:g} s")
+        return line
 
     def _cb_outbound(self, msg: Message) -> Message:
         if self.logger.isEnabledFor(logging.DEBUG):
@@ -97,18 +131,28 @@ def default_connect_wait() -> wait_base:
     return wait_exponential(multiplier=0.05, min=0.05, max=2.0)
 
 
+def default_short_session_wait() -> wait_base:
+    # A QEMU whose sessions keep ending at once (crash-looping, or a peer
+    # that accepts and drops) is tried less and less often, up to twice a
+    # minute, instead of filling the journal: 92 lines/s before.
+    return wait_exponential(multiplier=0.1, min=0.1, max=30.0)
+
+
 class VmSession:
     """The QMP connection to one VM; an async context manager owning its task."""
 
     def __init__(self, name: str, path: str, on_change: Callable[[], None], timeout: float = 5.0,
-                 connect_wait: wait_base | None = None) -> None:
+                 connect_wait: wait_base | None = None, short_session_wait: wait_base | None = None) -> None:
         self.name = name
         self.path = path
         self.on_change = on_change
         self.timeout = timeout
         self.connect_wait = connect_wait or default_connect_wait()
+        self.short_session_wait = short_session_wait or default_short_session_wait()
         self.session = 0
         self.pid: int | None = None
+        # Why the last connection attempt failed, for status while not connected.
+        self.last_error: str | None = None
         self._client: QMPClient | None = None
         self._fd_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -188,7 +232,7 @@ class VmSession:
         if short_sessions:
             state = RetryCallState(AsyncRetrying(), None, (), {})
             state.attempt_number = short_sessions
-            await asyncio.sleep(self.connect_wait(state))
+            await asyncio.sleep(self.short_session_wait(state))
         client = await self._connect()
         try:
             self._client = client
@@ -201,8 +245,9 @@ class VmSession:
             while client.runstate == Runstate.RUNNING:
                 await client.runstate_changed()
         finally:
-            await self._drop()
-        events.emit("vm-gone", "QMP connection to QEMU closed", vm=self.name)
+            ended = await self._drop()
+        why = f": {clean(ended)}" if ended is not None and not isinstance(ended, EOFError) else ""
+        events.emit("vm-gone", f"QMP connection to QEMU closed{why}", vm=self.name)
         self.on_change()
 
     async def _connect(self) -> QMPClient:
@@ -224,13 +269,14 @@ class VmSession:
             # Not only ConnectError/OSError: a peer that hangs up right after
             # its greeting makes qemu.qmp's connect() raise AssertionError.
             await _quiet_disconnect(client)
-            raise QmpError(f"cannot connect to {self.path}: {clean(exc) or type(exc).__name__}") from exc
+            self.last_error = f"cannot connect to {self.path}: {clean(exc) or type(exc).__name__}"
+            raise QmpError(self.last_error) from exc
+        self.last_error = None
         return client
 
-    async def _drop(self) -> None:
+    async def _drop(self) -> BaseException | None:
         client, self._client = self._client, None
-        if client is not None:
-            await _quiet_disconnect(client)
+        return await _quiet_disconnect(client) if client is not None else None
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         client = self._client
@@ -281,13 +327,14 @@ class VmSession:
         return parse_info_network(str(text))
 
 
-async def _quiet_disconnect(client: QMPClient) -> None:
-    # disconnect() re-raises whatever ended the session (EOFError when QEMU
-    # went away); that end was already reported.
+async def _quiet_disconnect(client: QMPClient) -> Exception | None:
+    """Disconnect; return what ended the session (EOFError when QEMU went away), if anything did."""
     try:
         await client.disconnect()
-    except (QMPError, OSError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever ended it is the caller's to report
         log.debug("QMP disconnect: %r", exc)
+        return exc
+    return None
 
 
 def _peer_pid(client: QMPClient) -> int | None:

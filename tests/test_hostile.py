@@ -1,0 +1,133 @@
+"""Hostile QMP peers (tests/hostile_peer.py) against a real netwatch: each
+misbehaviour costs only its own VM, and a real VM beside it keeps working."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from netwatch.sandbox import wait_until
+
+from .world import World
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).parent.parent
+GOOD_MAC, BAD_MAC = "52:54:00:aa:00:01", "52:54:00:aa:00:02"
+
+
+@contextmanager
+def hostile(mode: str, path: str) -> Iterator[subprocess.Popen[str]]:
+    peer = subprocess.Popen([sys.executable, "-m", "tests.hostile_peer", mode, path], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert peer.stdout is not None and peer.stdout.readline().strip() == "listening"
+        yield peer
+    finally:
+        peer.kill()
+        peer.wait(10)
+
+
+def two_vms(world: World) -> str:
+    """VM 'good' with a real QEMU, VM 'bad' whose socket a hostile peer serves; returns bad's socket."""
+    world.vm("good", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": GOOD_MAC})
+    bad = world.vm("bad", {"id": "net0", "backend": "macvtap", "lower": "lo1", "mac": BAD_MAC})
+    world.lower("lo0", "wi0")
+    world.lower("lo1", "wi1")
+    world.start_qemu("good")
+    return str(bad["qmp"])
+
+
+def good_vm_still_swaps(world: World) -> None:
+    world.wait_state("good", "net0", "attached")
+    swaps = world.nic("good", "net0")["swaps"]
+    world.delete_link("lo0")
+    world.wait_state("good", "net0", "waiting-lower")
+    world.lower("lo0", "wi0")
+    world.wait_state("good", "net0", "attached", swaps=swaps + 1)
+    world.frame_reaches_guest("good", "net0", "wi0")
+
+
+def lines_of(peer: subprocess.Popen[str], text: str, at_least: int) -> int:
+    """Read the peer's output until it printed ``text`` ``at_least`` times."""
+    assert peer.stdout is not None
+    seen = 0
+    deadline = time.monotonic() + 20
+    while seen < at_least and time.monotonic() < deadline:
+        seen += peer.stdout.readline().strip() == text
+    return seen
+
+
+def rss_kb(pid: int) -> int:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    assert match
+    return int(match.group(1))
+
+
+def test_a_peer_hanging_up_after_its_greeting_is_retried_until_qemu_comes(world: World) -> None:
+    # qemu.qmp's connect() raised AssertionError here and the VM's session task died for good.
+    path = two_vms(world)
+    with hostile("greet-hangup", path) as peer:
+        world.start_netwatch()
+        nic = world.wait_state("bad", "net0", "waiting-vm")
+        good_vm_still_swaps(world)
+        accepted = lines_of(peer, "accepted", 3)
+        assert accepted >= 3, "netwatch keeps trying"
+    assert "cannot connect to" in world.nic("bad", "net0")["cause"], nic
+    world.start_qemu("bad")
+    world.wait_state("bad", "net0", "attached")
+    world.frame_reaches_guest("bad", "net0", "wi1")
+
+
+def test_a_peer_that_accepts_and_drops_meets_a_growing_delay(world: World) -> None:
+    path = two_vms(world)
+    with hostile("accept-drop", path) as peer:
+        netwatch = world.start_netwatch()
+        good_vm_still_swaps(world)
+        lines_of(peer, "accepted", 5)
+        lines_before = len(netwatch.log().splitlines())
+        started = time.monotonic()
+        wait_until(lambda: time.monotonic() - started >= 4, 5, "a 4 s window")
+        lines = len(netwatch.log().splitlines()) - lines_before
+    # Before: a new session at once after each, 92 log lines a second.
+    assert lines <= 10, netwatch.log()[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["giant-lines", "event-flood"])
+def test_a_flooding_peer_costs_only_its_own_session(world: World, mode: str) -> None:
+    path = two_vms(world)
+    netwatch = world.start_netwatch()
+    world.wait_state("good", "net0", "attached")
+    before = rss_kb(netwatch.pid)
+    with hostile(mode, path):
+        # Cut off during the connection (no session), or a session ended by its budget.
+        wait_until(lambda: "cannot connect" in world.nic("bad", "net0")["cause"]
+                   or "QEMU sent more than" in netwatch.log(), 20, "the flood cut off", world.dump)
+        for _ in range(3):
+            good_vm_still_swaps(world)
+        assert world.cli("status").returncode == 0
+        grown = rss_kb(netwatch.pid) - before
+    assert grown < 30 * 1024, f"netwatch grew by {grown} kB"
+
+
+def test_qemu_error_text_cannot_draw_on_the_admins_terminal(world: World) -> None:
+    path = two_vms(world)
+    with hostile("escapes", path):
+        netwatch = world.start_netwatch()
+        world.wait_state("bad", "net0", "failed")
+        good_vm_still_swaps(world)
+        text = world.cli("status").stdout
+        as_json = world.status()
+    assert "\x1b" not in text and "\r" not in text and "forged" not in text.split("\n", 1)[0]
+    cause = next(nic["cause"] for vm in as_json["vms"] if vm["name"] == "bad" for nic in vm["nics"])
+    assert "\x1b" not in cause and "\n" not in cause and len(cause) < 400, cause
+    for line in netwatch.log().splitlines():
+        assert "\x1b" not in line
+        assert re.match(r"\d{4}-\d\d-\d\dT", line), f"a line netwatch did not write: {line!r}"
