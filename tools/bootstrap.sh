@@ -18,10 +18,27 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ "$what" = test ]; then
+    # The tests that run netwatch where admins do: a real systemd (a Debian
+    # tree booted with systemd-nspawn) and libvirt's daemons.
+    command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+    command -v debootstrap >/dev/null || need+=(debootstrap)
+    command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)
+    command -v virsh >/dev/null || need+=(libvirt-clients)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "bootstrap: installing ${need[*]}"
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+    # Installing must not start or enable services on this host (libvirtd,
+    # for one, is only wanted by the tests, which start their own).
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy"
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" || status=$?
+    [ -z "$policy" ] || rm -f "$policy"
+    [ "${status:-0}" = 0 ] || exit "$status"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
