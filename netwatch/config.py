@@ -10,6 +10,7 @@ import functools
 import grp
 import hashlib
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .peer import Identity
 
 DEFAULT_PATH = "/etc/netwatch/netwatch.toml"
 
@@ -36,6 +38,7 @@ _RESERVED_SUFFIX = re.compile(r"-(tap|up|fd)\d+\Z")
 VM_NAME_MAX = 64
 _VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 _PCI = re.compile(r"([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\Z")
 IFNAME_MAX = 15
 # guest_pci: "[bus:]slot", slot in hex as QEMU's addr= takes it ("0x1a", "1a").
@@ -114,6 +117,14 @@ class VmConfig:
     name: str
     qmp: str
     nics: tuple[NicConfig, ...] = ()
+    # What proves the QMP peer is this VM's QEMU (peer.py): each optional.
+    uuid: str | None = None
+    qemu_user: str | None = None
+    cgroup: str | None = None
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(uuid=self.uuid, qemu_user=self.qemu_user, cgroup=self.cgroup)
 
 
 @dataclass(frozen=True)
@@ -312,7 +323,7 @@ class _Validator:
         count = len(self.problems)
         name = self.string(raw, "name", f"vm #{index + 1}", required=True)
         where = f"vm '{name}'" if name else f"vm #{index + 1}"
-        self.unknown_keys(raw, ("name", "qmp", "nic"), where)
+        self.unknown_keys(raw, ("name", "qmp", "nic", "uuid", "qemu_user", "cgroup"), where)
         if name is not None and (len(name) > VM_NAME_MAX or not _VM_NAME.match(name)):
             self.problem(where, "name", f"'{name}' must be 1-{VM_NAME_MAX} of A-Z a-z 0-9 . _ -,"
                          " starting with a letter or digit")
@@ -344,9 +355,22 @@ class _Validator:
             seen_hubs.setdefault(nic.hub, nic.id)
             nics.append(nic)
         nics = self.guest_slots(nics, where)
+        uuid = self.string(raw, "uuid", where)
+        if uuid is not None and not _UUID.match(uuid):
+            self.problem(where, "uuid", f"'{uuid}' is not a UUID like 6f1a2b3c-0d4e-4f5a-8b6c-7d8e9f0a1b2c")
+        qemu_user = self.string(raw, "qemu_user", where)
+        if qemu_user is not None:
+            try:
+                pwd.getpwnam(qemu_user)
+            except KeyError:
+                self.problem(where, "qemu_user", f"there is no user named '{qemu_user}'")
+        cgroup = self.string(raw, "cgroup", where)
+        if cgroup is not None and not cgroup.startswith("/"):
+            self.problem(where, "cgroup", f"'{cgroup}' must be a cgroup path (a glob) starting with /")
         if len(self.problems) != count or name is None or qmp is None:
             return None
-        return VmConfig(name=name, qmp=qmp, nics=tuple(nics))
+        return VmConfig(name=name, qmp=qmp, nics=tuple(nics), uuid=uuid.lower() if uuid else None,
+                        qemu_user=qemu_user, cgroup=cgroup)
 
     def guest_slots(self, nics: list[NicConfig], where: str) -> list[NicConfig]:
         """Give every NIC without guest_pci a default slot; refuse two NICs on one slot."""

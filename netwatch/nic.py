@@ -187,6 +187,11 @@ class NicController:
             self.env.on_interest_change(self)
 
     async def reconcile(self) -> None:
+        if not self.vm.connected and self.vm.refused is not None:
+            # Not provably this VM's QEMU: nothing of the VM's is touched,
+            # not even a backend its own QEMU may still be using.
+            self.fsm.to(NicState.FAILED, f"QMP peer refused: {self.vm.refused}")
+            return
         if not self.vm.connected:
             await self._vm_gone()
             self.fsm.to(NicState.WAITING_VM, "QEMU is not connected")
@@ -403,7 +408,7 @@ class NicController:
             lower=lower.name if lower else (nic.lower.describe() if nic.lower else ""),
             lower_ifindex=lower.index if lower else 0, tap_netdev=tap, hub_netdev=hub, generation=gen,
             mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps,
-            guest_pci=str(nic.guest_pci) if nic.guest_pci else None)
+            guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start)
 
     async def _attach(self, placement: Placement) -> None:
         name = self.nic.ifname

@@ -26,7 +26,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from tenacity.wait import wait_base
 
 from . import events, tasks
-from .errors import QmpError
+from .errors import NetwatchError, QmpError
+from .peer import Identity, Peer, cgroup_problem, path_problem, peer_uids, start_time, still_runs, trusted_uids
 from .untrusted import clean
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,18 @@ class VmSession:
     """The QMP connection to one VM; an async context manager owning its task."""
 
     def __init__(self, name: str, path: str, on_change: Callable[[], None], timeout: float = 5.0,
-                 connect_wait: wait_base | None = None, short_session_wait: wait_base | None = None) -> None:
+                 connect_wait: wait_base | None = None, short_session_wait: wait_base | None = None,
+                 identity: Identity | None = None, peers: dict[int, str] | None = None,
+                 recorded: Callable[[], list[tuple[int, int | None]]] | None = None) -> None:
         self.name = name
+        self.identity = identity or Identity()
+        # pid -> VM name of every admitted peer, shared by all sessions: one QEMU serves one VM.
+        self.peers = peers if peers is not None else {}
+        # (pid, start time) of the QEMUs the runtime records say served this VM.
+        self.recorded = recorded or list
+        # Why the last peer was refused (None: it was not).
+        self.refused: str | None = None
+        self.pid_start: int | None = None
         self.path = path
         self.on_change = on_change
         self.timeout = timeout
@@ -234,10 +245,26 @@ class VmSession:
             state.attempt_number = short_sessions
             await asyncio.sleep(self.short_session_wait(state))
         client = await self._connect()
+        peer = _peer(client)
+        refusal = await self._refusal(client, peer)
+        if refusal is not None:
+            await _quiet_disconnect(client)
+            if refusal != self.refused:
+                events.emit("error", f"refusing the QMP peer on {self.path}"
+                            f"{f' (pid {peer.pid})' if peer else ''}: {refusal}; nothing of the VM's is touched",
+                            vm=self.name)
+            self.refused = refusal
+            self.first_attempt.set()
+            self.on_change()
+            return
+        assert peer is not None
+        self.refused = None
         try:
             self._client = client
             self.session += 1
-            self.pid = _peer_pid(client)
+            self.pid = peer.pid
+            self.pid_start = start_time(peer.pid)
+            self.peers[peer.pid] = self.name
             self._watch_pid(self.pid)
             events.emit("vm-connected", f"connected to QEMU (pid {self.pid}) on {self.path}", vm=self.name)
             self.first_attempt.set()
@@ -249,6 +276,43 @@ class VmSession:
         why = f": {clean(ended)}" if ended is not None and not isinstance(ended, EOFError) else ""
         events.emit("vm-gone", f"QMP connection to QEMU closed{why}", vm=self.name)
         self.on_change()
+
+    async def _refusal(self, client: QMPClient, peer: Peer | None) -> str | None:
+        """Why ``peer`` is not provably this VM's QEMU, or None (peer.py has the reasoning)."""
+        if peer is None:
+            return "cannot tell which process it is"
+        uids = trusted_uids(self.path, self.identity)
+        problem = path_problem(self.path, uids)
+        if problem is not None:
+            return problem
+        allowed = peer_uids(self.identity, uids)
+        if peer.uid not in allowed:
+            who = self.identity.qemu_user or "root or the VM's QEMU user"
+            return f"it runs as uid {peer.uid}, not as {who}"
+        if self.identity.cgroup is not None and (problem := cgroup_problem(peer.pid, self.identity.cgroup)):
+            return problem
+        other = self.peers.get(peer.pid)
+        if other is not None and other != self.name:
+            return f"pid {peer.pid} is the QEMU of VM '{other}'"
+        if self.pid is not None and self.pid != peer.pid and self.qemu_alive():
+            return f"the QEMU that served this VM (pid {self.pid}) still runs"
+        try:
+            recorded = self.recorded()
+        except NetwatchError as exc:
+            return f"its runtime records cannot be read ({exc})"
+        for pid, started in recorded:
+            if pid != peer.pid and still_runs(pid, started):
+                return f"the QEMU recorded for this VM (pid {pid}) still runs"
+        if self.identity.uuid is not None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    answer = await client.execute("query-uuid")
+            except Exception as exc:  # noqa: BLE001 - any failure here is a refusal
+                return f"query-uuid failed: {clean(exc) or type(exc).__name__}"
+            uuid = answer.get("UUID") if isinstance(answer, dict) else None
+            if not isinstance(uuid, str) or uuid.lower() != self.identity.uuid:
+                return f"its UUID is {clean(uuid, 40)}, not {self.identity.uuid}"
+        return None
 
     async def _connect(self) -> QMPClient:
         async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(QmpError),
@@ -276,6 +340,8 @@ class VmSession:
 
     async def _drop(self) -> BaseException | None:
         client, self._client = self._client, None
+        if client is not None and self.pid is not None and self.peers.get(self.pid) == self.name:
+            del self.peers[self.pid]
         return await _quiet_disconnect(client) if client is not None else None
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -337,11 +403,12 @@ async def _quiet_disconnect(client: QMPClient) -> Exception | None:
     return None
 
 
-def _peer_pid(client: QMPClient) -> int | None:
+def _peer(client: QMPClient) -> Peer | None:
+    """The peer's pid and uid as the kernel saw them when it connected: not the peer's to forge."""
     writer = getattr(client, "_writer", None)
     sock = writer.transport.get_extra_info("socket") if writer is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid) or None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return Peer(int(pid), int(uid)) if pid else None

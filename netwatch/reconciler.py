@@ -42,6 +42,8 @@ class Reconciler:
         self._interest: dict[tuple[str, object], set[NicController]] = {}
         self._keys: dict[NicController, set[tuple[str, object]]] = {}
         self._own_links: set[str] | None = None
+        # pid -> VM of every admitted QMP peer: one QEMU never serves two VMs.
+        self._peers: dict[int, str] = {}
         env.own_links = self.own_links
         env.on_interest_change = self.update_interest
 
@@ -79,12 +81,19 @@ class Reconciler:
     async def _add_vm(self, vm_config: VmConfig) -> None:
         name = vm_config.name
         session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
-                            timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait)
+                            timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait,
+                            identity=vm_config.identity, peers=self._peers,
+                            recorded=functools.partial(self._recorded_qemus, vm_config))
         self.vms[name] = session
         self.nics[name] = {}
         await session.__aenter__()
         for nic in vm_config.nics:
             self._add_nic(name, NicController(name, nic, session, self.env))
+
+    def _recorded_qemus(self, vm_config: VmConfig) -> list[tuple[int, int | None]]:
+        records = (self.env.records.load(vm_config.name, nic.id) for nic in vm_config.nics)
+        return [(record.qemu_pid, record.qemu_start) for record in records
+                if record is not None and record.qemu_pid is not None]
 
     def _add_nic(self, vm: str, controller: NicController) -> None:
         self.nics[vm][controller.nic.id] = controller
@@ -121,7 +130,7 @@ class Reconciler:
         new_vms = {vm.name: vm for vm in new.vms}
         old_vms = {vm.name: vm for vm in old.vms}
         for name, vm in old_vms.items():
-            if name not in new_vms or new_vms[name].qmp != vm.qmp:
+            if name not in new_vms or (new_vms[name].qmp, new_vms[name].identity) != (vm.qmp, vm.identity):
                 await self._remove_vm(name)
                 summary["VMs removed"] += 1
         for name, vm in new_vms.items():
@@ -227,7 +236,7 @@ class Reconciler:
         for vm_config in self.config.vms:
             session = self.vms[vm_config.name]
             vms.append({"name": vm_config.name, "qmp": vm_config.qmp, "connected": session.connected,
-                        "qemu_pid": session.pid if session.connected else None,
+                        "qemu_pid": session.pid if session.connected else None, "refused": session.refused,
                         "nics": [nic.status() for nic in self.nics[vm_config.name].values()]})
         return {"vms": vms}
 

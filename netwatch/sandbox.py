@@ -215,6 +215,8 @@ class Qemu:
                 "-global", "virtio-net-pci.romfile=", *vm_args(self.vm)]
         if self.monitor:
             argv += ["-qmp", f"unix:{self.monitor},server=on,wait=off"]
+        if self.vm.uuid is not None and "-uuid" not in self.extra_args:
+            argv += ["-uuid", self.vm.uuid]  # as libvirt gives every domain's QEMU
         argv += self.extra_args
         for nic in self.vm.nics:
             if nic.id in self.observers:
@@ -326,6 +328,7 @@ def write_config(path: str, state_dir: str, vms: list[dict[str, Any]], **setting
     lines = ["[netwatch]", *(f"{key} = {_toml(value)}" for key, value in settings.items()), ""]
     for vm in vms:
         lines += ["[[vm]]", f"name = {_toml(vm['name'])}", f"qmp = {_toml(vm['qmp'])}"]
+        lines += [f"{key} = {_toml(value)}" for key, value in vm.items() if key not in ("name", "qmp", "nics")]
         for nic in vm.get("nics", []):
             lines.append("  [[vm.nic]]")
             for key, value in nic.items():

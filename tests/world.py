@@ -53,6 +53,10 @@ class World:
         self.write_config()
         return vm
 
+    def vm_dict(self, name: str) -> dict[str, Any]:
+        """The [[vm]] table of ``name``, to change before write_config()."""
+        return next(vm for vm in self.vms if vm["name"] == name)
+
     def write_config(self) -> None:
         write_config(self.config_path, self.state, self.vms, **self.settings)
 
