@@ -22,6 +22,7 @@ from typing import Any
 
 from . import tasks
 from .errors import BadRequest, ConfigError, ControlError, NetwatchError, ServiceNotRunning
+from .untrusted import clean
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,11 @@ class ControlServer:
         except NetwatchError as exc:
             return {"ok": False, "error": str(exc), "kind": "input" if isinstance(exc, BadRequest) else "runtime"}
         except TimeoutError:
-            return {"ok": False, "error": "the service did not answer in time"}
+            return {"ok": False, "error": f"the service did not answer within {REQUEST_TIMEOUT:g} s "
+                    "(a reload goes on in the background)"}
+        except Exception:  # a bug answers as an error; the service serves on
+            log.exception("control request %s failed", clean(request["cmd"], 40))
+            return {"ok": False, "error": "internal error (the journal has the details)"}
 
 
 def grant_group(path: str, group: str) -> None:

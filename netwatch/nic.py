@@ -34,6 +34,9 @@ from .udev import udev_initialized
 
 log = logging.getLogger(__name__)
 
+# Seconds a NIC's removal waits for QEMU before it removes the kernel side anyway.
+REMOVE_DEADLINE = 2.0
+
 IFF_LOOPBACK = 0x8
 
 
@@ -535,9 +538,17 @@ class NicController:
             return
         self.backend = None
         if self.vm.connected:
-            await self._best_effort(self._netdev_del(backend.hub_netdev), "netdev_del")
-            await self._best_effort(self._netdev_del(backend.tap_netdev), "netdev_del")
-            await self._best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}), "set_link")
+            # Best effort, briefly: a QEMU that does not answer must not hold
+            # up a reload (each command would wait out qmp_timeout).
+            try:
+                async with asyncio.timeout(REMOVE_DEADLINE):
+                    await self._best_effort(self._netdev_del(backend.hub_netdev), "netdev_del")
+                    await self._best_effort(self._netdev_del(backend.tap_netdev), "netdev_del")
+                    await self._best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}),
+                                            "set_link")
+            except TimeoutError:
+                log.warning("%s/%s: QEMU did not answer within %g s while the NIC was removed; its netdevs stay "
+                            "in QEMU, the backend link goes", self.vm_name, self.nic.id, REMOVE_DEADLINE)
         link = self.env.links.get(backend.ifindex)
         if link is not None and link.name == backend.ifname:
             await self._best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")

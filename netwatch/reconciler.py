@@ -232,12 +232,12 @@ class Reconciler:
     # -- what status shows ---------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        # What runs, not what the config says: during a reload the two differ.
         vms = []
-        for vm_config in self.config.vms:
-            session = self.vms[vm_config.name]
-            vms.append({"name": vm_config.name, "qmp": vm_config.qmp, "connected": session.connected,
+        for name, session in self.vms.items():
+            vms.append({"name": name, "qmp": session.path, "connected": session.connected,
                         "qemu_pid": session.pid if session.connected else None, "refused": session.refused,
-                        "nics": [nic.status() for nic in self.nics[vm_config.name].values()]})
+                        "nics": [nic.status() for nic in self.nics.get(name, {}).values()]})
         return {"vms": vms}
 
     def summary(self) -> str:

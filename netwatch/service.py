@@ -80,7 +80,8 @@ class Service:
                 "status": self._status, "rebind": self._rebind, "reload": self._reload}, settings.control_group))
             self._start(self._watchdog(), "netwatch-watchdog")
             self._start(self._announce_ready(), "netwatch-ready")
-            stack.push_async_callback(tasks.stop, list(self._background))
+            # Evaluated at exit: tasks started later (reloads) are stopped too.
+            stack.push_async_callback(lambda: tasks.stop(list(self._background)))
             events.emit("service", f"netwatch running: {len(self.config.vms)} VMs, "
                         f"{len(reconciler.all_nics())} NICs, uevents from {source or 'nowhere'}")
             assert links.failed is not None
@@ -157,9 +158,16 @@ class Service:
         return await self.reconciler.nic(vm, nic).rebind(lower)
 
     async def _reload(self, request: dict[str, Any]) -> Any:
-        assert self.reconciler is not None
-        async with self._reload_lock:
-            return await self._reload_locked()
+        # A task of its own: the request may time out or its client go away,
+        # but a reload once begun is applied whole, never cut off half-way.
+        async def locked() -> Any:
+            async with self._reload_lock:
+                return await self._reload_locked()
+        task = asyncio.get_running_loop().create_task(locked(), name="netwatch-reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
 
     async def _reload_locked(self) -> Any:
         assert self.reconciler is not None
@@ -191,6 +199,12 @@ class Service:
         if not task.cancelled() and task.exception() is not None:
             self._failure = task.exception()
             self._stop.set()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # Its outcome went to the request that started it, or (timed out) to the journal.
+    if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), NetwatchError):
+        log.error("reload failed", exc_info=task.exception())
 
 
 def _report_stuck_tasks() -> None:

@@ -4,6 +4,7 @@ misbehaviour costs only its own VM, and a real VM beside it keeps working."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -131,3 +132,29 @@ def test_qemu_error_text_cannot_draw_on_the_admins_terminal(world: World) -> Non
     for line in netwatch.log().splitlines():
         assert "\x1b" not in line
         assert re.match(r"\d{4}-\d\d-\d\dT", line), f"a line netwatch did not write: {line!r}"
+
+
+def test_a_reload_that_removes_a_stuck_vm_is_applied_whole(world: World) -> None:
+    """Found in review: three 5 s timeouts overran the request, the new VM never came, status broke for good."""
+    world.vm("stuck", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": GOOD_MAC})
+    world.lower("lo0", "wi0")
+    world.lower("lo1", "wi1")
+    stuck_qemu = world.start_qemu("stuck")
+    world.start_netwatch()
+    stuck = world.wait_state("stuck", "net0", "attached")
+    assert stuck_qemu.proc is not None
+    stuck_qemu.proc.send_signal(signal.SIGSTOP)  # it stops answering its monitor
+    try:
+        world.vms = [vm for vm in world.vms if vm["name"] != "stuck"]
+        world.vm("new", {"id": "net0", "backend": "macvtap", "lower": "lo1", "mac": BAD_MAC})
+        world.start_qemu("new")
+        result = world.cli("reload")
+        assert result.returncode == 0, result.stderr
+        assert "1 VMs added" in result.stdout and "1 VMs removed" in result.stdout, result.stdout
+        world.wait_state("new", "net0", "attached")
+        world.frame_reaches_guest("new", "net0", "wi1")
+        assert stuck["ifname"] not in world.macvtaps()
+        status = world.cli("status")
+        assert status.returncode == 0 and "stuck" not in status.stdout, status.stderr
+    finally:
+        stuck_qemu.proc.send_signal(signal.SIGCONT)
