@@ -308,6 +308,9 @@ class NicController:
                             vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
                 self._started_for = keep.qemu_pid
             self.backend, self.swaps = keep, keep.swaps
+            # Cut short mid-rebind, the kept pair may have been left quiet.
+            await self._best_effort(self.vm.execute("set_link", {"name": keep.tap_netdev, "up": True}),
+                                    f"opening {keep.tap_netdev}")
             return
         if record is not None:
             # Its if-up hooks ran: pair them with if-down, with the values they saw.
@@ -379,8 +382,12 @@ class NicController:
 
     # -- backend lifecycle --------------------------------------------------
 
-    async def _create(self, name: str, placement: Placement) -> tuple[Created, str, str, int]:
-        """A new backend link plus its QEMU pair: (link, tap netdev, hubport, generation)."""
+    async def _create(self, name: str, placement: Placement, inert: bool = False) -> tuple[Created, str, str, int]:
+        """A new backend link plus its QEMU pair: (link, tap netdev, hubport, generation).
+
+        ``inert``: the pair joins the hub with its link down, passing nothing
+        until it is switched on.
+        """
         nic, ops = self.nic, self.env.ops
         gen = self.generation + 1
         stale = self.env.links.named(name)
@@ -394,7 +401,7 @@ class NicController:
             raise
         tap, hub = f"nw-{nic.id}-tap{gen}", f"nw-{nic.id}-up{gen}"
         try:
-            await self._add_backend(created.fd, gen, tap, hub)
+            await self._add_backend(created.fd, gen, tap, hub, inert)
         except BaseException:
             await self._best_effort(ops.delete(created.index), f"removing {name} after a failed attach")
             raise
@@ -435,11 +442,26 @@ class NicController:
         old = self.backend
         assert old is not None and placement.lower is not None
         name = next(n for n in self.nic.backend_names if n != old.ifname)
-        created, tap, hub, gen = await self._create(name, placement)
+        # Both pairs hang off the guest's hub for a moment, and QEMU's hub
+        # forwards between all its ports: the new pair joins with its link
+        # down, the old one goes quiet, then the new one opens. Never both
+        # at once (4-21 broadcasts per rebind crossed between the two
+        # lowers' networks before). Both commands are sent together: QEMU
+        # runs them in order, so the gap is its own, not a round trip.
+        created, tap, hub, gen = await self._create(name, placement, inert=True)
         new = self._record(name, created, placement, tap, hub, gen)
+        try:
+            await asyncio.gather(self.vm.execute("set_link", {"name": old.tap_netdev, "up": False}),
+                                 self.vm.execute("set_link", {"name": tap, "up": True}))
+        except BaseException:
+            await self._best_effort(self.vm.execute("set_link", {"name": old.tap_netdev, "up": True}),
+                                    f"reopening {old.tap_netdev}")
+            await self._best_effort(self._netdev_del(hub), f"netdev_del {hub}")
+            await self._best_effort(self._netdev_del(tap), f"netdev_del {tap}")
+            await self._best_effort(self.env.ops.delete(created.index), f"removing {name}")
+            raise
         self.backend = new
         self.env.records.save(new)
-        # The guest's path now runs through both; the old one can go.
         await self._best_effort(self._announce(), "announce-self")
         await self._best_effort(self._netdev_del(old.hub_netdev), f"netdev_del {old.hub_netdev}")
         await self._best_effort(self._netdev_del(old.tap_netdev), f"netdev_del {old.tap_netdev}")
@@ -479,7 +501,7 @@ class NicController:
         # once, and a stray one left under it is replaced or closed by name.
         return f"nw-{self.nic.id}-fd"
 
-    async def _add_backend(self, fd: int, gen: int, tap: str, hub: str) -> None:
+    async def _add_backend(self, fd: int, gen: int, tap: str, hub: str, inert: bool = False) -> None:
         fdname = self._fdname
         await self.vm.pass_fd(fd, fdname)
         try:
@@ -488,6 +510,11 @@ class NicController:
             await self._best_effort(self.vm.execute("closefd", {"fdname": fdname}), f"closefd {fdname}")
             raise
         try:
+            if inert:
+                # Down before it joins the hub: a netdev whose link is down
+                # neither sends nor receives, so no frame can cross the hub
+                # between this lower and the one still in use.
+                await self.vm.execute("set_link", {"name": tap, "up": False})
             await self.vm.execute("netdev_add", {"type": "hubport", "id": hub, "netdev": tap,
                                                  "hubid": self.nic.hub if self._hub is None else self._hub})
         except BaseException:

@@ -66,21 +66,43 @@ class Stream:
                 proc.wait()
 
 
-def test_rebind_under_a_1000_fps_stream_loses_no_frame(world: World) -> None:
+def cross(world: World, src: str, dst: str, count: int, rate: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(world.ns.exec_argv(sys.executable, "-m", "netwatch.streams", "cross", src, dst,
+                                               str(count), str(rate), f"x{uuid.uuid4().hex[:7]}"),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def crossed(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    lines = proc.stdout.read().splitlines()
+    proc.wait(60)
+    return dict(json.loads(lines[-1]))
+
+
+def test_rebind_under_a_1000_fps_stream_lets_nothing_cross(world: World) -> None:
+    """Found in review: with both backends on the hub, 4-21 broadcasts per rebind crossed between the lowers."""
     two_lower_world(world)
     world.start_qemu("vm1")
     world.start_netwatch()
     world.wait_state("vm1", "net0", "attached", guest_link=True)
     stream = Stream(world, 2000, 1000, ["wi0", "wi1"])
+    crossers = [cross(world, "wi0", "wi1", 2000, 2000), cross(world, "wi1", "wi0", 2000, 2000)]
     try:
         stream.wait_progress(500)
         result = world.cli("rebind", "vm1", "net0", "lo1")
         assert result.returncode == 0, result.stderr
         assert "now on lo1" in result.stdout
         outcome = stream.result()
+        crossings = [crossed(proc) for proc in crossers]
     finally:
         stream.close()
-    assert outcome["lost"] == 0, f"{outcome}\n{world.dump()}"
+        for proc in crossers:
+            proc.kill()
+            proc.wait(10)
+    assert outcome["lost"] <= 2 and outcome["duplicates"] == 0, f"{outcome}\n{world.dump()}"
+    assert [c["crossed"] for c in crossings] == [0, 0], crossings
     nic = world.wait_state("vm1", "net0", "attached", lower="lo1", netdev="nw-net0-tap2")
     assert nic["rebound"]["lower"] == "lo1" and nic["rebound"]["config_lower"] == "lo0"
     assert world.macvtaps() == ["nw-vm1-net0-r"]
