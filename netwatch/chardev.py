@@ -48,7 +48,7 @@ def open_chardev(devnum: int, node_dir: str, label: str) -> int:
         raise DeviceError(f"cannot create the device node of {label} in {node_dir} (mknod failed: "
                           f"{exc.strerror or exc})") from exc
     try:
-        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
     except OSError as exc:
         raise DeviceError(f"cannot open the device node of {label} in {node_dir} (open failed: "
                           f"{exc.strerror or exc}){_nodev_hint(node_dir, exc)}") from exc

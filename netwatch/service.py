@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import signal
+import stat
 from typing import Any
 
 from tenacity.wait import wait_base
@@ -53,7 +54,7 @@ class Service:
 
     async def run(self) -> None:
         settings = self.config.settings
-        os.makedirs(settings.state_dir, mode=0o755, exist_ok=True)
+        _own_directory(settings.state_dir)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -199,6 +200,25 @@ class Service:
         if not task.cancelled() and task.exception() is not None:
             self._failure = task.exception()
             self._stop.set()
+
+
+def _own_directory(path: str) -> None:
+    """Make ``path`` if needed and refuse one that others could write into.
+
+    Runtime records (acted on at the next start) and the control socket
+    live there: a directory another user can write to would let them plant
+    either.
+    """
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        info = os.lstat(path)
+    except OSError as exc:
+        raise NetwatchError(f"cannot use the state directory {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise NetwatchError(f"the state directory {path} is not a directory")
+    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise NetwatchError(f"the state directory {path} must be netwatch's own and writable by it alone "
+                            f"(owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o})")
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -199,3 +199,20 @@ def test_run_with_bad_config_touches_nothing(bad: str, tmp_path: Path, netns: Ne
     assert len(result.stderr.strip().splitlines()) == 2
     assert netns.ip("-d", "link") == before
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/net").exists(), reason="needs network namespaces")
+def test_run_refuses_a_state_directory_others_can_write(tmp_path: Path) -> None:
+    # Records there are acted on at the next start; the control socket lives there.
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    path = tmp_path / "netwatch.toml"
+    path.write_text(f'[netwatch]\nstate_dir = "{state}"\nudev = "off"\n')
+    with Netns("nwt") as ns:
+        result = run_netwatch("run", "-c", str(path), ns=ns, env={"NETWATCH_JOURNAL_SOCKET": "/nonexistent"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"netwatch: the state directory {state} must be netwatch's own and writable by it alone (owner uid 0, "
+        "mode 0777)")
+    assert "Traceback" not in result.stderr
