@@ -16,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import time
+import uuid as uuid_mod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def cable(world: World, peer: str) -> float:
     return created
 
 
-def domain_xml(name: str, guest: Path, qemu_block: str) -> str:
+def domain_xml(name: str, uuid: str, guest: Path, qemu_block: str) -> str:
     """An ordinary TCG domain booting the test guest, plus netwatch's block pasted in verbatim."""
     image = build()
     kernel, initrd = guest / "vmlinuz", guest / "initrd.cpio"
@@ -96,6 +97,7 @@ def domain_xml(name: str, guest: Path, qemu_block: str) -> str:
     cmdline, memory = args[args.index("-append") + 1], args[args.index("-m") + 1]
     return f"""<domain type='qemu' xmlns:qemu='{QEMU_NS}'>
   <name>{name}</name>
+  <uuid>{uuid}</uuid>
   <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
   <os>
@@ -158,6 +160,8 @@ def test_libvirt_domain_keeps_its_nic_through_flaps_restart_and_hotplug(world: W
     shutil.chown(qmp_dir, QEMU_USER, QEMU_GROUP)
     vm = world.vm(name, {"id": NIC, "backend": "macvtap", "lower": LOWER, "mac": MAC})
     vm["qmp"] = str(qmp_dir / f"{name}.qmp")
+    # What proves the QMP peer is this domain's QEMU (README, Security model).
+    vm["uuid"], vm["qemu_user"] = str(uuid_mod.uuid4()), QEMU_USER
     world.write_config()
     peer = peer_network(world)
     cable(world, peer)
@@ -166,7 +170,7 @@ def test_libvirt_domain_keeps_its_nic_through_flaps_restart_and_hotplug(world: W
     assert block.returncode == 0, block.stderr
     guest = world.tmp / "guest"
     guest.mkdir(mode=0o755)
-    libvirt.define(name, domain_xml(name, guest, block.stdout.strip()))
+    libvirt.define(name, domain_xml(name, vm["uuid"], guest, block.stdout.strip()))
     defined = libvirt.virsh("dumpxml", name)
     assert "<qemu:commandline>" in defined and f"id={NIC}," in defined, "libvirt kept netwatch's block"
     serial = Serial(guest / "serial.log")
