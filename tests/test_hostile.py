@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,26 @@ def rss_kb(pid: int) -> int:
     match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     assert match
     return int(match.group(1))
+
+
+def test_an_impostor_on_the_socket_gets_nothing_after_a_restart(world: World) -> None:
+    """Found in review: the impostor got the VM's new macvtap and read its frames; the real QEMU lost its own."""
+    two_vms(world)
+    qemu = world.start_qemu("bad")  # bad's real QEMU first; the impostor comes later
+    netwatch = world.start_netwatch()
+    before = world.wait_state("bad", "net0", "attached")
+    world.wait_state("good", "net0", "attached")
+    netwatch.kill()
+    with hostile("impostor", str(world.vm_dict("bad")["qmp"])):
+        netwatch = world.start_netwatch()
+        nic = world.wait_state("bad", "net0", "failed")
+        assert nic["cause"] == f"QMP peer refused: the QEMU recorded for this VM (pid {qemu.pid}) still runs"
+        wait_until(lambda: "refusing the QMP peer on" in netwatch.log(), 10, "the refusal logged", world.dump)
+        assert sorted(world.macvtaps()) == ["nw-bad-net0", "nw-good-net0"]
+        assert world.ns.ip("-o", "link", "show", "nw-bad-net0").split(":")[0] == str(before["ifindex"])
+        assert world.backend_netdevs("bad") == [before["netdev"], before["hub_netdev"]]
+        world.frame_reaches_guest("bad", "net0", "wi1")  # through the real QEMU's own backend, untouched
+        good_vm_still_swaps(world)
 
 
 def test_a_peer_hanging_up_after_its_greeting_is_retried_until_qemu_comes(world: World) -> None:
@@ -158,3 +179,54 @@ def test_a_reload_that_removes_a_stuck_vm_is_applied_whole(world: World) -> None
         assert status.returncode == 0 and "stuck" not in status.stdout, status.stderr
     finally:
         stuck_qemu.proc.send_signal(signal.SIGCONT)
+
+
+def test_idle_control_clients_cannot_starve_netwatch_of_fds(world: World) -> None:
+    """Found in review: 250 idle connections at a 256 fd limit made macvtap opens fail with EMFILE."""
+    world.vm("good", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": GOOD_MAC})
+    world.lower("lo0", "wi0")
+    world.start_qemu("good")
+    netwatch = world.start_netwatch()
+    world.wait_state("good", "net0", "attached")
+    # The limit the review ran with, set on the running service.
+    subprocess.run(["prlimit", f"--pid={netwatch.pid}", "--nofile=256:256"], check=True)
+    path = str(Path(world.state) / "control.sock")
+    idle = []
+    try:
+        for _ in range(250):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            idle.append(sock)
+        wait_until(lambda: netwatch.fd_count() < 100, 10, "netwatch to hold few fds", world.dump)
+        good_vm_still_swaps(world)
+        good_vm_still_swaps(world)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert world.cli("status").returncode == 0
+
+
+def test_a_pidfd_above_1024_is_watched(tmp_path: Path) -> None:
+    """select() cannot watch an fd numbered 1024 or more; netwatch may well hold that many."""
+    import os
+    import resource
+
+    from netwatch.qmp import VmSession
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        session = VmSession("v", str(tmp_path / "v.qmp"), on_change=lambda: None)
+        pidfd = os.pidfd_open(child.pid)
+        session._pidfd = os.dup2(pidfd, 1500)
+        os.close(pidfd)
+        assert session.qemu_alive()
+        child.kill()
+        child.wait(10)
+        assert not session.qemu_alive()
+        os.close(session._pidfd)
+    finally:
+        child.kill()
+        child.wait(10)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
