@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from netwatch.sandbox import Netns
+from netwatch.sandbox.testbed import Netns
 
 
 def run_in_netns(script: str, args: list[str]) -> int:

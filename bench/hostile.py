@@ -27,8 +27,7 @@ from pathlib import Path
 from common import run_in_netns, summary
 
 from netwatch import config as config_mod
-from netwatch import control
-from netwatch.sandbox import (
+from netwatch.sandbox.testbed import (
     Netwatch,
     Qemu,
     delete_link,
@@ -38,6 +37,7 @@ from netwatch.sandbox import (
     wait_until,
     write_config,
 )
+from netwatch.service import control
 
 ROOT = Path(__file__).resolve().parent.parent
 MAC, LOWER, WIRE = "52:54:00:b5:00:01", "hs-l0", "hs-w0"

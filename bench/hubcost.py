@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the hub wiring costs a real guest, against a NIC wired straight to a tap.
 
-One Linux guest (netwatch.guest) with five virtio-net NICs, each on its own
+One Linux guest (netwatch.sandbox.guest) with five virtio-net NICs, each on its own
 host link and subnet, so the only difference between them is the wiring:
 
   hub       netwatch's wiring: NIC -> hubport -> hub -> hubport -> tap (a tap
@@ -47,11 +47,11 @@ from pathlib import Path
 from common import run_in_netns, summary
 
 from netwatch import config as config_mod
-from netwatch import control
-from netwatch.chardev import open_macvtap
 from netwatch.errors import NetwatchError
-from netwatch.guest import ECHO_PORT, SINK_PORT, SOURCE_PORT, Serial, build
-from netwatch.sandbox import Netwatch, Qemu, exit_on_sigterm, wait_until, write_config
+from netwatch.host.chardev import open_macvtap
+from netwatch.sandbox.guest import ECHO_PORT, SINK_PORT, SOURCE_PORT, Serial, build
+from netwatch.sandbox.testbed import Netwatch, Qemu, exit_on_sigterm, wait_until, write_config
+from netwatch.service import control
 
 
 @dataclass(frozen=True)

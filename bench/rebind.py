@@ -26,15 +26,15 @@ import uuid
 from common import run_in_netns, summary
 
 from netwatch import config as config_mod
-from netwatch import control
-from netwatch.sandbox import Netwatch, Qemu, exit_on_sigterm, veth_up, wait_until, write_config
+from netwatch.sandbox.testbed import Netwatch, Qemu, exit_on_sigterm, veth_up, wait_until, write_config
+from netwatch.service import control
 
 MAC = "52:54:00:bf:00:01"
 LOWERS = (("rb-l0", "rb-w0"), ("rb-l1", "rb-w1"))
 
 
 def crosser(src: str, dst: str, frames: int, rate: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "netwatch.streams", "cross", src, dst, str(frames * 2),
+    proc = subprocess.Popen([sys.executable, "-m", "netwatch.sandbox.streams", "cross", src, dst, str(frames * 2),
                              str(rate * 2), f"x{uuid.uuid4().hex[:7]}"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
@@ -44,11 +44,11 @@ def stream_once(observer_path: str, frames: int, rate: int, state: str,
                 lower: str) -> tuple[dict[str, str], float, int]:
     tag = f"b{uuid.uuid4().hex[:7]}"
     crossers = [crosser(LOWERS[0][1], LOWERS[1][1], frames, rate), crosser(LOWERS[1][1], LOWERS[0][1], frames, rate)]
-    counter = subprocess.Popen([sys.executable, "-m", "netwatch.streams", "count", tag, str(frames), "30",
+    counter = subprocess.Popen([sys.executable, "-m", "netwatch.sandbox.streams", "count", tag, str(frames), "30",
                                 *(wire for _, wire in LOWERS)], stdout=subprocess.PIPE, text=True)
     assert counter.stdout is not None
     assert counter.stdout.readline().strip() == "ready"
-    sender = subprocess.Popen([sys.executable, "-m", "netwatch.streams", "send", observer_path, str(frames),
+    sender = subprocess.Popen([sys.executable, "-m", "netwatch.sandbox.streams", "send", observer_path, str(frames),
                                str(rate), MAC, tag])
     while not counter.stdout.readline().startswith(f"progress {frames // 4}"):
         pass

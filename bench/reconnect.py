@@ -30,10 +30,9 @@ from pyroute2 import AsyncIPRoute
 from qemu.qmp import QMPClient
 
 from netwatch import config as config_mod
-from netwatch import control
-from netwatch.chardev import open_macvtap
 from netwatch.config import NicConfig, VmConfig
-from netwatch.sandbox import (
+from netwatch.host.chardev import open_macvtap
+from netwatch.sandbox.testbed import (
     Netwatch,
     Qemu,
     delete_link,
@@ -43,6 +42,7 @@ from netwatch.sandbox import (
     wait_until,
     write_config,
 )
+from netwatch.service import control
 
 NW_LOWER, NW_WIRE, NW_MAC = "bl-nw", "bw-nw", "52:54:00:be:00:01"
 FL_LOWER, FL_WIRE, FL_MAC = "bl-fl", "bw-fl", "52:54:00:be:00:02"

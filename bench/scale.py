@@ -27,8 +27,7 @@ from pathlib import Path
 from common import run_in_netns
 
 from netwatch import config as config_mod
-from netwatch import control
-from netwatch.sandbox import (
+from netwatch.sandbox.testbed import (
     Netwatch,
     Observer,
     Qemu,
@@ -41,6 +40,7 @@ from netwatch.sandbox import (
     wait_until,
     write_config,
 )
+from netwatch.service import control
 
 LOWER, WIRE = "sc-lower", "sc-wire"
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -1,3 +1,3 @@
-from .cli import entry
+from netwatch.cli import entry
 
 entry()

@@ -8,10 +8,11 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from . import config as config_mod
-from . import control, events
-from .errors import BadRequest, ConfigError, ControlError, NetwatchError
-from .untrusted import clean
+from netwatch import config as config_mod
+from netwatch import events
+from netwatch.errors import BadRequest, ConfigError, ControlError, NetwatchError
+from netwatch.service import control
+from netwatch.untrusted import clean
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -95,7 +96,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         vm = cfg.vm(args.vm)
         if vm is None:
             return _fail(f"no VM named '{args.vm}' in {cfg.path}", EXIT_USAGE)
-        from .qemu_args import render, render_libvirt
+        from netwatch.qemu.args import render, render_libvirt
         print(render_libvirt(vm) if args.libvirt else render(vm, args.json))
         return 0
     if args.command == "status":
@@ -117,13 +118,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         cfg = _load(args.config)
         events.setup(verbose=args.verbose)
-        from .service import Service
+        from netwatch.service.daemon import Service
         asyncio.run(Service(cfg).run())
         return 0
     if args.command == "demo":
         if args.flaps < 1:
             return _fail("--flaps must be at least 1", EXIT_USAGE)
-        from .demo import run_demo
+        from netwatch.sandbox.demo import run_demo
         return run_demo(args.flaps, args.guest)
     raise AssertionError(args.command)
 

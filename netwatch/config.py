@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .peer import Identity
+from netwatch.errors import ConfigError
+from netwatch.qemu.peer import Identity
 
 DEFAULT_PATH = "/etc/netwatch/netwatch.toml"
 

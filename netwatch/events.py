@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .untrusted import one_line
+from netwatch.untrusted import one_line
 
 log = logging.getLogger("netwatch")
 
@@ -77,7 +77,7 @@ def setup(verbose: bool = False) -> None:
     The journal handler falls back to the same plain lines whenever the
     journal refuses a message, and uses the journal again once it answers.
     """
-    from .journal import JournalHandler
+    from netwatch.service.journal import JournalHandler
     plain = logging.StreamHandler()
     plain.setFormatter(PlainFormatter())
     under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))

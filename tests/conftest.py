@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.sandbox import QEMU_BINARY, Netns
+from netwatch.sandbox.testbed import QEMU_BINARY, Netns
 
 from .world import World
 

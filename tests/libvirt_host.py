@@ -32,7 +32,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from netwatch.sandbox import Deadline, Netns, _die_with_parent, wait_until
+from netwatch.sandbox.testbed import Deadline, Netns, _die_with_parent, wait_until
 
 # Debian's compiled-in QEMU user and group (qemu.conf leaves them commented out).
 QEMU_USER = "libvirt-qemu"

@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from netwatch.sandbox import Deadline, wait_until
+from netwatch.sandbox.testbed import Deadline, wait_until
 
 CACHE = Path(os.environ.get("NETWATCH_SYSTEMD_HOST_CACHE", Path.home() / ".cache" / "netwatch-systemd-host"))
 SUITE = "bookworm"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.sandbox import Deadline, wait_until
+from netwatch.sandbox.testbed import Deadline, wait_until
 
 from .world import World
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.chardev import open_chardev
-from netwatch.sandbox import Netns
+from netwatch.host.chardev import open_chardev
+from netwatch.sandbox.testbed import Netns
 
 # /dev/null stands in for a macvtap: the node-making steps are the same.
-OPEN_NULL = ("import os, sys\nfrom netwatch.chardev import open_chardev\nfrom netwatch.errors import DeviceError\n"
+OPEN_NULL = ("import os, sys\nfrom netwatch.host.chardev import open_chardev\nfrom netwatch.errors import DeviceError\n"
              "try:\n    os.close(open_chardev(os.stat('/dev/null').st_rdev, sys.argv[1], 'nw-x'))\n"
              "except DeviceError as exc:\n    print(exc)\nelse:\n    print('opened')\n")
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, mount namespaces)")
@@ -51,7 +51,7 @@ def test_a_nodev_directory_says_open_and_why(tmp_path: Path) -> None:
 
 REUSED = """
 import os, subprocess, sys
-from netwatch.chardev import macvtap_devnum, open_chardev, open_macvtap, verify_macvtap
+from netwatch.host.chardev import macvtap_devnum, open_chardev, open_macvtap, verify_macvtap
 from netwatch.errors import DeviceError
 def ip(*args):
     subprocess.run(["ip", *args], check=True)

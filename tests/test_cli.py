@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.sandbox import Netns
+from netwatch.sandbox.testbed import Netns
 
 from .test_config import BAD_CASES
 from .world import run_netwatch

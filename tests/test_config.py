@@ -70,7 +70,7 @@ def test_example_config_is_accepted() -> None:
     example = Path(__file__).parent.parent / "conf" / "netwatch.toml"
     cfg = config.load(str(example))
     assert cfg.vms
-    from netwatch.qemu_args import libvirt_problems
+    from netwatch.qemu.args import libvirt_problems
     assert not [problem for vm in cfg.vms for problem in libvirt_problems(vm)], "the example must suit libvirt"
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from netwatch.sandbox import Netwatch, wait_until
+from netwatch.sandbox.testbed import Netwatch, wait_until
 
 from .world import World
 

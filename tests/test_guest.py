@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from netwatch.guest import Serial, build
-from netwatch.sandbox import wait_until
+from netwatch.sandbox.guest import Serial, build
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.sandbox import wait_until
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 
@@ -211,7 +211,7 @@ def test_a_pidfd_above_1024_is_watched(tmp_path: Path) -> None:
     import os
     import resource
 
-    from netwatch.qmp import VmSession
+    from netwatch.qemu.qmp import VmSession
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))

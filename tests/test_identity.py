@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.sandbox import wait_until
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 

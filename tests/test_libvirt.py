@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from netwatch.guest import GuestError, Serial, build
-from netwatch.sandbox import unique, wait_until
+from netwatch.sandbox.guest import GuestError, Serial, build
+from netwatch.sandbox.testbed import unique, wait_until
 
 from .libvirt_host import QEMU_GROUP, QEMU_NS, QEMU_USER, LibvirtHost, LibvirtUnavailable
 from .world import World

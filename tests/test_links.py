@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from netwatch.links import Link, LinkMonitor, LinkTable
-from netwatch.sandbox import Netns
+from netwatch.host.links import Link, LinkMonitor, LinkTable
+from netwatch.sandbox.testbed import Netns
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from netwatch.sandbox import wait_until
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 

@@ -11,7 +11,7 @@ import pytest
 from tenacity import wait_fixed
 
 from netwatch.errors import QmpError
-from netwatch.qmp import VmSession
+from netwatch.qemu.qmp import VmSession
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}
 

@@ -44,8 +44,8 @@ from typing import Any
 import pytest
 
 from netwatch.events import EVENT_KINDS
-from netwatch.qmp import parse_info_network
-from netwatch.sandbox import wait_until
+from netwatch.qemu.qmp import parse_info_network
+from netwatch.sandbox.testbed import wait_until
 
 from .systemd_host import CGROUP_HIERARCHIES, HostError, SystemdHost, build_tree, missing_tools, wheelhouse
 
@@ -95,7 +95,7 @@ qmp = "{QMP_DIR}/vm2.qmp"
 # the veth lower (already up) and times from that moment.
 PROBE = f"""
 import asyncio, json, sys, time, uuid
-from netwatch.sandbox import Observer, frame_payload, test_frame, time_to_first_frame, veth_up, wire_socket
+from netwatch.sandbox.testbed import Observer, frame_payload, test_frame, time_to_first_frame, veth_up, wire_socket
 
 MAC, LOWER, WIRE = {GUEST_MAC!r}, {LOWER!r}, {WIRE!r}
 

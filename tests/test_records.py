@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.records import NicRecord, RecordError, RecordStore
-from netwatch.sandbox import wait_until
+from netwatch.nic.records import NicRecord, RecordError, RecordStore
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from netwatch import rtnl
-from netwatch.sandbox import Netns
+from netwatch.host import rtnl
+from netwatch.sandbox.testbed import Netns
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from netwatch.sandbox import wait_until
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 
@@ -36,12 +36,12 @@ class Stream:
         self.tag = f"s{uuid.uuid4().hex[:7]}"
         self.count = count
         self.counter = subprocess.Popen(
-            world.ns.exec_argv(sys.executable, "-m", "netwatch.streams", "count", self.tag, str(count), "30",
+            world.ns.exec_argv(sys.executable, "-m", "netwatch.sandbox.streams", "count", self.tag, str(count), "30",
                                *wires), stdout=subprocess.PIPE, text=True)
         assert self.counter.stdout is not None
         assert self.counter.stdout.readline().strip() == "ready"
         path = world.qemus["vm1"].observers["net0"].theirs
-        self.sender = subprocess.Popen([sys.executable, "-m", "netwatch.streams", "send", path, str(count),
+        self.sender = subprocess.Popen([sys.executable, "-m", "netwatch.sandbox.streams", "send", path, str(count),
                                         str(rate), MAC, self.tag])
 
     def wait_progress(self, received: int) -> None:
@@ -67,7 +67,7 @@ class Stream:
 
 
 def cross(world: World, src: str, dst: str, count: int, rate: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(world.ns.exec_argv(sys.executable, "-m", "netwatch.streams", "cross", src, dst,
+    proc = subprocess.Popen(world.ns.exec_argv(sys.executable, "-m", "netwatch.sandbox.streams", "cross", src, dst,
                                                str(count), str(rate), f"x{uuid.uuid4().hex[:7]}"),
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

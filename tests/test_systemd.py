@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from netwatch.events import EVENT_KINDS
-from netwatch.sandbox import wait_until
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 
@@ -169,7 +169,7 @@ def test_a_flap_in_the_journal(world: World, journald: str) -> None:
 def test_large_entries_go_through_a_memfd(journald: str) -> None:
     import logging
 
-    from netwatch.journal import JournalHandler
+    from netwatch.service.journal import JournalHandler
     handler = JournalHandler(f"/run/systemd/journal.{journald}/socket")
     record = logging.LogRecord("netwatch", logging.INFO, __file__, 1, "big: %s", ("x" * 400_000,), None)
     handler.emit(record)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from netwatch import control
 from netwatch.errors import ControlError, NetwatchError
-from netwatch.nic_state import TRANSITIONS, IllegalTransition, NicState, NicStateMachine
-from netwatch.qmp import HubPort, parse_info_network
+from netwatch.nic.state import TRANSITIONS, IllegalTransition, NicState, NicStateMachine
+from netwatch.qemu.qmp import HubPort, parse_info_network
+from netwatch.service import control
 
 
 def test_every_state_can_be_left_and_reached() -> None:
@@ -109,11 +109,11 @@ def test_control_peers_root_own_user_and_the_configured_group() -> None:
 def test_link_events_reach_only_the_nics_they_concern(tmp_path: Path) -> None:
     """Routing is by lookup: with hundreds of NICs, each event must not ask every NIC."""
     from netwatch.config import load
-    from netwatch.hooks import HookRunner
-    from netwatch.links import Link, LinkTable
-    from netwatch.nic import NicEnv
-    from netwatch.reconciler import Reconciler
-    from netwatch.records import RecordStore
+    from netwatch.host.links import Link, LinkTable
+    from netwatch.nic.controller import NicEnv
+    from netwatch.nic.records import RecordStore
+    from netwatch.service.hooks import HookRunner
+    from netwatch.service.reconciler import Reconciler
 
     nics = "".join(f'[[vm.nic]]\nid = "n{i}"\nbackend = "macvtap"\nlower = "eth{i}"\nmac = "52:54:00:00:00:{i:02x}"\n'
                    f'guest_pci = "pci.{1 + i // 32}:{i % 32:#x}"\n' for i in range(1, 41))
@@ -127,7 +127,7 @@ def test_link_events_reach_only_the_nics_they_concern(tmp_path: Path) -> None:
         for vm in reconciler.config.vms:
             reconciler.vms[vm.name] = None  # type: ignore[assignment]
             reconciler.nics[vm.name] = {}
-            from netwatch.nic import NicController
+            from netwatch.nic.controller import NicController
             for nic in vm.nics:
                 controller = NicController(vm.name, nic, None, env)  # type: ignore[arg-type]
                 reconciler.nics[vm.name][nic.id] = controller

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from netwatch import config as config_mod
-from netwatch import control
-from netwatch.sandbox import (
+from netwatch.sandbox.testbed import (
     Deadline,
     Netns,
     Netwatch,
@@ -28,6 +27,7 @@ from netwatch.sandbox import (
     wait_until,
     write_config,
 )
+from netwatch.service import control
 
 PEER_MAC = "02:00:00:00:00:01"
 

@@ -18,8 +18,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from . import events, tasks
-from .records import NicRecord
+from netwatch import events, tasks
+from netwatch.nic.records import NicRecord
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ from typing import Any
 
 from tenacity.wait import wait_base
 
-from . import events, tasks
-from .backends import tap_mac
-from .config import Config, VmConfig
-from .errors import BadRequest, ConfigError
-from .links import Link
-from .nic import NicController, NicEnv
-from .qmp import VmSession
-from .records import NicRecord
+from netwatch import events, tasks
+from netwatch.config import Config, VmConfig
+from netwatch.errors import BadRequest, ConfigError
+from netwatch.host.backends import tap_mac
+from netwatch.host.links import Link
+from netwatch.nic.controller import NicController, NicEnv
+from netwatch.nic.records import NicRecord
+from netwatch.qemu.qmp import VmSession
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``netwatch demo``: a sandboxed VM whose lower is flapped under netwatch.
 
-With a real Linux guest (the default; see netwatch.guest) the demo shows
+With a real Linux guest (the default; see netwatch.sandbox.guest) the demo shows
 the guest's pings to the far end of its lower surviving every flap; without
 one (``--no-guest``, or when the guest cannot be built) it shows frames
 reaching the guest NIC's hub again. The outer part makes a network
@@ -24,10 +24,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import config as config_mod
-from . import control
-from .guest import GuestError, Serial, build
-from .sandbox import (
+from netwatch import config as config_mod
+from netwatch.sandbox.guest import GuestError, Serial, build
+from netwatch.sandbox.testbed import (
     QEMU_BINARY,
     Netns,
     Netwatch,
@@ -43,6 +42,7 @@ from .sandbox import (
     wire_socket,
     write_config,
 )
+from netwatch.service import control
 
 LOWER, WIRE = "demo-lower", "demo-wire"
 GUEST_MAC = "52:54:00:de:40:01"
@@ -71,7 +71,8 @@ def run_demo(flaps: int, guest: bool = True) -> int:
     try:
         with Netns("nwdemo") as ns:
             print(f"sandbox: network namespace {ns.name}, files in {workdir}")
-            inner = ns.exec_argv(sys.executable, "-m", "netwatch.demo", workdir, str(flaps), "guest" if guest else "")
+            inner = ns.exec_argv(sys.executable, "-m", "netwatch.sandbox.demo", workdir, str(flaps),
+                                 "guest" if guest else "")
             return subprocess.run(inner).returncode
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

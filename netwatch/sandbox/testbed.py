@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import VmConfig
-from .qemu_args import vm_args
+from netwatch.config import VmConfig
+from netwatch.qemu.args import vm_args
 
 CLONE_NEWNET = 0x40000000
 ETH_P_TEST = 0x88B5  # IEEE "local experimental" ethertype: nobody else's traffic

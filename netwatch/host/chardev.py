@@ -15,8 +15,8 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import DeviceError
-from .untrusted import clean
+from netwatch.errors import DeviceError
+from netwatch.untrusted import clean
 
 
 def macvtap_devnum(name: str, index: int, sysfs: str = "/sys/class/net") -> int:

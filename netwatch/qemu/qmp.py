@@ -25,10 +25,19 @@ from qemu.qmp.message import Message
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
-from . import events, tasks
-from .errors import NetwatchError, QmpError
-from .peer import Identity, Peer, cgroup_problem, path_problem, peer_uids, start_time, still_runs, trusted_uids
-from .untrusted import clean
+from netwatch import events, tasks
+from netwatch.errors import NetwatchError, QmpError
+from netwatch.qemu.peer import (
+    Identity,
+    Peer,
+    cgroup_problem,
+    path_problem,
+    peer_uids,
+    start_time,
+    still_runs,
+    trusted_uids,
+)
+from netwatch.untrusted import clean
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ifname_problem
-from .errors import NetwatchError
-from .untrusted import clean
+from netwatch.config import ifname_problem
+from netwatch.errors import NetwatchError
+from netwatch.untrusted import clean
 
 log = logging.getLogger(__name__)
 

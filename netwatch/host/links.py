@@ -18,7 +18,8 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
-from . import events, rtnl, tasks
+from netwatch import events, tasks
+from netwatch.host import rtnl
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import re
 import shlex
 from xml.sax.saxutils import escape
 
-from .config import NicConfig, VmConfig
-from .errors import BadRequest
+from netwatch.config import NicConfig, VmConfig
+from netwatch.errors import BadRequest
 
 LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 

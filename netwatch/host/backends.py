@@ -13,12 +13,12 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .chardev import open_macvtap
-from .config import LowerSpec, NicConfig
-from .errors import DeviceError, LinkError, NetwatchError
-from .linkops import LinkOps
-from .links import Link, LinkTable
-from .records import NicRecord
+from netwatch.config import LowerSpec, NicConfig
+from netwatch.errors import DeviceError, LinkError, NetwatchError
+from netwatch.host.chardev import open_macvtap
+from netwatch.host.linkops import LinkOps
+from netwatch.host.links import Link, LinkTable
+from netwatch.nic.records import NicRecord
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002

@@ -8,7 +8,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import LinkError
+from netwatch.errors import LinkError
 
 
 class LinkOps:

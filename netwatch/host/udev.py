@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pyudev
 
-from .errors import NetwatchError
+from netwatch.errors import NetwatchError
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
-from . import events
-from .backends import DRIVERS, Created, LinkVanished, Placement, ambiguity, find_lower, matching_lowers
-from .config import LowerSpec, NicConfig, ifname_problem
-from .errors import BadRequest, LinkError, NetwatchError, QmpError
-from .hooks import HookRunner
-from .linkops import LinkOps
-from .links import Link, LinkTable
-from .nic_state import NicState, NicStateMachine
-from .qmp import NetworkInfo, VmSession
-from .records import NicRecord, RecordStore
-from .udev import udev_initialized
+from netwatch import events
+from netwatch.config import LowerSpec, NicConfig, ifname_problem
+from netwatch.errors import BadRequest, LinkError, NetwatchError, QmpError
+from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement, ambiguity, find_lower, matching_lowers
+from netwatch.host.linkops import LinkOps
+from netwatch.host.links import Link, LinkTable
+from netwatch.host.udev import udev_initialized
+from netwatch.nic.records import NicRecord, RecordStore
+from netwatch.nic.state import NicState, NicStateMachine
+from netwatch.qemu.qmp import NetworkInfo, VmSession
+from netwatch.service.hooks import HookRunner
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Paced test-frame streams for loss measurements (tests and bench).
 
-``python -m netwatch.streams send QEMU_DGRAM_PATH COUNT RATE SRC_MAC TAG``
+``python -m netwatch.sandbox.streams send QEMU_DGRAM_PATH COUNT RATE SRC_MAC TAG``
 sends COUNT frames at RATE per second into a NIC's hub, as the guest would;
-``python -m netwatch.streams count TAG COUNT SECONDS WIRE...`` (inside the
+``python -m netwatch.sandbox.streams count TAG COUNT SECONDS WIRE...`` (inside the
 namespace) counts which of them came out on any of the wires and prints a
-JSON summary. ``python -m netwatch.streams cross FROM_WIRE TO_WIRE COUNT RATE
+JSON summary. ``python -m netwatch.sandbox.streams cross FROM_WIRE TO_WIRE COUNT RATE
 TAG`` sends COUNT broadcasts at RATE per second on one lower's wire and
 counts how many come out on another's: frames that crossed the guest's hub
 from one network into the other. Separate processes, so a test can act
@@ -20,7 +20,7 @@ import struct
 import sys
 import time
 
-from .sandbox import ETH_P_TEST, frame_payload, test_frame
+from netwatch.sandbox.testbed import ETH_P_TEST, frame_payload, test_frame
 
 PEER_MAC = "02:00:00:00:00:01"
 CROSS_MAC = "02:00:00:00:00:0c"

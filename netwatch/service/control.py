@@ -20,9 +20,9 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import tasks
-from .errors import BadRequest, ConfigError, ControlError, NetwatchError, ServiceNotRunning
-from .untrusted import clean
+from netwatch import tasks
+from netwatch.errors import BadRequest, ConfigError, ControlError, NetwatchError, ServiceNotRunning
+from netwatch.untrusted import clean
 
 log = logging.getLogger(__name__)
 

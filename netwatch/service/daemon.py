@@ -14,19 +14,19 @@ from typing import Any
 
 from tenacity.wait import wait_base
 
-from . import config as config_mod
-from . import events, tasks
-from .config import Config
-from .control import ControlServer
-from .errors import BadRequest, ConfigError, NetwatchError
-from .hooks import HookRunner
-from .linkops import LinkOps
-from .links import LinkMonitor, LinkTable
-from .nic import NicEnv
-from .notify import Notifier
-from .reconciler import Reconciler
-from .records import RecordStore
-from .udev import UdevMonitor, resolve_source
+from netwatch import config as config_mod
+from netwatch import events, tasks
+from netwatch.config import Config
+from netwatch.errors import BadRequest, ConfigError, NetwatchError
+from netwatch.host.linkops import LinkOps
+from netwatch.host.links import LinkMonitor, LinkTable
+from netwatch.host.udev import UdevMonitor, resolve_source
+from netwatch.nic.controller import NicEnv
+from netwatch.nic.records import RecordStore
+from netwatch.service.control import ControlServer
+from netwatch.service.hooks import HookRunner
+from netwatch.service.notify import Notifier
+from netwatch.service.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from . import events
-from .untrusted import clean
+from netwatch import events
+from netwatch.untrusted import clean
 
 
 class NicState(enum.Enum):

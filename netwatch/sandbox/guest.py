@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NetwatchError
+from netwatch.errors import NetwatchError
 
 CACHE = Path(os.environ.get("NETWATCH_GUEST_CACHE", Path.home() / ".cache" / "netwatch-guest"))
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
