@@ -12,7 +12,6 @@ import asyncio
 import errno
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,7 +28,8 @@ from netwatch.host.links import Link, LinkTable
 from netwatch.host.udev import udev_initialized
 from netwatch.nic.records import NicRecord, RecordStore
 from netwatch.nic.state import NicState, NicStateMachine
-from netwatch.qemu.qmp import NetworkInfo, VmSession
+from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.wiring import HubWiring, Pair, Survey
 from netwatch.service.hooks import HookRunner
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ class NicController:
         self.swaps = 0
         self.guest_link: bool | None = None
         self.first_pass = asyncio.Event()
-        self._hub: int | None = None  # where QEMU's guest port actually is
         self._synced_session = 0
         self._started_for: int | None = None  # QEMU pid whose "start" hooks ran
         self._up_context = "reattach"  # for the next if-up after "start"
@@ -95,7 +94,8 @@ class NicController:
         self.pending_config: NicConfig | None = None
         self._kick = asyncio.Event()
         self._kick.set()
-        self._backend_ids = re.compile(rf"nw-{re.escape(nic.id)}-(tap|up|fd)(\d+)\Z")
+        # How the backend reaches the guest, on QEMU's side.
+        self.wiring = HubWiring(vm_name, nic, vm)
 
     @property
     def driver(self) -> Any:
@@ -161,6 +161,7 @@ class NicController:
             if self.pending_config is not None:
                 # Between passes, never in the middle of one.
                 self.nic, self.override, self.pending_config = self.pending_config, None, None
+                self.wiring.nic = self.nic
             while self._requests:
                 spec, future = self._requests.pop(0)
                 await self._serve_rebind(spec, future)
@@ -285,23 +286,16 @@ class NicController:
 
     async def _sync_with_qemu(self) -> None:
         """Adopt the backend an earlier run left, if all agree on it; clean the rest."""
-        network = await self.vm.network()
-        self._hub = self._guest_hub(network)
-        netdevs = {name for name in network.netdevs if self._backend_ids.match(name)}
+        survey = await self.wiring.survey()
         record = self.backend or self.env.records.load(self.vm_name, self.nic.id)
-        gens = [int(match.group(2)) for name in netdevs if (match := self._backend_ids.match(name))]
+        gens = list(survey.generations)
         if record is not None:
             gens.append(record.generation)
             self.swaps = max(self.swaps, record.swaps)
         self.generation = max([self.generation, *gens])
         self.guest_link = None
-        # An attach cut short between getfd and netdev_add (netwatch killed)
-        # leaves QEMU holding the fd under the NIC's fd name.
-        await self._closefd(self._fdname)
-        keep = record if record is not None and self._adoptable(record, network) else None
-        for name in sorted(netdevs, key=lambda n: "-up" not in n):  # hubports before their taps
-            if keep is None or name not in (keep.hub_netdev, keep.tap_netdev):
-                await self._netdev_del(name)
+        keep = record if record is not None and self._adoptable(record, survey) else None
+        await self.wiring.clean(survey, _pair(keep) if keep is not None else None)
         if keep is not None:
             if self.backend is None:
                 events.emit("attached", f"adopted {keep.ifname} on {keep.lower or 'no lower'} from an earlier run",
@@ -309,8 +303,7 @@ class NicController:
                 self._started_for = keep.qemu_pid
             self.backend, self.swaps = keep, keep.swaps
             # Cut short mid-rebind, the kept pair may have been left quiet.
-            await self._best_effort(self.vm.execute("set_link", {"name": keep.tap_netdev, "up": True}),
-                                    f"opening {keep.tap_netdev}")
+            await self._best_effort(self.wiring.reopen(_pair(keep)), f"opening {keep.tap_netdev}")
             return
         if record is not None:
             # Its if-up hooks ran: pair them with if-down, with the values they saw.
@@ -326,21 +319,9 @@ class NicController:
         self.env.records.remove(self.vm_name, self.nic.id)
         self.backend = None
 
-    def _guest_hub(self, network: NetworkInfo) -> int:
-        port = next((p for p in network.ports if p.port == self.nic.guest_port), None)
-        if port is None:
-            raise QmpError(f"QEMU has no hubport {self.nic.guest_port} for NIC {self.nic.id}: start the VM with "
-                           f"the arguments of 'netwatch qemu-args {self.vm_name}'")
-        if port.hub != self.nic.hub:
-            log.warning("%s/%s: QEMU has the guest port on hub %d, the config says %d: using %d until QEMU "
-                        "restarts", self.vm_name, self.nic.id, port.hub, self.nic.hub, port.hub)
-        return port.hub
-
-    def _adoptable(self, record: NicRecord, network: NetworkInfo) -> bool:
-        pair = [p for p in network.ports if p.port == record.hub_netdev and p.peer == record.tap_netdev
-                and p.hub == self._hub]
+    def _adoptable(self, record: NicRecord, survey: Survey) -> bool:
         link = self.env.links.get(record.ifindex)
-        return (record.qemu_pid == self.vm.pid and len(pair) == 1 and link is not None
+        return (record.qemu_pid == self.vm.pid and self.wiring.holds(_pair(record), survey) and link is not None
                 and link.name == record.ifname and self._matches_config(record))
 
     def _matches_config(self, record: NicRecord) -> bool:
@@ -353,24 +334,6 @@ class NicController:
         if record.qemu_pid != self.vm.pid:
             return "stop"  # that QEMU is gone; this one is new
         return "lower-lost" if self._matches_config(record) else "rebind"
-
-    async def _remove_from_qemu(self, command: str, arguments: dict[str, Any]) -> bool:
-        """Run a removal command; False if QEMU had nothing by that name."""
-        try:
-            await self.vm.execute(command, arguments)
-        except QmpError as exc:
-            if "not found" not in str(exc):
-                raise
-            return False
-        return True
-
-    async def _closefd(self, fdname: str) -> None:
-        if await self._remove_from_qemu("closefd", {"fdname": fdname}):
-            log.info("%s/%s: closed %s, left in QEMU by an attach that was cut short", self.vm_name, self.nic.id,
-                     fdname)
-
-    async def _netdev_del(self, name: str) -> None:
-        await self._remove_from_qemu("netdev_del", {"id": name})
 
     async def _set_guest_link(self, up: bool, cause: str) -> None:
         if self.guest_link is up:
@@ -399,9 +362,10 @@ class NicController:
             if exc.errno == errno.ENODEV and placement.lower is not None:
                 raise LinkVanished(str(exc)) from exc
             raise
-        tap, hub = f"nw-{nic.id}-tap{gen}", f"nw-{nic.id}-up{gen}"
+        pair = self.wiring.pair(gen)
+        tap, hub = pair.tap, pair.port
         try:
-            await self._add_backend(created.fd, gen, tap, hub, inert)
+            await self.wiring.plug(created.fd, pair, inert)
         except BaseException:
             await self._best_effort(ops.delete(created.index), f"removing {name} after a failed attach")
             raise
@@ -446,25 +410,19 @@ class NicController:
         # forwards between all its ports: the new pair joins with its link
         # down, the old one goes quiet, then the new one opens. Never both
         # at once (4-21 broadcasts per rebind crossed between the two
-        # lowers' networks before). Both commands are sent together: QEMU
-        # runs them in order, so the gap is its own, not a round trip.
+        # lowers' networks before).
         created, tap, hub, gen = await self._create(name, placement, inert=True)
         new = self._record(name, created, placement, tap, hub, gen)
         try:
-            await asyncio.gather(self.vm.execute("set_link", {"name": old.tap_netdev, "up": False}),
-                                 self.vm.execute("set_link", {"name": tap, "up": True}))
+            await self.wiring.switch(_pair(old), _pair(new))
         except BaseException:
-            await self._best_effort(self.vm.execute("set_link", {"name": old.tap_netdev, "up": True}),
-                                    f"reopening {old.tap_netdev}")
-            await self._best_effort(self._netdev_del(hub), f"netdev_del {hub}")
-            await self._best_effort(self._netdev_del(tap), f"netdev_del {tap}")
+            await self._best_effort(self.wiring.unplug(_pair(new)), f"removing {tap}")
             await self._best_effort(self.env.ops.delete(created.index), f"removing {name}")
             raise
         self.backend = new
         self.env.records.save(new)
         await self._best_effort(self._announce(), "announce-self")
-        await self._best_effort(self._netdev_del(old.hub_netdev), f"netdev_del {old.hub_netdev}")
-        await self._best_effort(self._netdev_del(old.tap_netdev), f"netdev_del {old.tap_netdev}")
+        await self._best_effort(self.wiring.unplug(_pair(old)), f"removing {old.tap_netdev}")
         link = self.env.links.get(old.ifindex)
         if link is not None and link.name == old.ifname:
             await self._best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
@@ -495,32 +453,6 @@ class NicController:
                             lower=uplink.name, previous=backend.lower)
         self.env.records.save(self.backend)
 
-    @property
-    def _fdname(self) -> str:
-        # One name per NIC, not per generation: netdev_add consumes the fd at
-        # once, and a stray one left under it is replaced or closed by name.
-        return f"nw-{self.nic.id}-fd"
-
-    async def _add_backend(self, fd: int, gen: int, tap: str, hub: str, inert: bool = False) -> None:
-        fdname = self._fdname
-        await self.vm.pass_fd(fd, fdname)
-        try:
-            await self.vm.execute("netdev_add", {"type": "tap", "id": tap, "fd": fdname})
-        except BaseException:
-            await self._best_effort(self.vm.execute("closefd", {"fdname": fdname}), f"closefd {fdname}")
-            raise
-        try:
-            if inert:
-                # Down before it joins the hub: a netdev whose link is down
-                # neither sends nor receives, so no frame can cross the hub
-                # between this lower and the one still in use.
-                await self.vm.execute("set_link", {"name": tap, "up": False})
-            await self.vm.execute("netdev_add", {"type": "hubport", "id": hub, "netdev": tap,
-                                                 "hubid": self.nic.hub if self._hub is None else self._hub})
-        except BaseException:
-            await self._best_effort(self._netdev_del(tap), f"netdev_del {tap}")
-            raise
-
     async def _announce(self) -> None:
         # Switches relearn where the guest MAC lives now.
         self.vm.announce(self.nic.id)
@@ -529,8 +461,7 @@ class NicController:
         backend = self.backend
         assert backend is not None
         await self._set_guest_link(False, cause)
-        await self._netdev_del(backend.hub_netdev)
-        await self._netdev_del(backend.tap_netdev)
+        await self.wiring.unplug(_pair(backend))
         link = self.env.links.get(backend.ifindex)
         if link is not None and link.name == backend.ifname:
             await self.env.ops.delete(backend.ifindex)
@@ -569,8 +500,7 @@ class NicController:
             # up a reload (each command would wait out qmp_timeout).
             try:
                 async with asyncio.timeout(REMOVE_DEADLINE):
-                    await self._best_effort(self._netdev_del(backend.hub_netdev), "netdev_del")
-                    await self._best_effort(self._netdev_del(backend.tap_netdev), "netdev_del")
+                    await self._best_effort(self.wiring.unplug(_pair(backend)), "removing the backend from QEMU")
                     await self._best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}),
                                             "set_link")
             except TimeoutError:
@@ -660,7 +590,7 @@ class NicController:
             "ifindex": backend.ifindex if backend else None,
             "netdev": backend.tap_netdev if backend else None,
             "hub_netdev": backend.hub_netdev if backend else None,
-            "hub": self.nic.hub if self._hub is None else self._hub,
+            "hub": self.nic.hub if self.wiring.hub is None else self.wiring.hub,
             "mac": self.nic.mac,
             "mode": self.nic.mode,
             "guest_pci": str(self.nic.guest_pci) if self.nic.guest_pci else None,
@@ -677,3 +607,7 @@ class NicController:
             status["bridge"] = self.nic.bridge
             status["bridge_present"] = self.env.links.named(self.nic.bridge) is not None
         return status
+
+
+def _pair(record: NicRecord) -> Pair:
+    return Pair(tap=record.tap_netdev, port=record.hub_netdev)
