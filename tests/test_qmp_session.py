@@ -106,3 +106,28 @@ def test_absent_socket_is_waiting_not_an_error(tmp_path: Path) -> None:
             with pytest.raises(QmpError, match="not connected"):
                 await session.execute("query-status")
     asyncio.run(main())
+
+
+def test_a_socket_appearing_ends_the_reconnect_delay(tmp_path: Path) -> None:
+    """A QEMU that starts while netwatch waits out its backoff is found at once, not after the delay."""
+    import socket as socket_mod
+    import time
+
+    from netwatch.qemu.sockwatch import SocketWatch
+
+    async def main() -> float:
+        watch = SocketWatch(str(tmp_path / "vm.qmp"))
+        watch.start()
+        try:
+            loop = asyncio.get_running_loop()
+            server = socket_mod.socket(socket_mod.AF_UNIX)
+            loop.call_later(0.2, server.bind, str(tmp_path / "vm.qmp"))
+            loop.call_later(0.1, (tmp_path / "other").touch)  # another name: no wake-up
+            started = time.monotonic()
+            await watch.sleep(30)
+            server.close()
+            return time.monotonic() - started
+        finally:
+            watch.close()
+    # Without the watch this sleeps 30 s; the deadline is far from any timing claim.
+    assert asyncio.run(asyncio.wait_for(main(), 10)) >= 0.2

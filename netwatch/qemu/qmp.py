@@ -37,6 +37,7 @@ from netwatch.qemu.peer import (
     still_runs,
     trusted_uids,
 )
+from netwatch.qemu.sockwatch import SocketWatch
 from netwatch.untrusted import clean
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class VmSession:
         self.recorded = recorded or list
         # Why the last peer was refused (None: it was not).
         self.refused: str | None = None
+        self._socket_watch = SocketWatch(path)
         self.pid_start: int | None = None
         self.path = path
         self.on_change = on_change
@@ -223,6 +225,7 @@ class VmSession:
             self._pidfd = None
 
     async def __aenter__(self) -> VmSession:
+        self._socket_watch.start()
         self._task = asyncio.create_task(self._run(), name=f"netwatch-qmp-{self.name}")
         return self
 
@@ -230,6 +233,7 @@ class VmSession:
         await tasks.stop([self._task, self._announcer])
         await self._drop()
         self._unwatch_pid()
+        self._socket_watch.close()
 
     async def _run(self) -> None:
         # Supervised: whatever ends a session (QEMU, qemu.qmp, or a bug here)
@@ -324,8 +328,10 @@ class VmSession:
         return None
 
     async def _connect(self) -> QMPClient:
+        # Each delay ends early when the socket appears (a QEMU starting).
         async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(QmpError),
-                                           reraise=True, before_sleep=lambda _state: self.first_attempt.set()):
+                                           sleep=self._socket_watch.sleep, reraise=True,
+                                           before_sleep=lambda _state: self.first_attempt.set()):
             with attempt:
                 return await self._connect_once()
         raise AssertionError("unreachable: retries never stop")
