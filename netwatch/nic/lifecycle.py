@@ -1,0 +1,310 @@
+"""A NIC's backend over its life: made, adopted, swapped, detached, removed.
+
+What is attached (the runtime record), its generation and swap count, the
+guest link's state and which if-up context comes next live here; the NIC
+controller decides when, the wiring (netwatch/qemu/wiring.py) does QEMU's
+side and the driver (netwatch/host/backends.py) the kernel's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from netwatch import events
+from netwatch.config import NicConfig
+from netwatch.errors import LinkError, QmpError
+from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement
+from netwatch.nic.records import NicRecord
+from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.wiring import HubWiring, Pair, Survey
+
+if TYPE_CHECKING:  # NicEnv lives with the controller, which imports this module
+    from netwatch.nic.controller import NicEnv
+
+log = logging.getLogger(__name__)
+
+# Seconds a NIC's removal waits for QEMU before it removes the kernel side anyway.
+REMOVE_DEADLINE = 2.0
+
+
+class BackendLife:
+    """One NIC's backend: the kernel link, its pair in QEMU, its record and hooks."""
+
+    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv,
+                 lower_name: Callable[[], str | None]) -> None:
+        self.vm_name = vm_name
+        self.nic = nic
+        self.vm = vm
+        self.env = env
+        self.lower_name = lower_name
+        # How the backend reaches the guest, on QEMU's side.
+        self.wiring = HubWiring(vm_name, nic, vm)
+        self.backend: NicRecord | None = None
+        self.generation = 0
+        self.swaps = 0
+        self.guest_link: bool | None = None
+        self.synced_session = 0  # the VM session whose QEMU view was last read
+        self.started_for: int | None = None  # QEMU pid whose "start" hooks ran
+        self.up_context = "reattach"  # for the next if-up after "start"
+        self.lost_lower: str | None = None
+
+    def configure(self, nic: NicConfig) -> None:
+        self.nic = nic
+        self.wiring.nic = nic
+
+    @property
+    def driver(self) -> Any:
+        return DRIVERS[self.nic.backend]
+
+    async def sync_with_qemu(self) -> None:
+        """Adopt the backend an earlier run left, if all agree on it; clean the rest."""
+        survey = await self.wiring.survey()
+        record = self.backend or self.env.records.load(self.vm_name, self.nic.id)
+        gens = list(survey.generations)
+        if record is not None:
+            gens.append(record.generation)
+            self.swaps = max(self.swaps, record.swaps)
+        self.generation = max([self.generation, *gens])
+        self.guest_link = None
+        keep = record if record is not None and self._adoptable(record, survey) else None
+        await self.wiring.clean(survey, _pair(keep) if keep is not None else None)
+        if keep is not None:
+            if self.backend is None:
+                events.emit("attached", f"adopted {keep.ifname} on {keep.lower or 'no lower'} from an earlier run",
+                            vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
+                self.started_for = keep.qemu_pid
+            self.backend, self.swaps = keep, keep.swaps
+            # Cut short mid-rebind, the kept pair may have been left quiet.
+            await self.best_effort(self.wiring.reopen(_pair(keep)), f"opening {keep.tap_netdev}")
+            return
+        if record is not None:
+            # Its if-up hooks ran: pair them with if-down, with the values they saw.
+            context = self._why_not_adopted(record)
+            self.env.hooks.submit("down", context, record)
+            if context != "stop":
+                self.started_for = self.vm.pid
+                self.up_context = "rebind" if context == "rebind" else "reattach"
+        for name in self.nic.backend_names:
+            stale = self.env.links.named(name)
+            if stale is not None:
+                await self.env.ops.delete(stale.index)
+        self.env.records.remove(self.vm_name, self.nic.id)
+        self.backend = None
+
+    def _adoptable(self, record: NicRecord, survey: Survey) -> bool:
+        link = self.env.links.get(record.ifindex)
+        return (record.qemu_pid == self.vm.pid and self.wiring.holds(_pair(record), survey) and link is not None
+                and link.name == record.ifname and self.matches_config(record))
+
+    def matches_config(self, record: NicRecord) -> bool:
+        nic = self.nic
+        return (record.ifname in nic.backend_names and record.backend == nic.backend and record.mac == nic.mac
+                and record.mode == nic.mode and record.bridge == nic.bridge)
+
+    def _why_not_adopted(self, record: NicRecord) -> str:
+        """The if-down context for a recorded backend that is being replaced."""
+        if record.qemu_pid != self.vm.pid:
+            return "stop"  # that QEMU is gone; this one is new
+        return "lower-lost" if self.matches_config(record) else "rebind"
+
+    async def set_guest_link(self, up: bool, cause: str) -> None:
+        if self.guest_link is up:
+            return
+        await self.vm.execute("set_link", {"name": self.nic.id, "up": up})
+        self.guest_link = up
+        events.emit("link-up" if up else "link-down", f"guest link {'up' if up else 'down'}: {cause}",
+                    vm=self.vm_name, nic=self.nic.id, lower=self.lower_name())
+
+    async def _create(self, name: str, placement: Placement, inert: bool = False) -> tuple[Created, str, str, int]:
+        """A new backend link plus its QEMU pair: (link, tap netdev, hubport, generation).
+
+        ``inert``: the pair joins the hub with its link down, passing nothing
+        until it is switched on.
+        """
+        nic, ops = self.nic, self.env.ops
+        gen = self.generation + 1
+        stale = self.env.links.named(name)
+        if stale is not None:
+            await ops.delete(stale.index)
+        try:
+            created = await self.driver.create(nic, name, placement, ops, self.env.node_dir)
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV and placement.lower is not None:
+                raise LinkVanished(str(exc)) from exc
+            raise
+        pair = self.wiring.pair(gen)
+        tap, hub = pair.tap, pair.port
+        try:
+            await self.wiring.plug(created.fd, pair, inert)
+        except BaseException:
+            await self.best_effort(ops.delete(created.index), f"removing {name} after a failed attach")
+            raise
+        finally:
+            os.close(created.fd)
+        self.generation, self.swaps = gen, self.swaps + 1
+        return created, tap, hub, gen
+
+    def _record(self, name: str, created: Created, placement: Placement, tap: str, hub: str,
+                gen: int) -> NicRecord:
+        nic, lower = self.nic, placement.lower
+        return NicRecord(
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=name, ifindex=created.index,
+            lower=lower.name if lower else (nic.lower.describe() if nic.lower else ""),
+            lower_ifindex=lower.index if lower else 0, tap_netdev=tap, hub_netdev=hub, generation=gen,
+            mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps,
+            guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start)
+
+    async def attach(self, placement: Placement) -> None:
+        name = self.nic.ifname
+        created, tap, hub, gen = await self._create(name, placement)
+        self.backend = self._record(name, created, placement, tap, hub, gen)
+        self.env.records.save(self.backend)
+        back = self.lost_lower is not None
+        self.lost_lower = None
+        lower = placement.lower
+        events.emit("lower-back" if back else "attached",
+                    f"{name} (ifindex {created.index}) is now {tap}: {self.where(placement)}",
+                    vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=tap,
+                    ifindex=created.index)
+        context = "start" if self.started_for != self.vm.pid else self.up_context
+        self.started_for, self.up_context = self.vm.pid, "reattach"
+        self.env.hooks.submit("up", context, self.backend)
+        await self.best_effort(self._announce(), "announce-self")
+
+    async def swap(self, placement: Placement, cause: str) -> None:
+        """Make-before-break: the new backend joins the hub before the old one leaves."""
+        old = self.backend
+        assert old is not None and placement.lower is not None
+        name = next(n for n in self.nic.backend_names if n != old.ifname)
+        # Both pairs hang off the guest's hub for a moment, and QEMU's hub
+        # forwards between all its ports: the new pair joins with its link
+        # down, the old one goes quiet, then the new one opens. Never both
+        # at once (4-21 broadcasts per rebind crossed between the two
+        # lowers' networks before).
+        created, tap, hub, gen = await self._create(name, placement, inert=True)
+        new = self._record(name, created, placement, tap, hub, gen)
+        try:
+            await self.wiring.switch(_pair(old), _pair(new))
+        except BaseException:
+            await self.best_effort(self.wiring.unplug(_pair(new)), f"removing {tap}")
+            await self.best_effort(self.env.ops.delete(created.index), f"removing {name}")
+            raise
+        self.backend = new
+        self.env.records.save(new)
+        await self.best_effort(self._announce(), "announce-self")
+        await self.best_effort(self.wiring.unplug(_pair(old)), f"removing {old.tap_netdev}")
+        link = self.env.links.get(old.ifindex)
+        if link is not None and link.name == old.ifname:
+            await self.best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
+        self.env.hooks.submit("down", "rebind", old)
+        self.env.hooks.submit("up", "rebind", new)
+        events.emit("rebind", f"{cause}: {old.tap_netdev} on {old.lower} -> {tap} on {new.lower}",
+                    vm=self.vm_name, nic=self.nic.id, lower=new.lower, netdev=tap, previous=old.lower)
+
+    def follow_uplink(self, placement: Placement) -> None:
+        """A tap's uplink left, came back or changed: record it and tell the hooks."""
+        backend = self.backend
+        assert backend is not None
+        uplink = placement.lower
+        now = uplink.index if uplink else 0
+        if now == backend.lower_ifindex:
+            return
+        if uplink is None:
+            self.env.hooks.submit("down", "lower-lost", backend)
+            self.backend = replace(backend, lower_ifindex=0)
+        else:
+            renamed = backend.lower != uplink.name
+            if renamed and backend.lower_ifindex:
+                self.env.hooks.submit("down", "rebind", backend)
+            self.backend = replace(backend, lower=uplink.name, lower_ifindex=uplink.index)
+            self.env.hooks.submit("up", "rebind" if renamed else "reattach", self.backend)
+            if renamed:
+                events.emit("rebind", f"uplink {backend.lower} -> {uplink.name}", vm=self.vm_name, nic=self.nic.id,
+                            lower=uplink.name, previous=backend.lower)
+        self.env.records.save(self.backend)
+
+    async def _announce(self) -> None:
+        # Switches relearn where the guest MAC lives now.
+        self.vm.announce(self.nic.id)
+
+    async def detach(self, cause: str, context: str) -> None:
+        backend = self.backend
+        assert backend is not None
+        await self.set_guest_link(False, cause)
+        await self.wiring.unplug(_pair(backend))
+        link = self.env.links.get(backend.ifindex)
+        if link is not None and link.name == backend.ifname:
+            await self.env.ops.delete(backend.ifindex)
+        self.env.records.remove(self.vm_name, self.nic.id)
+        self.backend = None
+        if context == "lower-lost":
+            self.lost_lower = backend.lower
+        self.env.hooks.submit("down", context, backend)
+        events.emit("lower-lost" if context == "lower-lost" else "detached",
+                    f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    async def vm_gone(self) -> None:
+        """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
+        self.guest_link = None
+        self.synced_session = 0
+        backend = self.backend
+        if backend is None or self.vm.qemu_alive():
+            return
+        self.backend = None
+        link = self.env.links.get(backend.ifindex)
+        if link is not None and link.name == backend.ifname:
+            await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+        self.env.records.remove(self.vm_name, self.nic.id)
+        self.env.hooks.submit("down", "stop", backend)
+        events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
+                    lower=backend.lower)
+
+    async def remove(self) -> None:
+        """The NIC left the config: take its backend out of QEMU and the kernel."""
+        backend = self.backend
+        if backend is None:
+            return
+        self.backend = None
+        if self.vm.connected:
+            # Best effort, briefly: a QEMU that does not answer must not hold
+            # up a reload (each command would wait out qmp_timeout).
+            try:
+                async with asyncio.timeout(REMOVE_DEADLINE):
+                    await self.best_effort(self.wiring.unplug(_pair(backend)), "removing the backend from QEMU")
+                    await self.best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}),
+                                            "set_link")
+            except TimeoutError:
+                log.warning("%s/%s: QEMU did not answer within %g s while the NIC was removed; its netdevs stay "
+                            "in QEMU, the backend link goes", self.vm_name, self.nic.id, REMOVE_DEADLINE)
+        link = self.env.links.get(backend.ifindex)
+        if link is not None and link.name == backend.ifname:
+            await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+        self.env.records.remove(self.vm_name, self.nic.id)
+        self.env.hooks.submit("down", "stop", backend)
+        events.emit("detached", f"{backend.tap_netdev} removed: the NIC is no longer configured",
+                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    async def best_effort(self, action: Awaitable[Any], what: str) -> None:
+        try:
+            await action
+        except (LinkError, QmpError) as exc:
+            log.warning("%s/%s: %s failed: %s", self.vm_name, self.nic.id, what, exc)
+
+    @staticmethod
+    def where(placement: Placement) -> str:
+        parts = []
+        if placement.lower is not None:
+            parts.append(f"lower {placement.lower.name} (ifindex {placement.lower.index})")
+        if placement.bridge is not None:
+            parts.append(f"bridge {placement.bridge.name}")
+        return ", ".join(parts) or "routed"
+
+
+def _pair(record: NicRecord) -> Pair:
+    return Pair(tap=record.tap_netdev, port=record.hub_netdev)
