@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     rebind.add_argument("vm", help="VM name")
     rebind.add_argument("nic", help="NIC id")
     rebind.add_argument("lower", help="the new lower interface")
-    command("reload", "re-read the config file (like SIGHUP); a bad file is refused")
+    reload = command("reload", "re-read the config file (like SIGHUP); a bad file is refused")
+    reload.add_argument("--dry-run", action="store_true",
+                        help="print what the reload would do (hot-add, hot-remove, rebind, replug); change nothing")
     demo = sub.add_parser("demo", help="flap a lower under a sandboxed VM and show netwatch reattaching it")
     demo.add_argument("--flaps", type=int, default=5, help="how many times to flap the lower (default 5)")
     demo.add_argument("--no-guest", dest="guest", action="store_false",
@@ -112,6 +114,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "reload":
         cfg = _load(args.config)
+        if args.dry_run:
+            result = control.request(cfg.settings.state_dir, "reload", dry_run=True)
+            steps = result["plan"]
+            for step in steps:
+                where = f"{step['vm']}/{step['nic']}" if step["nic"] else step["vm"]
+                print(f"{clean(step['action'])} {clean(where)}: {clean(step['why'])}")
+            if not steps:
+                print("nothing would change")
+            return 0
         result = control.request(cfg.settings.state_dir, "reload")
         print(f"reloaded: {result['summary']}")
         return 0

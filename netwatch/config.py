@@ -26,6 +26,14 @@ DEFAULT_PATH = "/etc/netwatch/netwatch.toml"
 MACVTAP_MODES = ("bridge", "vepa", "private", "passthru")
 TAP_MODES = ("bridged", "routed")
 BACKENDS = ("macvtap", "tap")
+WIRINGS = ("hub", "direct")
+MACHINES = ("pc", "q35")
+# virtio-net takes up to 1024 queue pairs; past a few dozen a guest gains nothing.
+MAX_QUEUES = 64
+# q35's root bus does not hotplug: a NIC netwatch adds or removes there sits
+# behind a pcie-root-port of its own, and a VM needs spare ports for NICs
+# hot-added later (they cannot be hot-added either).
+DEFAULT_SPARE_PORTS = 2
 UDEV_MODES = ("auto", "udev", "kernel", "off")
 
 # QEMU's id rule (id_wellformed): a letter first, then letters, digits, - . _
@@ -87,6 +95,19 @@ class GuestPci:
         """The ``-device`` properties that pin it (function 0 always)."""
         return f"bus={self.bus},addr={self.slot:#04x}" if self.bus else f"addr={self.slot:#04x}"
 
+    @property
+    def port_id(self) -> str:
+        """The id of the pcie-root-port at this slot of q35's root bus (netwatch's own)."""
+        return f"nw-rp{self.slot:02x}"
+
+    def placement(self, machine: str) -> dict[str, str]:
+        """Where a NIC at this address goes: device_add's bus/addr (q35: behind its root port)."""
+        if self.bus is not None:
+            return {"bus": self.bus, "addr": f"{self.slot:#04x}"}
+        if machine == "q35":
+            return {"bus": self.port_id, "addr": "0x0"}
+        return {"addr": f"{self.slot:#04x}"}
+
 
 @dataclass(frozen=True)
 class NicConfig:
@@ -100,6 +121,11 @@ class NicConfig:
     mode: str = "bridge"
     bridge: str | None = None
     guest_pci: GuestPci | None = None
+    # Whether guest_pci was set in the file (a default slot is not, and may be
+    # kept from what the NIC already has in a running guest).
+    guest_pci_set: bool = False
+    wiring: str = "hub"
+    queues: int = 1
 
     @property
     def guest_port(self) -> str:
@@ -121,6 +147,8 @@ class VmConfig:
     uuid: str | None = None
     qemu_user: str | None = None
     cgroup: str | None = None
+    machine: str = "pc"
+    spare_ports: int = 0
 
     @property
     def identity(self) -> Identity:
@@ -133,6 +161,8 @@ class Settings:
     hooks_dir: str = "/etc/netwatch"
     udev: str = "auto"
     hook_timeout: float = 10.0
+    # Seconds a guest has to release a NIC after device_del (hot-remove, replug).
+    unplug_timeout: float = 15.0
     qmp_timeout: float = 5.0
     control_group: str | None = None
     netlink_rcvbuf: int = 8 * 1024 * 1024
@@ -172,6 +202,43 @@ def alt_ifname(ifname: str) -> str:
     # would share a second name: a digest of the whole name keeps them apart.
     digest = hashlib.blake2s(ifname.encode(), digest_size=3).hexdigest()
     return f"{ifname.encode()[:7].decode(errors='ignore')}{digest}{suffix}"
+
+
+def parse_guest_pci(value: str | None) -> GuestPci | None:
+    """A slot as str(GuestPci) writes it (runtime records), or None."""
+    match = _GUEST_PCI.match(value) if value else None
+    if match is None:
+        return None
+    return GuestPci(slot=int(match.group("slot"), 16), bus=match.group("bus"))
+
+
+def default_wiring(backend: str) -> str:
+    """The wiring a NIC gets when the file does not say (README "Choosing a wiring" has the figures)."""
+    return "hub"
+
+
+def assign_slots(nics: list[NicConfig], kept: Mapping[str, GuestPci]) -> tuple[list[NicConfig], list[str]]:
+    """Slots for the NICs whose file gives none: the one in ``kept`` (by NIC id: where a
+    running guest has it), else the first free default. Returns the NICs and the ids left without one.
+    """
+    taken = {nic.guest_pci for nic in nics if nic.guest_pci_set and nic.guest_pci is not None}
+    placed: dict[str, NicConfig] = {}
+    for nic in nics:
+        if nic.guest_pci_set:
+            placed[nic.id] = nic
+        elif (slot := kept.get(nic.id)) is not None and slot not in taken:
+            taken.add(slot)
+            placed[nic.id] = replace(nic, guest_pci=slot)
+    short = []
+    free = [GuestPci(slot) for slot in DEFAULT_GUEST_SLOTS if GuestPci(slot) not in taken]
+    for nic in nics:
+        if nic.id in placed:
+            continue
+        if not free:
+            short.append(nic.id)
+            continue
+        placed[nic.id] = replace(nic, guest_pci=free.pop(0))
+    return [placed[nic.id] for nic in nics if nic.id in placed], short
 
 
 def ifname_problem(value: str) -> str | None:
@@ -284,7 +351,8 @@ class _Validator:
         if not isinstance(raw, dict):
             self.problem("", "netwatch", "must be a table")
             return None
-        self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "control_group",
+        self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "unplug_timeout",
+                                "control_group",
                                 "netlink_rcvbuf", "device_dir"), where)
         defaults = Settings()
         values: dict[str, Any] = {}
@@ -309,7 +377,7 @@ class _Validator:
         udev = self.choice(raw, "udev", where, UDEV_MODES, defaults.udev)
         if udev is not None:
             values["udev"] = udev
-        for key in ("hook_timeout", "qmp_timeout"):
+        for key in ("hook_timeout", "qmp_timeout", "unplug_timeout"):
             number = self._get(raw, key, where, (int, float), "a number of seconds", False)
             if number is None:
                 continue
@@ -323,7 +391,7 @@ class _Validator:
         count = len(self.problems)
         name = self.string(raw, "name", f"vm #{index + 1}", required=True)
         where = f"vm '{name}'" if name else f"vm #{index + 1}"
-        self.unknown_keys(raw, ("name", "qmp", "nic", "uuid", "qemu_user", "cgroup"), where)
+        self.unknown_keys(raw, ("name", "qmp", "nic", "uuid", "qemu_user", "cgroup", "machine", "spare_ports"), where)
         if name is not None and (len(name) > VM_NAME_MAX or not _VM_NAME.match(name)):
             self.problem(where, "name", f"'{name}' must be 1-{VM_NAME_MAX} of A-Z a-z 0-9 . _ -,"
                          " starting with a letter or digit")
@@ -355,6 +423,14 @@ class _Validator:
             seen_hubs.setdefault(nic.hub, nic.id)
             nics.append(nic)
         nics = self.guest_slots(nics, where)
+        machine = self.choice(raw, "machine", where, MACHINES, "pc")
+        spare = self._get(raw, "spare_ports", where, int, "a number of ports", False)
+        if spare is not None and machine != "q35":
+            self.problem(where, "spare_ports", "is only for machine = \"q35\" (pc's root bus hotplugs)")
+        elif spare is not None and not 0 <= spare <= len(DEFAULT_GUEST_SLOTS):
+            self.problem(where, "spare_ports", f"{spare} is not between 0 and {len(DEFAULT_GUEST_SLOTS)}")
+        if spare is None:
+            spare = DEFAULT_SPARE_PORTS if machine == "q35" else 0
         uuid = self.string(raw, "uuid", where)
         if uuid is not None and not _UUID.match(uuid):
             self.problem(where, "uuid", f"'{uuid}' is not a UUID like 6f1a2b3c-0d4e-4f5a-8b6c-7d8e9f0a1b2c")
@@ -369,8 +445,9 @@ class _Validator:
             self.problem(where, "cgroup", f"'{cgroup}' must be a cgroup path (a glob) starting with /")
         if len(self.problems) != count or name is None or qmp is None:
             return None
+        assert machine is not None
         return VmConfig(name=name, qmp=qmp, nics=tuple(nics), uuid=uuid.lower() if uuid else None,
-                        qemu_user=qemu_user, cgroup=cgroup)
+                        qemu_user=qemu_user, cgroup=cgroup, machine=machine, spare_ports=spare)
 
     def guest_slots(self, nics: list[NicConfig], where: str) -> list[NicConfig]:
         """Give every NIC without guest_pci a default slot; refuse two NICs on one slot."""
@@ -382,16 +459,10 @@ class _Validator:
                 self.problem(f"{where} nic '{nic.id}'", "guest_pci",
                              f"{nic.guest_pci} is used by NIC '{taken[nic.guest_pci]}' too")
             taken.setdefault(nic.guest_pci, nic.id)
-        free = [GuestPci(slot) for slot in DEFAULT_GUEST_SLOTS if GuestPci(slot) not in taken]
-        placed = []
-        for nic in nics:
-            if nic.guest_pci is None:
-                if not free:
-                    self.problem(f"{where} nic '{nic.id}'", "guest_pci",
-                                 f"is required: the {len(DEFAULT_GUEST_SLOTS)} default slots are taken")
-                    continue
-                nic = replace(nic, guest_pci=free.pop(0))
-            placed.append(nic)
+        placed, short = assign_slots(nics, {})
+        for nic_id in short:
+            self.problem(f"{where} nic '{nic_id}'", "guest_pci",
+                         f"is required: the {len(DEFAULT_GUEST_SLOTS)} default slots are taken")
         return placed
 
     def nic(self, raw: dict[str, Any], index: int, vm_name: str, vm_where: str) -> NicConfig | None:
@@ -399,7 +470,7 @@ class _Validator:
         nic_id = self.string(raw, "id", f"{vm_where} nic #{index + 1}", required=True)
         where = f"{vm_where} nic '{nic_id}'" if nic_id else f"{vm_where} nic #{index + 1}"
         self.unknown_keys(raw, ("id", "backend", "lower", "mode", "mac", "hub", "model", "bridge", "ifname",
-                                "guest_pci"), where)
+                                "guest_pci", "wiring", "queues"), where)
         if nic_id is not None and (len(nic_id) > NIC_ID_MAX or not _QEMU_ID.match(nic_id)):
             self.problem(where, "id", f"'{nic_id}' is not a QEMU id: 1-{NIC_ID_MAX} of A-Z a-z 0-9 . _ -,"
                          " starting with a letter")
@@ -437,12 +508,22 @@ class _Validator:
                 self.problem(where, "bridge", "is required for a tap NIC in bridged mode")
             if mode == "routed" and "bridge" in raw:
                 self.problem(where, "bridge", "is only for tap NICs in bridged mode")
+        wiring = self.choice(raw, "wiring", where, WIRINGS, default_wiring(backend or "macvtap"))
+        queues = self._get(raw, "queues", where, int, "a number of queues", False)
+        if queues is not None and not 1 <= queues <= MAX_QUEUES:
+            self.problem(where, "queues", f"{queues} is not between 1 and {MAX_QUEUES}")
+        elif queues is not None and queues > 1 and wiring == "hub":
+            self.problem(where, "queues", "needs wiring = \"direct\": a NIC wired through a hub has one queue "
+                         "(the hubport's)")
+        elif queues is not None and queues > 1 and model is not None and not model.startswith("virtio-net"):
+            self.problem(where, "queues", f"needs a virtio-net model: {model} has one queue")
         if len(self.problems) != count:
             return None
-        assert nic_id and backend and mode and mac and model is not None and isinstance(hub, int)
+        assert nic_id and backend and mode and mac and model is not None and isinstance(hub, int) and wiring
         return NicConfig(id=nic_id, backend=backend, mac=mac.lower(), hub=hub, model=model,
                          ifname=ifname or derived_ifname(vm_name, nic_id), lower=lower, mode=mode,
-                         bridge=bridge, guest_pci=guest_pci)
+                         bridge=bridge, guest_pci=guest_pci, guest_pci_set=guest_pci is not None, wiring=wiring,
+                         queues=queues or 1)
 
     def guest_pci(self, raw: dict[str, Any], where: str) -> GuestPci | None:
         if "guest_pci" not in raw:

@@ -36,6 +36,8 @@ EVENT_KINDS: dict[str, EventKind] = {
     "vm-connected": EventKind("263bdfb6a9a941b59da7a37724d44856", logging.INFO),
     "vm-gone": EventKind("a142ecc8da784d71a0a3ca6de7f4708c", logging.WARNING),
     "resync": EventKind("305b842266314a9282ce6521e0763860", logging.WARNING),
+    "hot-add": EventKind("0075e4774559423889cab455184c776c", logging.INFO),
+    "hot-remove": EventKind("93179a04b97c48d6bd5072ecc6bfbdd2", logging.INFO),
     "service": EventKind("a90120ef32f54a34aabb5e9cd4d3f8de", logging.INFO),
 }
 

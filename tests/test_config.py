@@ -143,6 +143,18 @@ BAD_CASES = [
     (NIC + MACVTAP + 'guest_pci = "0x10"\n[[vm.nic]]\n' + MACVTAP.replace("net0", "net1").replace("56", "57")
      + "guest_pci = 16\n", "nic 'net1': key 'guest_pci': 0x10 is used by NIC 'net0' too"),
     ("[netwatch]\ndevice_dir = \"dev\"\n", "key 'device_dir': 'dev' must be an absolute path"),
+    (NIC + MACVTAP + 'wiring = "straight"\n', "key 'wiring': 'straight' is not one of hub, direct"),
+    (NIC + MACVTAP + "queues = 4\n", "key 'queues': needs wiring = \"direct\": a NIC wired through a hub has one"),
+    (NIC + MACVTAP + 'wiring = "direct"\nqueues = 0\n', "key 'queues': 0 is not between 1 and 64"),
+    (NIC + MACVTAP + 'wiring = "direct"\nqueues = 2\nmodel = "e1000"\n', "key 'queues': needs a virtio-net model"),
+    (NIC + MACVTAP + "queues = true\n", "key 'queues': must be a number of queues, not a boolean"),
+    (NIC.replace('qmp = "/run/v.qmp"', 'qmp = "/run/v.qmp"\nmachine = "isapc"') + MACVTAP,
+     "vm 'v': key 'machine': 'isapc' is not one of pc, q35"),
+    (NIC.replace('qmp = "/run/v.qmp"', 'qmp = "/run/v.qmp"\nspare_ports = 2') + MACVTAP,
+     "vm 'v': key 'spare_ports': is only for machine = \"q35\""),
+    (NIC.replace('qmp = "/run/v.qmp"', 'qmp = "/run/v.qmp"\nmachine = "q35"\nspare_ports = 9') + MACVTAP,
+     "vm 'v': key 'spare_ports': 9 is not between 0 and 7"),
+    ("[netwatch]\nunplug_timeout = 0\n", "key 'unplug_timeout': 0 is not between 0 and 3600 seconds"),
 ]
 
 

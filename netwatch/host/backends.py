@@ -24,6 +24,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 
 
 class LinkVanished(NetwatchError):
@@ -42,8 +43,14 @@ class Placement:
 
 @dataclass(frozen=True)
 class Created:
+    """A backend link netwatch made, with one fd per queue (the caller closes them)."""
+
     index: int
-    fd: int
+    fds: tuple[int, ...]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
 
 
 def lower_matches(spec: LowerSpec, link: Link) -> bool:
@@ -127,12 +134,16 @@ class MacvtapDriver:
                      node_dir: str) -> Created:
         assert placement.lower is not None
         index = await ops.add_macvtap(name, placement.lower.index, nic.mac, nic.mode)
+        fds: list[int] = []
         try:
-            fd = open_macvtap(name, index, node_dir)
+            # Each open of a macvtap's device is one more queue.
+            for _ in range(nic.queues):
+                fds.append(open_macvtap(name, index, node_dir))
         except DeviceError:
+            Created(index, tuple(fds)).close()
             await ops.delete(index)
             raise
-        return Created(index, fd)
+        return Created(index, tuple(fds))
 
     async def maintain(self, record: NicRecord, placement: Placement, links: LinkTable, ops: LinkOps) -> None:
         return None
@@ -172,7 +183,7 @@ class TapDriver:
 
     async def create(self, nic: NicConfig, name: str, placement: Placement, ops: LinkOps,
                      node_dir: str) -> Created:
-        fd = open_tap(name)
+        fds = open_tap(name, nic.queues)
         try:
             index = await ops.index_of(name)
             changes: dict[str, object] = {"address": tap_mac(nic.mac), "state": "up"}
@@ -180,9 +191,10 @@ class TapDriver:
                 changes["master"] = placement.bridge.index
             await ops.configure(index, f"set up tap {name}", **changes)
         except LinkError:
-            os.close(fd)  # the tap goes with its last fd
+            for fd in fds:
+                os.close(fd)  # the tap goes with its last fd
             raise
-        return Created(index, fd)
+        return Created(index, fds)
 
     async def maintain(self, record: NicRecord, placement: Placement, links: LinkTable, ops: LinkOps) -> None:
         bridge = placement.bridge
@@ -228,18 +240,27 @@ def tap_mac(guest_mac: str) -> str:
     return "fe" + guest_mac[2:]
 
 
-def open_tap(name: str) -> int:
-    """Create tap ``name`` (vnet header, no packet info); return its fd."""
+def open_tap(name: str, queues: int = 1) -> tuple[int, ...]:
+    """Create tap ``name`` (vnet header, no packet info); return one fd per queue."""
+    flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+    fds: list[int] = []
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DeviceError(f"cannot open /dev/net/tun: {exc.strerror or exc}") from exc
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-    except OSError as exc:
-        os.close(fd)
-        raise DeviceError(f"cannot create tap {name}: {exc.strerror or exc}") from exc
-    return fd
+        for _ in range(queues):
+            try:
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise DeviceError(f"cannot open /dev/net/tun: {exc.strerror or exc}") from exc
+            fds.append(fd)
+            try:
+                # The first creates the tap; with IFF_MULTI_QUEUE each next one attaches a queue.
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+            except OSError as exc:
+                raise DeviceError(f"cannot create tap {name}: {exc.strerror or exc}") from exc
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return tuple(fds)
 
 
 Driver = MacvtapDriver | TapDriver

@@ -57,6 +57,7 @@ class NicEnv:
     node_dir: str
     udev_gate: bool = False
     retry_wait: wait_base | None = None
+    unplug_timeout: float = 15.0
     on_state_change: Callable[[], None] | None = None
     # Every backend name of every configured NIC: never a lower.
     own_links: Callable[[], set[str]] = set
@@ -67,7 +68,7 @@ class NicEnv:
 class NicController:
     """One guest NIC: owns its backend, its state machine and its task."""
 
-    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv) -> None:
+    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv, hot_added: bool = False) -> None:
         self.vm_name = vm_name
         self.nic = nic
         self.vm = vm
@@ -81,7 +82,9 @@ class NicController:
         self._kick = asyncio.Event()
         self._kick.set()
         # The backend itself: what is attached, and how to make, swap and drop it.
-        self.life = BackendLife(vm_name, nic, vm, env, self._lower_name)
+        self.life = BackendLife(vm_name, nic, vm, env, self._lower_name, hot_added)
+        # Set when the NIC left the config of a running VM: the loop hot-removes it and ends.
+        self.retiring = False
 
     @property
     def backend(self) -> NicRecord | None:
@@ -124,8 +127,14 @@ class NicController:
             keys.add(("index", self.lower.index))
         return keys
 
+    def retire(self) -> None:
+        """A reload dropped the NIC: hot-remove it from the running guest, then stop."""
+        self.retiring = True
+        self.kick()
+
     def update_config(self, nic: NicConfig) -> None:
         """A reload: the new config applies from the next pass (rebinds end there)."""
+        self.retiring = False
         self.pending_config = nic
         self.env.on_interest_change(self)
         self.kick()
@@ -154,16 +163,24 @@ class NicController:
                 self.life.configure(self.nic)
             while self._requests:
                 spec, future = self._requests.pop(0)
-                await self._serve_rebind(spec, future)
+                if self.retiring:
+                    future.set_exception(RebindError(f"{self.vm_name}/{self.nic.id} is being removed"))
+                else:
+                    await self._serve_rebind(spec, future)
             # Exception, not BaseException: cancellation always ends the loop.
             async for attempt in AsyncRetrying(wait=wait, retry=retry_if_exception_type(Exception),
                                                reraise=True):
                 with attempt:
                     await self._reconcile_or_fail()
+            if self.retiring and self.backend is None and not self.life.wiring.guest_present:
+                return
 
     async def _reconcile_or_fail(self) -> None:
         try:
-            await self.reconcile()
+            if self.retiring:
+                await self.life.hot_remove()
+            else:
+                await self.reconcile()
         except NetwatchError as exc:
             # QEMU's view is unknown after a failed or timed-out command.
             self.life.synced_session = 0
@@ -328,6 +345,35 @@ class NicController:
             raise
 
 
+    # -- what a reload would do ------------------------------------------------
+
+    def plan(self, nic: NicConfig) -> dict[str, str] | None:
+        """What applying ``nic`` would do to this NIC (reload --dry-run), or None for nothing."""
+        now = self.nic
+        if self.retiring:
+            return {"action": "keep", "why": "back in the config while being removed"}
+        if (now.wiring, now.guest_pci, now.model, now.queues, now.hub) != (nic.wiring, nic.guest_pci, nic.model,
+                                                                            nic.queues, nic.hub):
+            changed = [key for key in ("wiring", "guest_pci", "model", "queues", "hub")
+                       if getattr(now, key) != getattr(nic, key)]
+            return {"action": "replug", "why": f"{', '.join(changed)} changed: the guest sees its NIC leave and "
+                    "come back"}
+        backend_keys = ("backend", "mac", "mode", "bridge", "ifname")
+        changed = [key for key in backend_keys if getattr(now, key) != getattr(nic, key)]
+        if changed:
+            action = "replug" if nic.wiring == "direct" else "reattach"
+            return {"action": action, "why": f"{', '.join(changed)} changed: a new backend"
+                    + (" (a replug the guest sees)" if action == "replug" else " (the guest sees nothing)")}
+        if now.lower != nic.lower or self.override is not None:
+            target = nic.lower.describe() if nic.lower else "-"
+            if self.override is not None:
+                why = f"back from the rebind to {self.override.describe()} to {target}"
+            else:
+                why = f"lower {now.lower.describe() if now.lower else '-'} -> {target}"
+            return {"action": "rebind", "why": why + (" (a replug)" if nic.wiring == "direct" and
+                                                      nic.backend == "macvtap" else "")}
+        return None
+
     # -- what status shows ---------------------------------------------------
 
     def _spec_name(self) -> str:
@@ -362,11 +408,16 @@ class NicController:
             "mac": self.nic.mac,
             "mode": self.nic.mode,
             "guest_pci": str(self.nic.guest_pci) if self.nic.guest_pci else None,
+            "wiring": self.nic.wiring,
+            "queues": self.nic.queues,
+            "guest_present": self.life.wiring.guest_present,
             "guest_link": self.life.guest_link,
             "swaps": self.life.swaps,
             "generation": self.life.generation,
             "last_change": self.fsm.last_change,
         }
+        if self.retiring:
+            status["removing"] = True
         if self.override is not None:
             status["rebound"] = {"lower": self.override.describe(),
                                  "config_lower": self.nic.lower.describe() if self.nic.lower else None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -21,8 +20,10 @@ from netwatch.config import NicConfig
 from netwatch.errors import LinkError, QmpError
 from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement
 from netwatch.nic.records import NicRecord
+from netwatch.qemu.direct import DirectWiring
+from netwatch.qemu.hub import HubWiring
 from netwatch.qemu.qmp import VmSession
-from netwatch.qemu.wiring import HubWiring, Pair, Survey
+from netwatch.qemu.wiring import Pair, Survey, Wiring
 
 if TYPE_CHECKING:  # NicEnv lives with the controller, which imports this module
     from netwatch.nic.controller import NicEnv
@@ -33,18 +34,27 @@ log = logging.getLogger(__name__)
 REMOVE_DEADLINE = 2.0
 
 
+def make_wiring(vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float) -> Wiring:
+    if nic.wiring == "direct":
+        return DirectWiring(vm_name, nic, vm, unplug_timeout)
+    return HubWiring(vm_name, nic, vm, unplug_timeout)
+
+
 class BackendLife:
     """One NIC's backend: the kernel link, its pair in QEMU, its record and hooks."""
 
     def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv,
-                 lower_name: Callable[[], str | None]) -> None:
+                 lower_name: Callable[[], str | None], hot_added: bool = False) -> None:
         self.vm_name = vm_name
         self.nic = nic
         self.vm = vm
         self.env = env
         self.lower_name = lower_name
         # How the backend reaches the guest, on QEMU's side.
-        self.wiring = HubWiring(vm_name, nic, vm)
+        self.wiring: Wiring = make_wiring(vm_name, nic, vm, env.unplug_timeout)
+        # The if-up context of the first backend in a QEMU: "hot-add" for a NIC
+        # added to the config while its VM ran, "start" otherwise.
+        self.first_context = "hot-add" if hot_added else "start"
         self.backend: NicRecord | None = None
         self.generation = 0
         self.swaps = 0
@@ -55,8 +65,15 @@ class BackendLife:
         self.lost_lower: str | None = None
 
     def configure(self, nic: NicConfig) -> None:
-        self.nic = nic
+        old, self.nic = self.nic, nic
+        if (old.wiring, old.guest_pci, old.model, old.queues, old.hub) != (nic.wiring, nic.guest_pci, nic.model,
+                                                                            nic.queues, nic.hub):
+            # The guest's side changes: QEMU's view is read again and what
+            # no longer agrees is replaced (a replug the guest sees).
+            self.wiring = make_wiring(self.vm_name, nic, self.vm, self.env.unplug_timeout)
+            self.synced_session = 0
         self.wiring.nic = nic
+        self.wiring.unplug_timeout = self.env.unplug_timeout
 
     @property
     def driver(self) -> Any:
@@ -74,6 +91,9 @@ class BackendLife:
         self.guest_link = None
         keep = record if record is not None and self._adoptable(record, survey) else None
         await self.wiring.clean(survey, _pair(keep) if keep is not None else None)
+        if await self.wiring.add_guest():
+            events.emit("hot-add", f"added NIC {self.nic.id} to the running guest at {self.nic.guest_pci}",
+                        vm=self.vm_name, nic=self.nic.id)
         if keep is not None:
             if self.backend is None:
                 events.emit("attached", f"adopted {keep.ifname} on {keep.lower or 'no lower'} from an earlier run",
@@ -105,7 +125,8 @@ class BackendLife:
     def matches_config(self, record: NicRecord) -> bool:
         nic = self.nic
         return (record.ifname in nic.backend_names and record.backend == nic.backend and record.mac == nic.mac
-                and record.mode == nic.mode and record.bridge == nic.bridge)
+                and record.mode == nic.mode and record.bridge == nic.bridge and record.wiring == nic.wiring
+                and record.queues == nic.queues)
 
     def _why_not_adopted(self, record: NicRecord) -> str:
         """The if-down context for a recorded backend that is being replaced."""
@@ -114,6 +135,9 @@ class BackendLife:
         return "lower-lost" if self.matches_config(record) else "rebind"
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
+        if not self.wiring.guest_present:
+            self.guest_link = None  # no device in the guest (yet): nothing to set
+            return
         if self.guest_link is up:
             return
         await self.vm.execute("set_link", {"name": self.nic.id, "up": up})
@@ -141,12 +165,12 @@ class BackendLife:
         pair = self.wiring.pair(gen)
         tap, hub = pair.tap, pair.port
         try:
-            await self.wiring.plug(created.fd, pair, inert)
+            await self.wiring.plug(created.fds, pair, inert)
         except BaseException:
             await self.best_effort(ops.delete(created.index), f"removing {name} after a failed attach")
             raise
         finally:
-            os.close(created.fd)
+            created.close()
         self.generation, self.swaps = gen, self.swaps + 1
         return created, tap, hub, gen
 
@@ -158,7 +182,8 @@ class BackendLife:
             lower=lower.name if lower else (nic.lower.describe() if nic.lower else ""),
             lower_ifindex=lower.index if lower else 0, tap_netdev=tap, hub_netdev=hub, generation=gen,
             mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps,
-            guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start)
+            guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start,
+            wiring=nic.wiring, queues=nic.queues)
 
     async def attach(self, placement: Placement) -> None:
         name = self.nic.ifname
@@ -172,8 +197,8 @@ class BackendLife:
                     f"{name} (ifindex {created.index}) is now {tap}: {self.where(placement)}",
                     vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=tap,
                     ifindex=created.index)
-        context = "start" if self.started_for != self.vm.pid else self.up_context
-        self.started_for, self.up_context = self.vm.pid, "reattach"
+        context = self.first_context if self.started_for != self.vm.pid else self.up_context
+        self.started_for, self.up_context, self.first_context = self.vm.pid, "reattach", "start"
         self.env.hooks.submit("up", context, self.backend)
         await self.best_effort(self._announce(), "announce-self")
 
@@ -264,6 +289,32 @@ class BackendLife:
         self.env.hooks.submit("down", "stop", backend)
         events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
                     lower=backend.lower)
+
+    async def hot_remove(self) -> None:
+        """The NIC left the config of a running VM: its device leaves the guest, then its backend goes.
+
+        A guest that does not release the device raises UnplugTimeout: the
+        NIC fails with that reason and keeps its backend (QEMU still feeds it).
+        """
+        if not self.vm.connected:
+            await self.remove()
+            return
+        if self.synced_session != self.vm.session:
+            session = self.vm.session
+            await self.sync_with_qemu()
+            self.synced_session = session
+        if self.wiring.guest_present:
+            await self.wiring.remove_guest()
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            await self.best_effort(self.wiring.unplug(_pair(backend)), "removing the backend from QEMU")
+            link = self.env.links.get(backend.ifindex)
+            if link is not None and link.name == backend.ifname:
+                await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+            self.env.records.remove(self.vm_name, self.nic.id)
+            self.env.hooks.submit("down", "hot-remove", backend)
+        events.emit("hot-remove", f"NIC {self.nic.id} removed from the running guest: it is no longer configured",
+                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower if backend else None)
 
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""

@@ -43,6 +43,8 @@ class NicRecord:
     guest_pci: str | None = None
     # QEMU's start time (clock ticks since boot): with qemu_pid, names that process for good.
     qemu_start: int | None = None
+    wiring: str = "hub"
+    queues: int = 1
 
 
 class RecordError(NetwatchError):
@@ -56,7 +58,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "vm": (str,), "nic": (str,), "backend": (str,), "ifname": (str,), "ifindex": (int,), "lower": (str,),
     "lower_ifindex": (int,), "tap_netdev": (str,), "hub_netdev": (str,), "generation": (int,), "mac": (str,),
     "mode": (str,), "bridge": (str, type(None)), "qemu_pid": (int, type(None)), "swaps": (int,),
-    "guest_pci": (str, type(None)), "qemu_start": (int, type(None)),
+    "guest_pci": (str, type(None)), "qemu_start": (int, type(None)), "wiring": (str,), "queues": (int,),
 }
 
 

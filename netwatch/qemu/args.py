@@ -8,7 +8,7 @@ import re
 import shlex
 from xml.sax.saxutils import escape
 
-from netwatch.config import NicConfig, VmConfig
+from netwatch.config import DEFAULT_GUEST_SLOTS, GuestPci, NicConfig, VmConfig
 from netwatch.errors import BadRequest
 
 LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -23,30 +23,54 @@ _LIBVIRT_ALIAS = re.compile(
     r"nvdimm|crypto|audio|memory|pr-helper|vnc|spice|seclabel)([-.]?\d+)*\Z")
 
 
-def nic_args(nic: NicConfig) -> list[str]:
-    """A fixed guest-side hubport and the NIC device peered with it.
+def nic_args(nic: NicConfig, machine: str = "pc") -> list[str]:
+    """Hub wiring: a fixed guest-side hubport and the NIC device peered with it.
 
     The backend joins the same hub later over QMP, so swapping it never
-    touches the device the guest sees.
+    touches the device the guest sees. Direct wiring: nothing (netwatch
+    plugs the device itself once its backend exists).
     """
+    if nic.wiring == "direct":
+        return []
     return [
         "-netdev", f"hubport,id={nic.guest_port},hubid={nic.hub}",
-        "-device", f"{nic.model},id={nic.id},netdev={nic.guest_port},mac={nic.mac}{_pinned(nic)}",
+        "-device", f"{nic.model},id={nic.id},netdev={nic.guest_port},mac={nic.mac}{_pinned(nic, machine)}",
     ]
 
 
-def _pinned(nic: NicConfig) -> str:
+def _pinned(nic: NicConfig, machine: str) -> str:
     # libvirt realizes these arguments before its own devices: an unpinned
     # NIC takes the first free slot, which libvirt then wants for VGA.
-    return f",{nic.guest_pci.device_props}" if nic.guest_pci is not None else ""
+    if nic.guest_pci is None:
+        return ""
+    return "".join(f",{key}={value}" for key, value in nic.guest_pci.placement(machine).items())
+
+
+def root_ports(vm: VmConfig) -> list[GuestPci]:
+    """q35: the slots of the root bus that get a pcie-root-port of netwatch's.
+
+    One per NIC on the root bus (q35's root bus does not hotplug, a port
+    does), then ``spare_ports`` more at the next free default slots, where
+    NICs added to the config later are hot-added.
+    """
+    if vm.machine != "q35":
+        return []
+    ports = [nic.guest_pci for nic in vm.nics if nic.guest_pci is not None and nic.guest_pci.bus is None]
+    spare = [GuestPci(slot) for slot in DEFAULT_GUEST_SLOTS if GuestPci(slot) not in ports]
+    return ports + spare[:vm.spare_ports]
 
 
 def vm_args(vm: VmConfig) -> list[str]:
     # A dedicated monitor: QMP serves one client at a time, so other tools
     # keep their own. wait=off lets QEMU start before netwatch connects.
     args = ["-qmp", f"unix:{vm.qmp},server=on,wait=off"]
+    for port in root_ports(vm):
+        # chassis numbers must be unique per machine: netwatch's start at 0x80,
+        # above the ones libvirt and Proxmox count up from 1.
+        args += ["-device", f"pcie-root-port,id={port.port_id},bus=pcie.0,addr={port.slot:#04x},"
+                            f"chassis={0x80 + port.slot},port={port.slot:#04x}"]
     for nic in vm.nics:
-        args += nic_args(nic)
+        args += nic_args(nic, vm.machine)
     return args
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
@@ -47,6 +47,9 @@ _INFO_HUB = re.compile(r"^hub (\d+)$")
 _INFO_PORT = re.compile(r"^ \\ (\S+): (\S+): index=\d+,type=(\w+)")
 # A netdev on no hub: "nw-net0-tap4: index=0,type=tap,fd=12"
 _INFO_TOP = re.compile(r"^(\S+): index=\d+,type=(\w+)")
+# Its peer, on the next line: " \ nw-net0-tap4: index=0,type=tap,fd=12"
+_INFO_PEER = re.compile(r"^ \\ (\S+): index=\d+,type=(\w+)")
+_INFO_MAC = re.compile(r"macaddr=([0-9a-fA-F:]{17})")
 
 
 @dataclass(frozen=True)
@@ -61,24 +64,43 @@ class HubPort:
 class NetworkInfo:
     ports: tuple[HubPort, ...]
     netdevs: frozenset[str]
+    # A net client on no hub -> the client it is peered with (a NIC -> its tap netdev).
+    peers: tuple[tuple[str, str], ...] = ()
+    # A NIC's device id -> its MAC ("macaddr=" of a type=nic client).
+    macs: tuple[tuple[str, str], ...] = ()
+
+    def peer_of(self, name: str) -> str | None:
+        return next((peer for client, peer in self.peers if client == name), None)
+
+    def mac_of(self, name: str) -> str | None:
+        return next((mac for client, mac in self.macs if client == name), None)
 
 
 def parse_info_network(text: str) -> NetworkInfo:
     """Hub ports and every net client named by HMP ``info network``."""
     ports: list[HubPort] = []
     names: set[str] = set()
+    peers: list[tuple[str, str]] = []
+    macs: list[tuple[str, str]] = []
     hub: int | None = None
+    top: str | None = None
     for line in text.splitlines():
         if match := _INFO_HUB.match(line):
-            hub = int(match.group(1))
+            hub, top = int(match.group(1)), None
         elif match := _INFO_PORT.match(line):
             names.update((match.group(1), match.group(2)))
             if hub is not None:
                 ports.append(HubPort(hub, match.group(1), match.group(2), match.group(3)))
-        elif match := _INFO_TOP.match(line):
-            hub = None
+        elif match := _INFO_PEER.match(line):
             names.add(match.group(1))
-    return NetworkInfo(tuple(ports), frozenset(names))
+            if top is not None:
+                peers.append((top, match.group(1)))
+        elif match := _INFO_TOP.match(line):
+            hub, top = None, match.group(1)
+            names.add(top)
+            if match.group(2) == "nic" and (mac := _INFO_MAC.search(line)):
+                macs.append((top, mac.group(1).lower()))
+    return NetworkInfo(tuple(ports), frozenset(names), tuple(peers), tuple(macs))
 
 
 # What one QEMU may send: a line longer than READ_LIMIT, or more than
@@ -155,8 +177,10 @@ class VmSession:
     def __init__(self, name: str, path: str, on_change: Callable[[], None], timeout: float = 5.0,
                  connect_wait: wait_base | None = None, short_session_wait: wait_base | None = None,
                  identity: Identity | None = None, peers: dict[int, str] | None = None,
-                 recorded: Callable[[], list[tuple[int, int | None]]] | None = None) -> None:
+                 recorded: Callable[[], list[tuple[int, int | None]]] | None = None, machine: str = "pc") -> None:
         self.name = name
+        # QEMU's machine type as the config says ("pc", "q35"): where hotplug can go.
+        self.machine = machine
         self.identity = identity or Identity()
         # pid -> VM name of every admitted peer, shared by all sessions: one QEMU serves one VM.
         self.peers = peers if peers is not None else {}
@@ -181,6 +205,8 @@ class VmSession:
         self._pidfd: int | None = None
         self._announce_nics: set[str] = set()
         self._announcer: asyncio.Task[None] | None = None
+        # device id -> futures told when QEMU reports it deleted (DEVICE_DELETED).
+        self._deleted: dict[str, list[asyncio.Future[None]]] = {}
         # Set once the first connection attempt is over, whatever its outcome.
         self.first_attempt = asyncio.Event()
 
@@ -282,13 +308,50 @@ class VmSession:
             events.emit("vm-connected", f"connected to QEMU (pid {self.pid}) on {self.path}", vm=self.name)
             self.first_attempt.set()
             self.on_change()
-            while client.runstate == Runstate.RUNNING:
-                await client.runstate_changed()
+            listener = EventListener(("DEVICE_DELETED",))
+            client.register_listener(listener)
+            events_task = asyncio.create_task(self._device_events(listener), name=f"netwatch-qmp-events-{self.name}")
+            try:
+                while client.runstate == Runstate.RUNNING:
+                    await client.runstate_changed()
+            finally:
+                await tasks.stop([events_task])
+                client.remove_listener(listener)
         finally:
             ended = await self._drop()
+            for waiters in self._deleted.values():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(QmpError(f"QEMU of {self.name} went away before it deleted the device"))
+            self._deleted.clear()
         why = f": {clean(ended)}" if ended is not None and not isinstance(ended, EOFError) else ""
         events.emit("vm-gone", f"QMP connection to QEMU closed{why}", vm=self.name)
         self.on_change()
+
+    async def _device_events(self, listener: EventListener) -> None:
+        # Drained as they come (the listener's queue has no bound); only
+        # awaited devices are remembered. The event's data is QEMU's: a
+        # device id is compared, never used.
+        async for event in listener:
+            data = event.get("data")
+            device = data.get("device") if isinstance(data, dict) else None
+            if isinstance(device, str):
+                for waiter in self._deleted.pop(device, []):
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    def expect_deleted(self, device: str) -> asyncio.Future[None]:
+        """A future done when QEMU reports ``device`` deleted; ask before the device_del."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._deleted.setdefault(device, []).append(waiter)
+        return waiter
+
+    def forget_deleted(self, device: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._deleted.get(device, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._deleted.pop(device, None)
 
     async def _refusal(self, client: QMPClient, peer: Peer | None) -> str | None:
         """Why ``peer`` is not provably this VM's QEMU, or None (peer.py has the reasoning)."""

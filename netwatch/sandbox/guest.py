@@ -31,7 +31,7 @@ ECHO_PORT, SOURCE_PORT, SINK_PORT = 5001, 5002, 5003
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; mkdir -p /tmp
 for m in {modules}; do insmod /lib/modules/$m.ko; done
 addrs=; peer=; serve=
 for arg in $(cat /proc/cmdline); do
@@ -41,23 +41,37 @@ for arg in $(cat /proc/cmdline); do
     nw.serve=1) serve=1;;
   esac
 done
-i=0
-for a in $addrs; do
-  ip link set eth$i up; ip addr add $a dev eth$i
-  echo "GUEST-NIC eth$i mac=$(cat /sys/class/net/eth$i/address) addr=$a"
-  i=$((i+1))
-done
+nics() {{
+  # Each ethN with an address given: set up when it appears (at boot, hot-added,
+  # or back after a replug), reported when it goes.
+  i=0
+  for a in $addrs; do
+    # By ifindex: a NIC replaced between two looks is a new one too.
+    now=$(cat /sys/class/net/eth$i/ifindex 2>/dev/null); was=$(cat /tmp/up.eth$i 2>/dev/null)
+    if [ -n "$was" ] && [ "$now" != "$was" ]; then
+      rm /tmp/up.eth$i; echo "GUEST-NIC-GONE eth$i"
+    fi
+    if [ -n "$now" ] && [ "$now" != "$was" ]; then
+      ip link set eth$i up; ip addr add $a dev eth$i; echo $now > /tmp/up.eth$i
+      echo "GUEST-NIC eth$i mac=$(cat /sys/class/net/eth$i/address) pci=$(pci eth$i) addr=$a"
+    fi
+    i=$((i+1))
+  done
+}}
+pci() {{ basename $(readlink -f /sys/class/net/$1/device/..); }}
+nics
 if [ -n "$serve" ]; then
   nc -ll -p {echo} -e cat &
   nc -ll -p {source} -e cat /dev/zero &
   nc -ll -p {sink} -e dd of=/dev/null &
 fi
-eth0() {{ echo "mac=$(cat /sys/class/net/eth0/address) pci=$(basename $(readlink -f /sys/class/net/eth0/device/..))"; }}
+eth0() {{ echo "mac=$(cat /sys/class/net/eth0/address) pci=$(pci eth0)"; }}
 echo "GUEST-READY $(eth0)"
 last=x
 while true; do
+  nics
   c=$(cat /sys/class/net/eth0/carrier 2>/dev/null)
-  if [ "$c" != "$last" ]; then echo "GUEST-CARRIER $c"; echo "GUEST-ETH0 $(eth0)"; last=$c; fi
+  if [ "$c" != "$last" ]; then echo "GUEST-CARRIER $c"; [ -n "$c" ] && echo "GUEST-ETH0 $(eth0)"; last=$c; fi
   if [ -z "$peer" ]; then sleep 0.2
   elif ping -c1 -W1 $peer >/dev/null 2>&1; then echo "GUEST-PING ok"; sleep 0.2
   else echo "GUEST-PING fail"; fi

@@ -203,12 +203,13 @@ class Qemu:
         self.observers: dict[str, Observer] = {}
         if observe:
             for nic in vm.nics:
-                self.observers[nic.id] = Observer(directory, f"{vm.name}-{nic.id}")
+                if nic.wiring == "hub":  # a direct NIC has no hub to listen on
+                    self.observers[nic.id] = Observer(directory, f"{vm.name}-{nic.id}")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = os.path.join(directory, f"{vm.name}.qemu.log")
 
     def argv(self) -> list[str]:
-        argv = [QEMU_BINARY, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-no-user-config",
+        argv = [QEMU_BINARY, "-machine", self.vm.machine, "-accel", "tcg", "-nodefaults", "-no-user-config",
                 "-display", "none", "-m", "64", "-name", self.vm.name,
                 # No option ROM: otherwise SeaBIOS runs iPXE on the NIC for
                 # ~20 s (DHCP noise, fds that come and go).

@@ -67,7 +67,8 @@ class Service:
             hooks = await stack.enter_async_context(HookRunner(settings.hooks_dir, settings.hook_timeout))
             env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir), hooks=hooks,
                          node_dir=settings.node_dir, udev_gate=source == "udev",
-                         retry_wait=self.retry_wait, on_state_change=self._status_changed)
+                         retry_wait=self.retry_wait, on_state_change=self._status_changed,
+                         unplug_timeout=settings.unplug_timeout)
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
             links = await stack.enter_async_context(
@@ -159,6 +160,13 @@ class Service:
         return await self.reconciler.nic(vm, nic).rebind(lower)
 
     async def _reload(self, request: dict[str, Any]) -> Any:
+        if request.get("dry_run") is True:
+            assert self.reconciler is not None
+            new = config_mod.load(self.config.path)
+            refused = self.reconciler.refused_settings(new)
+            if refused:
+                raise ConfigError(refused)
+            return {"plan": self.reconciler.plan(new)}
         # A task of its own: the request may time out or its client go away,
         # but a reload once begun is applied whole, never cut off half-way.
         async def locked() -> Any:

@@ -23,8 +23,8 @@ from netwatch.nic.records import NicRecord
 
 log = logging.getLogger(__name__)
 
-UP_CONTEXTS = ("start", "reattach", "rebind")
-DOWN_CONTEXTS = ("lower-lost", "rebind", "stop")
+UP_CONTEXTS = ("start", "reattach", "rebind", "hot-add")
+DOWN_CONTEXTS = ("lower-lost", "rebind", "stop", "hot-remove")
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 STDERR_TAIL = 2000
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -7,12 +7,13 @@ import asyncio
 import functools
 import logging
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from tenacity.wait import wait_base
 
 from netwatch import events, tasks
-from netwatch.config import Config, VmConfig
+from netwatch.config import Config, GuestPci, VmConfig, assign_slots, parse_guest_pci
 from netwatch.errors import BadRequest, ConfigError
 from netwatch.host.backends import tap_mac
 from netwatch.host.links import Link
@@ -83,12 +84,36 @@ class Reconciler:
         session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
                             timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait,
                             identity=vm_config.identity, peers=self._peers,
-                            recorded=functools.partial(self._recorded_qemus, vm_config))
+                            recorded=functools.partial(self._recorded_qemus, vm_config), machine=vm_config.machine)
         self.vms[name] = session
         self.nics[name] = {}
         await session.__aenter__()
-        for nic in vm_config.nics:
+        for nic in self._keep_slots(vm_config).nics:
             self._add_nic(name, NicController(name, nic, session, self.env))
+
+    def _keep_slots(self, vm: VmConfig) -> VmConfig:
+        """``vm`` with each NIC that has no guest_pci in the file at the slot it has now.
+
+        A default slot follows the NIC's place in the file: removing a NIC
+        would move the ones after it. A NIC keeps the slot its running
+        controller (or, after a restart, its runtime record) has; only new
+        NICs take free default slots.
+        """
+        kept: dict[str, GuestPci] = {}
+        running = self.nics.get(vm.name, {})
+        for nic in vm.nics:
+            controller = running.get(nic.id)
+            if controller is not None and controller.nic.guest_pci is not None:
+                kept[nic.id] = controller.nic.guest_pci
+            elif controller is None and (record := self.env.records.load(vm.name, nic.id)) is not None:
+                slot = parse_guest_pci(record.guest_pci)
+                if slot is not None:
+                    kept[nic.id] = slot
+        nics, short = assign_slots(list(vm.nics), kept)
+        if short:
+            raise ConfigError([f"{self.config.path}: vm '{vm.name}' nic '{nic_id}': key 'guest_pci': is required: "
+                               "the default slots are taken by the VM's running NICs" for nic_id in short])
+        return replace(vm, nics=tuple(nics))
 
     def _recorded_qemus(self, vm_config: VmConfig) -> list[tuple[int, int | None]]:
         records = (self.env.records.load(vm_config.name, nic.id) for nic in vm_config.nics)
@@ -109,6 +134,24 @@ class Reconciler:
         self._own_links = None
         self._set_interest(controller, set())
 
+    def _retire_nic(self, vm: str, nic_id: str) -> None:
+        """Hot-remove: the NIC's own task takes it out of the guest, then it is dropped."""
+        controller = self.nics[vm][nic_id]
+        controller.retire()
+        task = self._tasks[(vm, nic_id)]
+
+        def retired(done: asyncio.Task[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return  # stopped with the service, or reported by tasks.watch
+            if self.nics.get(vm, {}).get(nic_id) is controller and controller.retiring:
+                del self.nics[vm][nic_id]
+                self._tasks.pop((vm, nic_id), None)
+                self._own_links = None
+                self._set_interest(controller, set())
+                self.env.on_state_change and self.env.on_state_change()
+
+        task.add_done_callback(retired)
+
     async def _remove_vm(self, vm: str) -> None:
         for nic_id in list(self.nics[vm]):
             await self._remove_nic(vm, nic_id)
@@ -118,19 +161,19 @@ class Reconciler:
     async def reload(self, new: Config) -> dict[str, Any]:
         """Apply ``new`` as a difference; refuse what only a restart can change."""
         old = self.config
-        refused = [f"{new.path}: key '{key}': cannot change while netwatch runs (restart it)"
-                   for key in ("state_dir", "udev", "control_group", "device_dir")
-                   if getattr(old.settings, key) != getattr(new.settings, key)]
+        old_vms = {vm.name: vm for vm in old.vms}
+        refused = self.refused_settings(new)
         if refused:
             raise ConfigError(refused)
         summary: Counter[str] = Counter()
+        new_vms = {vm.name: self._keep_slots(vm) if self._same_vm(old_vms.get(vm.name), vm) else vm
+                   for vm in new.vms}
         self.config = new
         self.env.hooks.hooks_dir = new.settings.hooks_dir
         self.env.hooks.timeout = new.settings.hook_timeout
-        new_vms = {vm.name: vm for vm in new.vms}
-        old_vms = {vm.name: vm for vm in old.vms}
+        self.env.unplug_timeout = new.settings.unplug_timeout
         for name, vm in old_vms.items():
-            if name not in new_vms or (new_vms[name].qmp, new_vms[name].identity) != (vm.qmp, vm.identity):
+            if not self._same_vm(vm, new_vms.get(name)):
                 await self._remove_vm(name)
                 summary["VMs removed"] += 1
         for name, vm in new_vms.items():
@@ -141,23 +184,63 @@ class Reconciler:
             session = self.vms[name]
             session.timeout = new.settings.qmp_timeout
             wanted = {nic.id: nic for nic in vm.nics}
-            for nic_id in list(self.nics[name]):
-                if nic_id not in wanted:
-                    await self._remove_nic(name, nic_id)
-                    summary["NICs removed"] += 1
+            for nic_id, leaving in list(self.nics[name].items()):
+                if nic_id not in wanted and not leaving.retiring:
+                    self._retire_nic(name, nic_id)
+                    summary["NICs hot-removed"] += 1
             for nic_id, nic in wanted.items():
                 controller = self.nics[name].get(nic_id)
                 if controller is None:
-                    self._add_nic(name, NicController(name, nic, session, self.env))
-                    summary["NICs added"] += 1
+                    self._add_nic(name, NicController(name, nic, session, self.env, hot_added=session.connected))
+                    summary["NICs hot-added"] += 1
                 else:
-                    if controller.nic != nic or controller.override is not None:
+                    if controller.nic != nic or controller.override is not None or controller.retiring:
                         summary["NICs changed"] += 1
                     controller.update_config(nic)
         self._own_links = None
         text = ", ".join(f"{count} {what}" for what, count in sorted(summary.items())) or "nothing changed"
         events.emit("service", f"configuration reloaded from {new.path}: {text}")
         return {"changes": dict(summary), "summary": text}
+
+    def refused_settings(self, new: Config) -> list[str]:
+        return [f"{new.path}: key '{key}': cannot change while netwatch runs (restart it)"
+                for key in ("state_dir", "udev", "control_group", "device_dir")
+                if getattr(self.config.settings, key) != getattr(new.settings, key)]
+
+    @staticmethod
+    def _same_vm(old: VmConfig | None, new: VmConfig | None) -> bool:
+        """Whether a reload keeps the VM's session (else the VM is removed and added anew)."""
+        return (old is not None and new is not None
+                and (old.qmp, old.identity, old.machine) == (new.qmp, new.identity, new.machine))
+
+    def plan(self, new: Config) -> list[dict[str, str]]:
+        """What a reload to ``new`` would do, one step per VM or NIC; nothing is changed."""
+        steps: list[dict[str, str]] = []
+        old_vms = {vm.name: vm for vm in self.config.vms}
+        for name, vm in old_vms.items():
+            if not self._same_vm(vm, new.vm(name)):
+                steps.append({"vm": name, "nic": "", "action": "remove-vm",
+                              "why": "gone from the config" if new.vm(name) is None
+                              else "its qmp, identity or machine changed"})
+        for vm in new.vms:
+            if not self._same_vm(old_vms.get(vm.name), vm):
+                steps.append({"vm": vm.name, "nic": "", "action": "add-vm", "why": "new in the config"})
+                continue
+            running = self.nics.get(vm.name, {})
+            kept = self._keep_slots(vm)
+            wanted = {nic.id: nic for nic in kept.nics}
+            for nic_id, leaving in running.items():
+                if nic_id not in wanted:
+                    steps.append({"vm": vm.name, "nic": nic_id, "action": "hot-remove",
+                                  "why": f"gone from the config; device_del at {leaving.nic.guest_pci}"})
+            for nic_id, nic in wanted.items():
+                controller = running.get(nic_id)
+                if controller is None:
+                    steps.append({"vm": vm.name, "nic": nic_id, "action": "hot-add",
+                                  "why": f"new in the config; {nic.wiring} wiring at {nic.guest_pci}"})
+                elif (step := controller.plan(nic)) is not None:
+                    steps.append({"vm": vm.name, "nic": nic_id, **step})
+        return steps
 
     # -- events in ------------------------------------------------------------
 
