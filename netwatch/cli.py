@@ -150,10 +150,13 @@ def _status_text(result: dict[str, Any]) -> str:
         for nic in vm.get("nics", []):
             lower = clean(nic["lower"]) + (f" (ifindex {nic['lower_ifindex']})" if nic["lower_present"]
                                            else " (absent)")
+            wiring = clean(nic.get("wiring") or "hub") + (f" x{nic['queues']}" if nic.get("queues", 1) > 1 else "")
             lines.append(f"  {clean(nic['id']):<10} {clean(nic['state']):<14} {clean(nic['backend'])} "
-                         f"{clean(nic['ifname'])} on {lower}, netdev {clean(nic['netdev'] or '-')}, "
+                         f"{clean(nic['ifname'])} on {lower}, {wiring}, netdev {clean(nic['netdev'] or '-')}, "
                          f"guest PCI {clean(nic.get('guest_pci') or '-')}, {nic['swaps']} swaps, "
                          f"since {clean(nic['last_change'])}")
+            if nic.get("removing"):
+                lines.append(f"  {'':<10} being hot-removed")
             if nic["state"] in ("failed", "waiting-lower", "waiting-vm"):
                 lines.append(f"  {'':<10} {clean(nic['cause'])}")
     return "\n".join(lines) if lines else "no VMs configured"

@@ -31,7 +31,7 @@ def nic_lines(serial: Serial, eth: str) -> list[str]:
 
 
 def guest(world: World, machine: str, *nics: dict[str, object], addrs: tuple[str, ...] = ("10.77.0.2/24",),
-          **vm_keys: object) -> tuple[Serial, str]:
+          extra: tuple[str, ...] = (), **vm_keys: object) -> tuple[Serial, str]:
     """A VM with ``nics`` booting the test guest, netwatch running, the peer network cabled to lo0 and lo1."""
     world.vm("vm1", *nics)
     world.vm_dict("vm1").update({"machine": machine, **vm_keys})
@@ -41,7 +41,7 @@ def guest(world: World, machine: str, *nics: dict[str, object], addrs: tuple[str
     cable(world, peer, "lo0", "wi0")
     cable(world, peer, "lo1", "wi1")
     serial = Serial(world.tmp / "guest-serial.log")
-    world.start_qemu("vm1", build().qemu_args(serial.path, list(addrs), ping="10.77.0.1", serve=True))
+    world.start_qemu("vm1", [*build().qemu_args(serial.path, list(addrs), ping="10.77.0.1", serve=True), *extra])
     world.start_netwatch()
     return serial, peer
 
@@ -172,3 +172,24 @@ def test_a_guest_that_does_not_release_its_nic(world: World) -> None:
     wait_until(lambda: world.nic("vm1", "net1") == {}, 60, "net1 to leave status", world.dump)
     assert failed["ifname"] not in world.macvtaps()
     assert os.path.exists(serial.path)
+
+
+def test_multiqueue_direct_nics_on_a_macvtap_and_a_tap(world: World) -> None:
+    world.bridge("br0")
+    serial, peer = guest(world, "pc", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": MAC0,
+                                       "wiring": "direct", "queues": 2},
+                         {"id": "net1", "backend": "tap", "mode": "bridged", "bridge": "br0", "lower": "lo1",
+                          "mac": MAC1, "wiring": "direct", "queues": 2},
+                         addrs=("10.77.0.2/24", "10.77.1.2/24"), extra=("-smp", "2"))
+    for nic in ("net0", "net1"):
+        status = world.wait_state("vm1", nic, "attached", timeout=60)
+        assert status["queues"] == 2, status
+    wait_until(lambda: len(nic_lines(serial, "eth0")) + len(nic_lines(serial, "eth1")) == 2, 120,
+               "both NICs in the guest", world.dump)
+    # The guest's driver sees two queue pairs on each (one per vCPU).
+    assert all(line.endswith(" rxq=2") for line in nic_lines(serial, "eth0") + nic_lines(serial, "eth1")), \
+        serial.lines()
+    info = world.qemus["vm1"].info_network()
+    assert "net0: index=0,type=nic" in info and "net1: index=0,type=nic" in info, info
+    peer_pings(world, peer, "10.77.0.2")
+    peer_pings(world, peer, "10.77.1.2")

@@ -23,7 +23,7 @@ from netwatch.host.backends import DRIVERS, LinkVanished, Placement, ambiguity, 
 from netwatch.host.linkops import LinkOps
 from netwatch.host.links import Link, LinkTable
 from netwatch.host.udev import udev_initialized
-from netwatch.nic.lifecycle import BackendLife
+from netwatch.nic.lifecycle import BackendLife, guest_side
 from netwatch.nic.records import NicRecord, RecordStore
 from netwatch.nic.state import NicState, NicStateMachine
 from netwatch.qemu.qmp import VmSession
@@ -352,13 +352,12 @@ class NicController:
         now = self.nic
         if self.retiring:
             return {"action": "keep", "why": "back in the config while being removed"}
-        if (now.wiring, now.guest_pci, now.model, now.queues, now.hub) != (nic.wiring, nic.guest_pci, nic.model,
-                                                                            nic.queues, nic.hub):
-            changed = [key for key in ("wiring", "guest_pci", "model", "queues", "hub")
+        if guest_side(now) != guest_side(nic):
+            changed = [key for key in ("wiring", "guest_pci", "model", "queues", "hub", "mac")
                        if getattr(now, key) != getattr(nic, key)]
             return {"action": "replug", "why": f"{', '.join(changed)} changed: the guest sees its NIC leave and "
                     "come back"}
-        backend_keys = ("backend", "mac", "mode", "bridge", "ifname")
+        backend_keys = ("backend", "mode", "bridge", "ifname")
         changed = [key for key in backend_keys if getattr(now, key) != getattr(nic, key)]
         if changed:
             action = "replug" if nic.wiring == "direct" else "reattach"

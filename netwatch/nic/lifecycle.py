@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 REMOVE_DEADLINE = 2.0
 
 
+def guest_side(nic: NicConfig) -> tuple[object, ...]:
+    """What the guest's device is made of: a change to any is a replug (in either wiring)."""
+    return nic.wiring, nic.guest_pci, nic.model, nic.queues, nic.hub, nic.mac
+
+
 def make_wiring(vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float) -> Wiring:
     if nic.wiring == "direct":
         return DirectWiring(vm_name, nic, vm, unplug_timeout)
@@ -66,8 +71,7 @@ class BackendLife:
 
     def configure(self, nic: NicConfig) -> None:
         old, self.nic = self.nic, nic
-        if (old.wiring, old.guest_pci, old.model, old.queues, old.hub) != (nic.wiring, nic.guest_pci, nic.model,
-                                                                            nic.queues, nic.hub):
+        if guest_side(old) != guest_side(nic):
             # The guest's side changes: QEMU's view is read again and what
             # no longer agrees is replaced (a replug the guest sees).
             self.wiring = make_wiring(self.vm_name, nic, self.vm, self.env.unplug_timeout)

@@ -53,7 +53,8 @@ nics() {{
     fi
     if [ -n "$now" ] && [ "$now" != "$was" ]; then
       ip link set eth$i up; ip addr add $a dev eth$i; echo $now > /tmp/up.eth$i
-      echo "GUEST-NIC eth$i mac=$(cat /sys/class/net/eth$i/address) pci=$(pci eth$i) addr=$a"
+      rxq=$(ls -d /sys/class/net/eth$i/queues/rx-* | wc -l)
+      echo "GUEST-NIC eth$i mac=$(cat /sys/class/net/eth$i/address) pci=$(pci eth$i) addr=$a rxq=$rxq"
     fi
     i=$((i+1))
   done
