@@ -54,9 +54,9 @@ class Chaos:
         w.vm("va", {"id": "n0", "backend": "macvtap", "lower": "sh0", "mac": "52:54:00:c0:00:01"},
              {"id": "n1", "backend": "macvtap", "lower": "la0", "mac": "52:54:00:c0:00:02"})
         w.vm("vb", {"id": "n0", "backend": "macvtap", "lower": "sh0", "mac": "52:54:00:c0:00:03"},
-             {"id": "n1", "backend": "tap", "mode": "bridged", "bridge": "br0", "lower": "up0",
+             {"id": "n1", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": "br0", "lower": "up0",
               "mac": "52:54:00:c0:00:04"})
-        w.vm("vc", {"id": "n0", "backend": "tap", "mode": "routed", "mac": "52:54:00:c0:00:05"})
+        w.vm("vc", {"id": "n0", "backend": "tap", "wiring": "hub", "mode": "routed", "mac": "52:54:00:c0:00:05"})
         for lower, wire in LOWERS.items():
             w.lower(lower, wire)
         w.bridge("br0")

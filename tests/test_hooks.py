@@ -90,7 +90,7 @@ def test_hanging_and_failing_hooks_change_nothing(world: World) -> None:
 
 
 def test_if_down_after_a_config_change_gets_the_recorded_values(world: World) -> None:
-    world.vm("vm1", {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": "br0", "mac": MAC})
+    world.vm("vm1", {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": "br0", "mac": MAC})
     world.bridge("br0")
     world.bridge("br1")
     world.recording_hooks()
@@ -112,7 +112,7 @@ def test_if_down_after_a_config_change_gets_the_recorded_values(world: World) ->
 def test_example_routed_hook_sets_up_and_cleans_up(world: World) -> None:
     shutil.copytree(Path(__file__).parent.parent / "conf" / "hooks", world.hooks_dir, symlinks=True)
     (world.hooks_dir / "routes" / "vm1-net0").write_text("# guest addresses\n198.51.100.9\n2001:db8::9\n")
-    world.vm("vm1", {"id": "net0", "backend": "tap", "mode": "routed", "lower": "up0", "mac": MAC})
+    world.vm("vm1", {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "routed", "lower": "up0", "mac": MAC})
     world.lower("up0", "uw0")
     qemu = world.start_qemu("vm1")
     world.start_netwatch()

@@ -17,7 +17,7 @@ TAP = "nw-vm1-net0"
 
 
 def bridged_world(world: World) -> None:
-    world.vm("vm1", {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": "br0", "lower": "up0",
+    world.vm("vm1", {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": "br0", "lower": "up0",
                      "mac": MAC})
     world.bridge("br0")
     world.lower("up0", "uw0")
@@ -82,7 +82,7 @@ def test_deleted_tap_is_recreated_and_swapped(world: World) -> None:
 
 
 def test_missing_bridge_is_waited_for(world: World) -> None:
-    world.vm("vm1", {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": "br0", "mac": MAC})
+    world.vm("vm1", {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": "br0", "mac": MAC})
     world.start_qemu("vm1")
     world.start_netwatch()
     nic = world.wait_state("vm1", "net0", "waiting-lower")
@@ -94,7 +94,7 @@ def test_missing_bridge_is_waited_for(world: World) -> None:
 
 
 def test_routed_tap_with_a_route_hook(world: World) -> None:
-    world.vm("vm1", {"id": "net0", "backend": "tap", "mode": "routed", "mac": MAC})
+    world.vm("vm1", {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "routed", "mac": MAC})
     world.hook("up", "10-route", 'exec ip route replace 198.51.100.7/32 dev "$1"\n')
     world.start_qemu("vm1")
     world.start_netwatch()
