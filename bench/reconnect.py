@@ -104,7 +104,8 @@ async def inner(workdir: str, flaps: int) -> int:
         {"name": "nwvm", "qmp": os.path.join(workdir, "nwvm.qmp"), "nics": [
             {"id": "net0", "backend": "macvtap", "lower": NW_LOWER, "mac": NW_MAC}]},
         {"name": "tapvm", "qmp": os.path.join(workdir, "tapvm.qmp"), "nics": [
-            {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": TAP_BRIDGE, "lower": TAP_UPLINK,
+            {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": TAP_BRIDGE,
+             "lower": TAP_UPLINK,
              "mac": TAP_MAC}]}])
     nw_vm, tap_vm = config_mod.load(cfg_path).vms
     floor_vm = VmConfig("floorvm", os.path.join(workdir, "floorvm.qmp"), (

@@ -17,7 +17,8 @@ TAP = "nw-vm1-net0"
 
 
 def bridged_world(world: World) -> None:
-    world.vm("vm1", {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": "br0", "lower": "up0",
+    world.vm("vm1", {"id": "net0", "backend": "tap", "wiring": "hub", "mode": "bridged", "bridge": "br0",
+                     "lower": "up0",
                      "mac": MAC})
     world.bridge("br0")
     world.lower("up0", "uw0")
