@@ -193,3 +193,39 @@ def test_multiqueue_direct_nics_on_a_macvtap_and_a_tap(world: World) -> None:
     assert "net0: index=0,type=nic" in info and "net1: index=0,type=nic" in info, info
     peer_pings(world, peer, "10.77.0.2")
     peer_pings(world, peer, "10.77.1.2")
+
+
+def test_direct_nic_after_restarts_that_missed_a_flap_or_cut_a_replug_short(world: World) -> None:
+    serial, peer = guest(world, "pc", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": MAC0,
+                                       "wiring": "direct"})
+    world.wait_state("vm1", "net0", "attached", timeout=60)
+    wait_line(serial, "GUEST-PING ok", world, timeout=120, count=2)
+    qemu, netwatch = world.qemus["vm1"], world.netwatch
+    assert netwatch is not None
+
+    def one_device_one_netdev() -> bool:
+        info = qemu.info_network()
+        return info.count("type=nic") == 1 and len(world.backend_netdevs("vm1")) == 1
+
+    # 1. The lower flaps while netwatch is stopped: the device is left peered
+    # with a dead netdev; the next netwatch replugs it onto a new backend.
+    netwatch.kill(signal.SIGTERM)
+    world.delete_link("lo0")
+    cable(world, peer, "lo0", "wi0")
+    serial.set_mark()
+    netwatch = world.start_netwatch()
+    world.wait_state("vm1", "net0", "attached", timeout=30)
+    wait_line(serial, "GUEST-PING ok", world, count=2, timeout=60)
+    assert one_device_one_netdev(), qemu.info_network()
+    # 2. Cut short between device_del and device_add (here: the device_del
+    # is done by hand while netwatch is stopped): the device is plugged again.
+    netwatch.kill(signal.SIGTERM)
+    qemu.qmp("device_del", id="net0")
+    wait_until(lambda: "net0:" not in qemu.info_network(), 30, "the guest to release net0", world.dump)
+    serial.set_mark()
+    world.start_netwatch()
+    world.wait_state("vm1", "net0", "attached", timeout=30)
+    wait_line(serial, "GUEST-PING ok", world, count=2, timeout=60)
+    assert one_device_one_netdev(), qemu.info_network()
+    assert [line.rsplit(" addr=", 1)[0] for line in nic_lines(serial, "eth0")] == \
+        [f"GUEST-NIC eth0 mac={MAC0} pci=0000:00:19.0"]
