@@ -229,3 +229,18 @@ def test_direct_nic_after_restarts_that_missed_a_flap_or_cut_a_replug_short(worl
     assert one_device_one_netdev(), qemu.info_network()
     assert [line.rsplit(" addr=", 1)[0] for line in nic_lines(serial, "eth0")] == \
         [f"GUEST-NIC eth0 mac={MAC0} pci=0000:00:19.0"]
+
+
+def test_a_nic_removed_while_its_vm_is_down_just_goes(world: World) -> None:
+    world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": MAC0},
+             {"id": "net1", "backend": "macvtap", "lower": "lo1", "mac": MAC1, "wiring": "direct"})
+    world.lower("lo0", "wi0")
+    world.start_netwatch()
+    world.wait_state("vm1", "net1", "waiting-vm")
+    world.vm_dict("vm1")["nics"].pop()
+    world.write_config()
+    plan = world.cli("reload", "--dry-run")
+    assert plan.stdout.splitlines() == ["hot-remove vm1/net1: gone from the config; device_del at 0x18"], plan
+    assert world.cli("reload").returncode == 0
+    wait_until(lambda: world.nic("vm1", "net1") == {}, 20, "net1 to leave status", world.dump)
+    assert world.nic("vm1", "net0")["state"] == "waiting-vm"

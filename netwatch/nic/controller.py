@@ -172,7 +172,7 @@ class NicController:
                                                reraise=True):
                 with attempt:
                     await self._reconcile_or_fail()
-            if self.retiring and self.backend is None and not self.life.wiring.guest_present:
+            if self.retiring and self.backend is None and not (self.vm.connected and self.life.wiring.guest_present):
                 return
 
     async def _reconcile_or_fail(self) -> None:

@@ -282,6 +282,8 @@ class BackendLife:
         """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
         self.guest_link = None
         self.synced_session = 0
+        # What the wiring knew of QEMU's side is read again from the next QEMU.
+        self.wiring = make_wiring(self.vm_name, self.nic, self.vm, self.env.unplug_timeout)
         backend = self.backend
         if backend is None or self.vm.qemu_alive():
             return
