@@ -1,21 +1,36 @@
 #!/usr/bin/env python3
-"""What the hub wiring costs a real guest, against a NIC wired straight to a tap.
+"""What netwatch's wirings cost a real guest, against NICs wired straight to a tap.
 
-One Linux guest (netwatch.sandbox.guest) with five virtio-net NICs, each on its own
-host link and subnet, so the only difference between them is the wiring:
+One Linux guest (netwatch.sandbox.guest) with seven virtio-net NICs, each on its
+own host link and subnet, so the only difference between them is the wiring:
 
-  hub       netwatch's wiring: NIC -> hubport -> hub -> hubport -> tap (a tap
-            in a host bridge, managed by netwatch, swappable; the hub has no
-            vnet header, so no offloads)
+  hub       netwatch's hub wiring: NIC -> hubport -> hub -> hubport -> tap (a
+            tap in a host bridge, managed by netwatch, swappable; the hub has
+            no vnet header, so no offloads; set as wiring = "hub", since a
+            tap's default is direct)
+  nwdirect  netwatch's direct wiring (wiring = "direct") on the same kind of
+            bridged tap: the NIC peered straight with the tap netdev netwatch
+            made (vnet header, offloads), plugged by netwatch with device_add
   direct    the usual setup: NIC -> tap with vnet_hdr=on (offloads; cannot be
             swapped under a running guest)
   nohdr     NIC -> tap with vnet_hdr=off: no hub, no offloads either; it
             separates what the hub's forwarding costs from what losing the
             offloads costs
-  mvhub     netwatch's wiring on a macvtap (on a veth lower whose far end is
-            the host's address)
+  mvhub     netwatch's hub wiring on a macvtap (on a veth lower whose far
+            end is the host's address)
   mvdirect  the same kind of macvtap, its fd given straight to a tap netdev
             (vnet header and offloads on, as libvirt does)
+  mvnwdirect netwatch's direct wiring on the same kind of macvtap
+
+nwdirect and mvnwdirect should cost nothing against direct and mvdirect
+(target: >= 0.95x on round trip and both streams; for the round trip the
+speed ratio, direct's p50 over nwdirect's, is what is held to it).
+
+A direct NIC is not on QEMU's command line: netwatch plugs it at its
+guest_pci once its backend exists. So QEMU starts paused (-S), netwatch
+attaches every NIC, and only then does the guest run: every NIC is there
+when its kernel enumerates PCI, and eth0, eth1, ... follow the PCI slots,
+which are all pinned (the addresses are handed out in slot order).
 
 The host side measures everything with its own clock, interleaving the
 paths round by round in the same run: TCP request/response round trips
@@ -62,16 +77,22 @@ class Wiring:
     guest: str
     mac: str
     ifname: str  # the guest's tap or macvtap
+    slot: int  # its PCI slot in the guest (pc's root bus); the guest numbers its NICs in slot order
 
 
-HUB = Wiring("hub", "hcbr-hub", "10.78.0.1", "10.78.0.2", "52:54:00:bc:00:01", "hc-hub")
-MVHUB = Wiring("mvhub", "hcw-mvhub", "10.81.0.1", "10.81.0.2", "52:54:00:bc:00:04", "hc-mvhub")
-DIRECT = Wiring("direct", "hcbr-direct", "10.79.0.1", "10.79.0.2", "52:54:00:bc:00:02", "hc-direct")
-NOHDR = Wiring("nohdr", "hcbr-nohdr", "10.80.0.1", "10.80.0.2", "52:54:00:bc:00:03", "hc-nohdr")
-MVDIRECT = Wiring("mvdirect", "hcw-mvdirect", "10.82.0.1", "10.82.0.2", "52:54:00:bc:00:05", "hc-mvdirect")
-# In the guest's PCI order: netwatch's NICs come first on QEMU's command line.
-PATHS = (HUB, MVHUB, DIRECT, NOHDR, MVDIRECT)
-COMPARED = ((HUB, DIRECT), (HUB, NOHDR), (MVHUB, MVDIRECT))
+HUB = Wiring("hub", "hcbr-hub", "10.78.0.1", "10.78.0.2", "52:54:00:bc:00:01", "hc-hub", 0x03)
+MVHUB = Wiring("mvhub", "hcw-mvhub", "10.81.0.1", "10.81.0.2", "52:54:00:bc:00:04", "hc-mvhub", 0x04)
+NWDIRECT = Wiring("nwdirect", "hcbr-nwdirect", "10.83.0.1", "10.83.0.2", "52:54:00:bc:00:06", "hc-nwdirect", 0x05)
+MVNWDIRECT = Wiring("mvnwdirect", "hcw-mvnwdirect", "10.84.0.1", "10.84.0.2", "52:54:00:bc:00:07", "hc-mvnwdirect",
+                    0x06)
+DIRECT = Wiring("direct", "hcbr-direct", "10.79.0.1", "10.79.0.2", "52:54:00:bc:00:02", "hc-direct", 0x07)
+NOHDR = Wiring("nohdr", "hcbr-nohdr", "10.80.0.1", "10.80.0.2", "52:54:00:bc:00:03", "hc-nohdr", 0x08)
+MVDIRECT = Wiring("mvdirect", "hcw-mvdirect", "10.82.0.1", "10.82.0.2", "52:54:00:bc:00:05", "hc-mvdirect", 0x09)
+PATHS = (HUB, MVHUB, NWDIRECT, MVNWDIRECT, DIRECT, NOHDR, MVDIRECT)
+NETWATCH = (HUB, MVHUB, NWDIRECT, MVNWDIRECT)  # the NICs netwatch manages, in its config's order
+BRIDGED = (HUB, NWDIRECT, DIRECT, NOHDR)  # on a host bridge; the others on a veth lower
+COMPARED = ((HUB, DIRECT), (HUB, NOHDR), (MVHUB, MVDIRECT), (NWDIRECT, DIRECT), (MVNWDIRECT, MVDIRECT))
+DIRECT_TARGET = 0.95  # netwatch's direct wiring against the straight path, on all three figures
 CHUNK = 64 * 1024
 SIOCOUTQ = 0x5411  # bytes in a TCP socket's send queue, not yet acknowledged
 
@@ -87,7 +108,7 @@ def lower_of(path: Wiring) -> str:
 def straight_tap_args(path: Wiring, vnet_hdr: bool) -> list[str]:
     netdev = (f"tap,id={path.name},ifname={path.ifname},script=no,downscript=no,"
               f"vnet_hdr={'on' if vnet_hdr else 'off'}")
-    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={path.name},mac={path.mac}"]
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={path.name},mac={path.mac},addr={path.slot:#04x}"]
 
 
 def straight_macvtap(path: Wiring, workdir: str) -> tuple[int, list[str]]:
@@ -98,7 +119,7 @@ def straight_macvtap(path: Wiring, workdir: str) -> tuple[int, list[str]]:
     index = socket.if_nametoindex(path.ifname)
     fd = open_macvtap(path.ifname, index, os.path.join(workdir, "nodes"))
     return fd, ["-netdev", f"tap,id={path.name},fd={fd}", "-device",
-                f"virtio-net-pci,netdev={path.name},mac={path.mac}"]
+                f"virtio-net-pci,netdev={path.name},mac={path.mac},addr={path.slot:#04x}"]
 
 
 def round_trips(path: Wiring, count: int) -> list[float]:
@@ -153,28 +174,39 @@ def _unacked_bytes(sock: socket.socket) -> int:
 
 def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
     image = build(progress=print)
-    for path in (HUB, DIRECT, NOHDR):
+    for path in BRIDGED:
         ip("link", "add", path.link, "type", "bridge")
         ip("link", "set", path.link, "up")
-    for path in (MVHUB, MVDIRECT):
-        ip("link", "add", lower_of(path), "type", "veth", "peer", "name", path.link)
-        ip("link", "set", lower_of(path), "up")
-        ip("link", "set", path.link, "up")
+    for path in PATHS:
+        if path not in BRIDGED:
+            ip("link", "add", lower_of(path), "type", "veth", "peer", "name", path.link)
+            ip("link", "set", lower_of(path), "up")
+            ip("link", "set", path.link, "up")
     for path in PATHS:
         ip("addr", "add", f"{path.host}/24", "dev", path.link)
     cfg_path = os.path.join(workdir, "netwatch.toml")
     state = os.path.join(workdir, "state")
-    write_config(cfg_path, state, [{"name": "hc", "qmp": os.path.join(workdir, "hc.qmp"), "nics": [
-        {"id": "net0", "backend": "tap", "mode": "bridged", "bridge": HUB.link, "ifname": HUB.ifname,
-         "mac": HUB.mac},
-        {"id": "net1", "backend": "macvtap", "lower": lower_of(MVHUB), "ifname": MVHUB.ifname, "mac": MVHUB.mac}]}])
+    nics: list[dict[str, object]] = []
+    for index, path in enumerate(NETWATCH):
+        nic: dict[str, object] = {"id": f"net{index}", "ifname": path.ifname, "mac": path.mac,
+                                  "guest_pci": f"{path.slot:#04x}",
+                                  "wiring": "direct" if path in (NWDIRECT, MVNWDIRECT) else "hub"}
+        if path in BRIDGED:
+            nic.update(backend="tap", mode="bridged", bridge=path.link)
+        else:
+            nic.update(backend="macvtap", lower=lower_of(path))
+        nics.append(nic)
+    write_config(cfg_path, state, [{"name": "hc", "qmp": os.path.join(workdir, "hc.qmp"), "nics": nics}])
     vm = config_mod.load(cfg_path).vms[0]
     serial = Serial(Path(workdir) / "serial.log")
-    guest = image.qemu_args(serial.path, [f"{p.guest}/24" for p in PATHS], serve=True)
+    # The guest gives eth0, eth1, ... the addresses in order, and names its NICs in PCI slot order.
+    in_slot_order = sorted(PATHS, key=lambda p: p.slot)
+    guest = image.qemu_args(serial.path, [f"{p.guest}/24" for p in in_slot_order], serve=True)
     fd, macvtap_args = straight_macvtap(MVDIRECT, workdir)
-    # No observer port: an unread one on the hub would only add work.
-    qemu = Qemu(vm, workdir, observe=False, pass_fds=(fd,),
-                extra_args=[*guest, *straight_tap_args(DIRECT, True), *straight_tap_args(NOHDR, False),
+    # No observer port: an unread one on the hub would only add work. Paused
+    # (-S) until netwatch has plugged its direct NICs.
+    qemu = Qemu(vm, workdir, observe=False, monitor=True, pass_fds=(fd,),
+                extra_args=["-S", *guest, *straight_tap_args(DIRECT, True), *straight_tap_args(NOHDR, False),
                             *macvtap_args])
     service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log"))
 
@@ -190,12 +222,15 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
                        f"QEMU to create {path.ifname}", dump)
             ip("link", "set", path.ifname, "master", path.link, "up")
         service.start()
-        wait_until(lambda: _nic_states(state) == ["attached", "attached"], 30, "netwatch to attach its NICs", dump)
+        wait_until(lambda: _nic_states(state) == ["attached"] * len(NETWATCH), 30, "netwatch to attach its NICs",
+                   dump)
+        qemu.qmp("cont")
         wait_until(lambda: serial.first("GUEST-READY"), 120, "the guest to boot", dump)
-        nics = [line for line in serial.lines() if line.startswith("GUEST-NIC")]
-        for index, path in enumerate(PATHS):
-            expected = f"GUEST-NIC eth{index} mac={path.mac} addr={path.guest}/24"
-            assert expected in nics, f"{expected!r} not in {nics}"
+        seen = {line.split()[1]: line for line in serial.lines() if line.startswith("GUEST-NIC ")}
+        for index, path in enumerate(in_slot_order):
+            line = seen.get(f"eth{index}", "")
+            assert f" mac={path.mac} " in line and f" pci=0000:00:{path.slot:02x}.0 " in line \
+                and f" addr={path.guest}/24" in line, f"eth{index} should be {path.name}: {sorted(seen.values())}"
         for path in PATHS:
             wait_until(lambda path=path: _reachable(path), 60, f"the guest's servers on the {path.name} path", dump)
         print(f"guest up with {len(PATHS)} NICs ({', '.join(p.name for p in PATHS)}); {rounds} rounds, "
@@ -228,6 +263,12 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
         for a, b in COMPARED:
             print(f"{a.name} / {b.name}: round trip p50 x{_ratio(rtt, a, b):.2f}, "
                   f"guest->host x{_ratio(out, a, b):.2f}, host->guest x{_ratio(into, a, b):.2f}")
+        for a, b in ((NWDIRECT, DIRECT), (MVNWDIRECT, MVDIRECT)):
+            # As speeds (higher is better): for the round trip that is b's p50 over a's.
+            speeds = (_ratio(rtt, b, a), _ratio(out, a, b), _ratio(into, a, b))
+            verdict = "met" if min(speeds) >= DIRECT_TARGET else "NOT met"
+            print(f"{a.name} vs {b.name} as speed: round trip x{speeds[0]:.2f}, guest->host x{speeds[1]:.2f}, "
+                  f"host->guest x{speeds[2]:.2f} (target >= {DIRECT_TARGET} on all three: {verdict})")
         return 0
     finally:
         service.kill()
