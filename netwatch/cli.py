@@ -145,7 +145,8 @@ def _status_text(result: dict[str, Any]) -> str:
     # guest may own, and an older service may not have cleaned it.
     lines = []
     for vm in result.get("vms", []):
-        state = f"connected, QEMU pid {vm.get('qemu_pid')}" if vm.get("connected") else "not connected"
+        state = (f"connected, QEMU pid {vm.get('qemu_pid')}, {clean(vm.get('run_state') or '?')}"
+                 if vm.get("connected") else "not connected")
         lines.append(f"{clean(vm['name'])}: {state} ({clean(vm['qmp'])})")
         for nic in vm.get("nics", []):
             lower = clean(nic["lower"]) + (f" (ifindex {nic['lower_ifindex']})" if nic["lower_present"]
@@ -155,6 +156,9 @@ def _status_text(result: dict[str, Any]) -> str:
                          f"{clean(nic['ifname'])} on {lower}, {wiring}, netdev {clean(nic['netdev'] or '-')}, "
                          f"guest PCI {clean(nic.get('guest_pci') or '-')}, {nic['swaps']} swaps, "
                          f"since {clean(nic['last_change'])}")
+            if nic.get("migration") and nic["state"] == "attached":
+                hooks = "configured" if nic.get("configured") else "not configured (routed: one host at a time)"
+                lines.append(f"  {'':<10} migrating {'in' if nic['migration'] == 'in' else 'out'}: {hooks}")
             if nic.get("removing"):
                 lines.append(f"  {'':<10} being hot-removed")
             if nic["state"] in ("failed", "waiting-lower", "waiting-vm"):

@@ -163,6 +163,9 @@ class Settings:
     hook_timeout: float = 10.0
     # Seconds a guest has to release a NIC after device_del (hot-remove, replug).
     unplug_timeout: float = 15.0
+    # Seconds a migration target waits, once the guest runs there, before it
+    # configures routed taps: the source deconfigures them meanwhile.
+    migration_handover: float = 0.25
     qmp_timeout: float = 5.0
     control_group: str | None = None
     netlink_rcvbuf: int = 8 * 1024 * 1024
@@ -357,7 +360,7 @@ class _Validator:
             self.problem("", "netwatch", "must be a table")
             return None
         self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "unplug_timeout",
-                                "control_group",
+                                "migration_handover", "control_group",
                                 "netlink_rcvbuf", "device_dir"), where)
         defaults = Settings()
         values: dict[str, Any] = {}
@@ -390,6 +393,11 @@ class _Validator:
                 self.problem(where, key, f"{number} is not between 0 and 3600 seconds")
             else:
                 values[key] = float(number)
+        handover = self._get(raw, "migration_handover", where, (int, float), "a number of seconds", False)
+        if handover is not None and not 0 <= handover <= 60:
+            self.problem(where, "migration_handover", f"{handover} is not between 0 and 60 seconds")
+        elif handover is not None:
+            values["migration_handover"] = float(handover)
         return Settings(**values)
 
     def vm(self, raw: dict[str, Any], index: int, seen_ifnames: dict[str, str]) -> VmConfig | None:

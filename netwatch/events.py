@@ -38,6 +38,12 @@ EVENT_KINDS: dict[str, EventKind] = {
     "resync": EventKind("305b842266314a9282ce6521e0763860", logging.WARNING),
     "hot-add": EventKind("0075e4774559423889cab455184c776c", logging.INFO),
     "hot-remove": EventKind("93179a04b97c48d6bd5072ecc6bfbdd2", logging.INFO),
+    "run-state": EventKind("c9c827c60d6844a2bbdaaea1f7679284", logging.INFO),
+    "migration-incoming": EventKind("e9de9916489d44c399edd39e1f0a236e", logging.INFO),
+    "migration-finishing": EventKind("bb52b3ac0b274ab8a7ab38b3076967cc", logging.INFO),
+    "migration-completed": EventKind("9777bb8953584ff9b27fc9f4cdcec774", logging.INFO),
+    "migration-arrived": EventKind("3125c782f7b44038954f85ad55cb1314", logging.INFO),
+    "migration-failed": EventKind("176448c20294472d8ded1e964cea2e9f", logging.WARNING),
     "service": EventKind("a90120ef32f54a34aabb5e9cd4d3f8de", logging.INFO),
 }
 

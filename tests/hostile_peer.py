@@ -34,7 +34,9 @@ def answer_commands(conn: socket.socket, error: str | None = None) -> None:
             except ValueError:
                 break
             buffer = buffer.lstrip()[end:]
-            if request.get("execute") == "qmp_capabilities" or error is None:
+            if request.get("execute") == "query-status":
+                reply = {"return": {"status": "running", "running": True}, "id": request.get("id")}
+            elif request.get("execute") == "qmp_capabilities" or error is None:
                 reply = {"return": {}, "id": request.get("id")}
             else:
                 reply = {"error": {"class": "GenericError", "desc": error}, "id": request.get("id")}

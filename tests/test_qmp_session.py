@@ -18,7 +18,7 @@ GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "p
 Behaviour = Callable[[dict[str, object], asyncio.StreamWriter], Awaitable[None]]
 
 
-async def fake_qemu(path: str, behaviour: Behaviour) -> asyncio.Server:
+async def fake_qemu(path: str, behaviour: Behaviour, run_state: str | None = "running") -> asyncio.Server:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(json.dumps(GREETING).encode() + b"\n")
         decoder, buffer = json.JSONDecoder(), ""
@@ -34,6 +34,9 @@ async def fake_qemu(path: str, behaviour: Behaviour) -> asyncio.Server:
                     buffer = buffer.lstrip()[end:]
                     if msg["execute"] == "qmp_capabilities":
                         writer.write(json.dumps({"return": {}, "id": msg.get("id")}).encode() + b"\n")
+                    elif msg["execute"] == "query-status" and run_state is not None:
+                        answer = {"status": run_state, "running": run_state == "running", "singlestep": False}
+                        writer.write(json.dumps({"return": answer, "id": msg.get("id")}).encode() + b"\n")
                     else:
                         await behaviour(msg, writer)
                     await writer.drain()
@@ -89,11 +92,11 @@ def test_garbage_reply_drops_the_session_and_it_reconnects(tmp_path: Path) -> No
     async def body(session: VmSession) -> None:
         first = session.session
         with pytest.raises(QmpError):
-            await session.execute("query-status")
+            await session.execute("query-name")
         async with asyncio.timeout(5):
             while not (session.connected and session.session > first):
                 await asyncio.sleep(0.01)
-        assert await session.execute("query-status") == "fine"
+        assert await session.execute("query-name") == "fine"
     asyncio.run(with_session(tmp_path, garbage_once, body))
 
 
@@ -131,3 +134,69 @@ def test_a_socket_appearing_ends_the_reconnect_delay(tmp_path: Path) -> None:
             watch.close()
     # Without the watch this sleeps 30 s; the deadline is far from any timing claim.
     assert asyncio.run(asyncio.wait_for(main(), 10)) >= 0.2
+
+
+def run_state_server(states: list[str], events: list[bytes]) -> Behaviour:
+    """A fake QEMU whose query-status answers states[0] (the test changes it), and which sends ``events``."""
+    async def behave(msg: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        if msg["execute"] == "query-status":
+            answer = {"status": states[0], "running": states[0] == "running", "singlestep": False}
+            writer.write(json.dumps({"return": answer, "id": msg.get("id")}).encode() + b"\n")
+        else:
+            writer.write(json.dumps({"return": {}, "id": msg.get("id")}).encode() + b"\n")
+        while events:
+            writer.write(events.pop(0))
+    return behave
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within {timeout} s") from None
+
+
+def test_run_state_follows_events_and_polls_what_comes_without_one(tmp_path: Path) -> None:
+    """A source migrating with the events capability off: STOP, then postmigrate with no event at all."""
+    states = ["running"]
+    stop = b'{"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}\n'
+    pending: list[bytes] = []
+
+    async def main() -> None:
+        path = str(tmp_path / "fake.qmp")
+        server = await fake_qemu(path, run_state_server(states, pending), run_state=None)
+        async with VmSession("fake", path, lambda: None, timeout=0.5, connect_wait=wait_fixed(0.05)) as session:
+            session.runstate.fast = 0.01
+            await until(lambda: session.run_state == "running", "connection")
+            states[0] = "finish-migrate"
+            pending.append(stop)
+            await session.execute("query-name")  # the fake sends queued events after answers
+            await until(lambda: session.run_state == "finish-migrate", "STOP followed")
+            states[0] = "postmigrate"  # no event: QEMU sends none for this
+            await until(lambda: session.run_state == "postmigrate", "postmigrate seen by polling")
+        server.close()
+    asyncio.run(main())
+
+
+def test_an_incoming_qemu_is_seen_before_any_nic_acts(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = str(tmp_path / "fake.qmp")
+        states = ["inmigrate"]
+        server = await fake_qemu(path, run_state_server(states, []), run_state=None)
+        seen: list[str | None] = []
+        session = VmSession("fake", path, lambda: seen.append(session.run_state), timeout=0.5,
+                            connect_wait=wait_fixed(0.05))
+        async with session:
+            await until(lambda: session.connected, "connection")
+            assert seen and seen[0] == "inmigrate" and session.runstate.incoming
+        server.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("answer", [{"status": "../../etc/passwd"}, {"status": 7}, "running", {}])
+def test_a_bogus_run_state_is_refused_with_a_sentence(answer: object) -> None:
+    from netwatch.qemu.runstate import parse_status
+    with pytest.raises(QmpError, match=r"query-status answered .*, not a run state"):
+        parse_status(answer)

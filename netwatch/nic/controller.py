@@ -58,6 +58,7 @@ class NicEnv:
     udev_gate: bool = False
     retry_wait: wait_base | None = None
     unplug_timeout: float = 15.0
+    migration_handover: float = 0.25
     on_state_change: Callable[[], None] | None = None
     # Every backend name of every configured NIC: never a lower.
     own_links: Callable[[], set[str]] = set
@@ -198,6 +199,7 @@ class NicController:
             self.env.on_interest_change(self)
 
     async def reconcile(self) -> None:
+        self.life.observe_run_state()
         if not self.vm.connected and self.vm.refused is not None:
             # Not provably this VM's QEMU: nothing of the VM's is touched,
             # not even a backend its own QEMU may still be using.
@@ -211,6 +213,8 @@ class NicController:
             session = self.vm.session
             await self.life.sync_with_qemu()
             self.life.synced_session = session
+        # First: a source deconfigures its routed taps before anything else it does.
+        await self.life.follow_migration()
         matches = self._matching_lowers()
         lower = self._pick(matches)
         self.lower = lower or self.lower
@@ -281,25 +285,6 @@ class NicController:
         # With udevd, a link is used only once udev is done with it (renames).
         return not self.env.udev_gate or udev_initialized(link.index)
 
-
-    # -- QEMU's view ----------------------------------------------------------
-
-
-
-
-
-
-    # -- backend lifecycle --------------------------------------------------
-
-
-
-
-
-
-
-
-
-
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""
         await self.life.remove()
@@ -343,7 +328,6 @@ class NicController:
         except BaseException:
             self.override = previous
             raise
-
 
     # -- what a reload would do ------------------------------------------------
 
@@ -411,6 +395,9 @@ class NicController:
             "queues": self.nic.queues,
             "guest_present": self.life.wiring.guest_present,
             "guest_link": self.life.guest_link,
+            # Whether its if-up ran (a routed tap waits while its guest migrates).
+            "configured": backend.configured if backend else False,
+            "migration": self.life.phase or None,
             "swaps": self.life.swaps,
             "generation": self.life.generation,
             "last_change": self.fsm.last_change,

@@ -19,6 +19,7 @@ from netwatch import events
 from netwatch.config import NicConfig
 from netwatch.errors import LinkError, QmpError
 from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement
+from netwatch.nic import migration
 from netwatch.nic.records import NicRecord
 from netwatch.qemu.direct import DirectWiring
 from netwatch.qemu.hub import HubWiring
@@ -68,6 +69,9 @@ class BackendLife:
         self.started_for: int | None = None  # QEMU pid whose "start" hooks ran
         self.up_context = "reattach"  # for the next if-up after "start"
         self.lost_lower: str | None = None
+        # The VM's migration phase on this host (netwatch/nic/migration.py).
+        self.phase = migration.NONE
+        self._phase_pid: int | None = None  # the QEMU whose run state the phase follows
 
     def configure(self, nic: NicConfig) -> None:
         old, self.nic = self.nic, nic
@@ -104,14 +108,15 @@ class BackendLife:
                             vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
                 self.started_for = keep.qemu_pid
             self.backend, self.swaps = keep, keep.swaps
+            self.phase = migration.phase(self.vm.runstate.last, keep.phase)
             # Cut short mid-rebind, the kept pair may have been left quiet.
             await self.best_effort(self.wiring.reopen(_pair(keep)), f"opening {keep.tap_netdev}")
             return
         if record is not None:
             # Its if-up hooks ran: pair them with if-down, with the values they saw.
             context = self._why_not_adopted(record)
-            self.env.hooks.submit("down", context, record)
-            if context != "stop":
+            self._down(context, record)
+            if record.qemu_pid == self.vm.pid:
                 self.started_for = self.vm.pid
                 self.up_context = "rebind" if context == "rebind" else "reattach"
         for name in self.nic.backend_names:
@@ -135,7 +140,7 @@ class BackendLife:
     def _why_not_adopted(self, record: NicRecord) -> str:
         """The if-down context for a recorded backend that is being replaced."""
         if record.qemu_pid != self.vm.pid:
-            return "stop"  # that QEMU is gone; this one is new
+            return migration.down_context(record.phase)  # that QEMU is gone; this one is new
         return "lower-lost" if self.matches_config(record) else "rebind"
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
@@ -187,7 +192,8 @@ class BackendLife:
             lower_ifindex=lower.index if lower else 0, tap_netdev=tap, hub_netdev=hub, generation=gen,
             mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps,
             guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start,
-            wiring=nic.wiring, queues=nic.queues)
+            wiring=nic.wiring, queues=nic.queues, configured=migration.wants_configured(nic, self.phase),
+            phase=self.phase)
 
     async def attach(self, placement: Placement) -> None:
         name = self.nic.ifname
@@ -202,8 +208,10 @@ class BackendLife:
                     vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=tap,
                     ifindex=created.index)
         context = self.first_context if self.started_for != self.vm.pid else self.up_context
+        if self.phase == migration.IN:
+            context = "migrate-in"
         self.started_for, self.up_context, self.first_context = self.vm.pid, "reattach", "start"
-        self.env.hooks.submit("up", context, self.backend)
+        self._up(context, self.backend)
         await self.best_effort(self._announce(), "announce-self")
 
     async def swap(self, placement: Placement, cause: str) -> None:
@@ -231,8 +239,8 @@ class BackendLife:
         link = self.env.links.get(old.ifindex)
         if link is not None and link.name == old.ifname:
             await self.best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
-        self.env.hooks.submit("down", "rebind", old)
-        self.env.hooks.submit("up", "rebind", new)
+        self._down("rebind", old)
+        self._up("rebind", new)
         events.emit("rebind", f"{cause}: {old.tap_netdev} on {old.lower} -> {tap} on {new.lower}",
                     vm=self.vm_name, nic=self.nic.id, lower=new.lower, netdev=tap, previous=old.lower)
 
@@ -245,14 +253,14 @@ class BackendLife:
         if now == backend.lower_ifindex:
             return
         if uplink is None:
-            self.env.hooks.submit("down", "lower-lost", backend)
+            self._down("lower-lost", backend)
             self.backend = replace(backend, lower_ifindex=0)
         else:
             renamed = backend.lower != uplink.name
             if renamed and backend.lower_ifindex:
-                self.env.hooks.submit("down", "rebind", backend)
+                self._down("rebind", backend)
             self.backend = replace(backend, lower=uplink.name, lower_ifindex=uplink.index)
-            self.env.hooks.submit("up", "rebind" if renamed else "reattach", self.backend)
+            self._up("rebind" if renamed else "reattach", self.backend)
             if renamed:
                 events.emit("rebind", f"uplink {backend.lower} -> {uplink.name}", vm=self.vm_name, nic=self.nic.id,
                             lower=uplink.name, previous=backend.lower)
@@ -274,7 +282,7 @@ class BackendLife:
         self.backend = None
         if context == "lower-lost":
             self.lost_lower = backend.lower
-        self.env.hooks.submit("down", context, backend)
+        self._down(context, backend)
         events.emit("lower-lost" if context == "lower-lost" else "detached",
                     f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
 
@@ -292,7 +300,7 @@ class BackendLife:
         if link is not None and link.name == backend.ifname:
             await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
         self.env.records.remove(self.vm_name, self.nic.id)
-        self.env.hooks.submit("down", "stop", backend)
+        self._down(migration.down_context(self.phase), backend)
         events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
                     lower=backend.lower)
 
@@ -318,7 +326,7 @@ class BackendLife:
             if link is not None and link.name == backend.ifname:
                 await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
             self.env.records.remove(self.vm_name, self.nic.id)
-            self.env.hooks.submit("down", "hot-remove", backend)
+            self._down("hot-remove", backend)
         events.emit("hot-remove", f"NIC {self.nic.id} removed from the running guest: it is no longer configured",
                     vm=self.vm_name, nic=self.nic.id, lower=backend.lower if backend else None)
 
@@ -343,9 +351,51 @@ class BackendLife:
         if link is not None and link.name == backend.ifname:
             await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
         self.env.records.remove(self.vm_name, self.nic.id)
-        self.env.hooks.submit("down", "stop", backend)
+        self._down("stop", backend)
         events.emit("detached", f"{backend.tap_netdev} removed: the NIC is no longer configured",
                     vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    # -- hooks and migration ----------------------------------------------------
+
+    def _up(self, context: str, record: NicRecord) -> None:
+        if record.configured:
+            self.env.hooks.submit("up", context, record)
+
+    def _down(self, context: str, record: NicRecord) -> None:
+        # Only what was configured is deconfigured: a routed tap deferred on a
+        # migration target, or deconfigured on its source, owes no if-down.
+        if record.configured:
+            self.env.hooks.submit("down", context, record)
+
+    def observe_run_state(self) -> None:
+        """Follow the VM's run state into this NIC's migration phase."""
+        # A new QEMU starts from nothing: an earlier one's phase is not its own.
+        previous = self.phase if self.vm.pid == self._phase_pid else migration.NONE
+        self._phase_pid = self.vm.pid
+        self.phase = migration.phase(self.vm.runstate.last, previous)
+
+    async def follow_migration(self) -> None:
+        """Configure or deconfigure the attached backend as the phase asks (hooks, announce)."""
+        backend = self.backend
+        if backend is None:
+            return
+        before, now = backend.phase, self.phase
+        want = migration.wants_configured(self.nic, now)
+        if before == now and backend.configured == want:
+            return
+        record = replace(backend, phase=now, configured=want)
+        if backend.configured and not want:
+            self.env.hooks.submit("down", migration.down_context(now), backend)
+        elif want and not backend.configured:
+            context = migration.up_context(now, before) or "reattach"
+            # The source deconfigures when its guest stops; give it that long before this host routes too.
+            delay = self.env.migration_handover if context == "migrate-in" and now == migration.NONE else 0.0
+            self.env.hooks.submit("up", context, record, delay)
+        self.backend = record
+        self.env.records.save(record)
+        if before == migration.IN and now == migration.NONE:
+            # The guest runs here now: switches learn where its MACs are.
+            await self._announce()
 
     async def best_effort(self, action: Awaitable[Any], what: str) -> None:
         try:

@@ -45,6 +45,12 @@ class NicRecord:
     qemu_start: int | None = None
     wiring: str = "hub"
     queues: int = 1
+    # Whether its if-up hooks ran and an if-down is owed (a routed tap waits
+    # for its guest to run on this host: netwatch/nic/migration.py).
+    configured: bool = True
+    # The VM's migration phase when last seen: "in" (this QEMU receives the
+    # guest, which has not run here yet), "out" (it sent the guest away), "".
+    phase: str = ""
 
 
 class RecordError(NetwatchError):
@@ -59,6 +65,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "lower_ifindex": (int,), "tap_netdev": (str,), "hub_netdev": (str,), "generation": (int,), "mac": (str,),
     "mode": (str,), "bridge": (str, type(None)), "qemu_pid": (int, type(None)), "swaps": (int,),
     "guest_pci": (str, type(None)), "qemu_start": (int, type(None)), "wiring": (str,), "queues": (int,),
+    "configured": (bool,), "phase": (str,),
 }
 
 
@@ -154,7 +161,8 @@ def _parse(raw: bytes, vm: str, nic: str) -> NicRecord:
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}")
     for key, kinds in _FIELD_TYPES.items():
-        if key in data and (not isinstance(data[key], kinds) or isinstance(data[key], bool)):
+        if key in data and (not isinstance(data[key], kinds)
+                            or (isinstance(data[key], bool) and bool not in kinds)):
             raise ValueError(f"field {key!r} has the wrong type")
     try:
         record = NicRecord(**data)
@@ -164,4 +172,6 @@ def _parse(raw: bytes, vm: str, nic: str) -> NicRecord:
         raise ValueError(f"it names {record.vm!r}/{record.nic!r}, not the VM and NIC of its path")
     if ifname_problem(record.ifname) or record.backend not in ("macvtap", "tap") or record.ifindex <= 0:
         raise ValueError("it does not describe a netwatch backend")
+    if record.phase not in ("", "in", "out"):
+        raise ValueError(f"unknown migration phase {clean(record.phase, 20)}")
     return record

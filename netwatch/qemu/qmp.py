@@ -37,6 +37,7 @@ from netwatch.qemu.peer import (
     still_runs,
     trusted_uids,
 )
+from netwatch.qemu.runstate import RUN_EVENTS, RunStateWatch, parse_status
 from netwatch.qemu.sockwatch import SocketWatch
 from netwatch.untrusted import clean
 
@@ -209,6 +210,12 @@ class VmSession:
         self._deleted: dict[str, list[asyncio.Future[None]]] = {}
         # Set once the first connection attempt is over, whatever its outcome.
         self.first_attempt = asyncio.Event()
+        self.runstate = RunStateWatch(name, self._query_status, on_change)
+
+    @property
+    def run_state(self) -> str | None:
+        """QEMU's run state ("running", "paused", "inmigrate", "postmigrate", ...); None while not connected."""
+        return self.runstate.state if self.connected else None
 
     @property
     def connected(self) -> bool:
@@ -298,6 +305,17 @@ class VmSession:
             return
         assert peer is not None
         self.refused = None
+        # Registered before the first query-status: a change after it is not missed.
+        listener = EventListener(("DEVICE_DELETED", *RUN_EVENTS))
+        client.register_listener(listener)
+        try:
+            # Read before any NIC acts: an incoming QEMU's NICs are configured differently.
+            run_state = await self._ask_status(client)
+        except QmpError:
+            client.remove_listener(listener)
+            await _quiet_disconnect(client)
+            raise
+        self.runstate.start(run_state)
         try:
             self._client = client
             self.session += 1
@@ -305,17 +323,21 @@ class VmSession:
             self.pid_start = start_time(peer.pid)
             self.peers[peer.pid] = self.name
             self._watch_pid(self.pid)
-            events.emit("vm-connected", f"connected to QEMU (pid {self.pid}) on {self.path}", vm=self.name)
+            events.emit("vm-connected", f"connected to QEMU (pid {self.pid}, {run_state}) on {self.path}", vm=self.name,
+                        run_state=run_state)
             self.first_attempt.set()
             self.on_change()
-            listener = EventListener(("DEVICE_DELETED",))
-            client.register_listener(listener)
-            events_task = asyncio.create_task(self._device_events(listener), name=f"netwatch-qmp-events-{self.name}")
+            owned = [asyncio.create_task(self._events(listener), name=f"netwatch-qmp-events-{self.name}"),
+                     asyncio.create_task(self.runstate.run(), name=f"netwatch-runstate-{self.name}"),
+                     asyncio.create_task(_until_closed(client), name=f"netwatch-qmp-closed-{self.name}")]
             try:
-                while client.runstate == Runstate.RUNNING:
-                    await client.runstate_changed()
+                done, _pending = await asyncio.wait(owned, return_when=asyncio.FIRST_COMPLETED)
+                for task in owned[:2]:
+                    if task in done:
+                        task.result()  # a failure ends the session, reported by _run
+                        raise QmpError(f"{task.get_name()} ended")
             finally:
-                await tasks.stop([events_task])
+                await tasks.stop(owned)
                 client.remove_listener(listener)
         finally:
             ended = await self._drop()
@@ -326,13 +348,28 @@ class VmSession:
             self._deleted.clear()
         why = f": {clean(ended)}" if ended is not None and not isinstance(ended, EOFError) else ""
         events.emit("vm-gone", f"QMP connection to QEMU closed{why}", vm=self.name)
+        self.runstate.gone()
         self.on_change()
 
-    async def _device_events(self, listener: EventListener) -> None:
+    async def _ask_status(self, client: QMPClient) -> str:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return parse_status(await client.execute("query-status"))
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
+            raise QmpError(f"query-status failed: {clean(exc) or type(exc).__name__}") from exc
+
+    async def _query_status(self) -> str:
+        return parse_status(await self.execute("query-status"))
+
+    async def _events(self, listener: EventListener) -> None:
         # Drained as they come (the listener's queue has no bound); only
-        # awaited devices are remembered. The event's data is QEMU's: a
-        # device id is compared, never used.
+        # awaited devices are remembered, and a run-state event only asks
+        # for query-status. The event's data is QEMU's: a device id is
+        # compared, never used.
         async for event in listener:
+            if event.get("event") in RUN_EVENTS:
+                self.runstate.poke()
+                continue
             data = event.get("data")
             device = data.get("device") if isinstance(data, dict) else None
             if isinstance(device, str):
@@ -469,6 +506,11 @@ class VmSession:
     async def network(self) -> NetworkInfo:
         text = await self.execute("human-monitor-command", {"command-line": "info network"})
         return parse_info_network(str(text))
+
+
+async def _until_closed(client: QMPClient) -> None:
+    while client.runstate == Runstate.RUNNING:
+        await client.runstate_changed()
 
 
 async def _quiet_disconnect(client: QMPClient) -> Exception | None:

@@ -68,7 +68,8 @@ class Service:
             env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir), hooks=hooks,
                          node_dir=settings.node_dir, udev_gate=source == "udev",
                          retry_wait=self.retry_wait, on_state_change=self._status_changed,
-                         unplug_timeout=settings.unplug_timeout)
+                         unplug_timeout=settings.unplug_timeout,
+                         migration_handover=settings.migration_handover)
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
             links = await stack.enter_async_context(

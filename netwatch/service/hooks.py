@@ -23,8 +23,8 @@ from netwatch.nic.records import NicRecord
 
 log = logging.getLogger(__name__)
 
-UP_CONTEXTS = ("start", "reattach", "rebind", "hot-add")
-DOWN_CONTEXTS = ("lower-lost", "rebind", "stop", "hot-remove")
+UP_CONTEXTS = ("start", "reattach", "rebind", "hot-add", "migrate-in")
+DOWN_CONTEXTS = ("lower-lost", "rebind", "stop", "hot-remove", "migrate-out", "migrate-failed")
 _NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 STDERR_TAIL = 2000
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -37,6 +37,7 @@ class HookCall:
     direction: str  # "up" or "down"
     context: str
     record: NicRecord
+    delay: float = 0.0  # seconds to wait before running (the NIC's later hooks wait behind it)
 
 
 def hook_env(call: HookCall) -> dict[str, str]:
@@ -95,7 +96,7 @@ class HookRunner:
         await tasks.stop(list(self._workers.values()))
         self._workers.clear()
 
-    def submit(self, direction: str, context: str, record: NicRecord) -> None:
+    def submit(self, direction: str, context: str, record: NicRecord, delay: float = 0.0) -> None:
         assert context in (UP_CONTEXTS if direction == "up" else DOWN_CONTEXTS), context
         key = (record.vm, record.nic)
         queue = self._queues.setdefault(key, asyncio.Queue(QUEUE_LIMIT))
@@ -103,7 +104,7 @@ class HookRunner:
             events.emit("hook-failed", f"dropping if-{direction} hooks ({context}): {queue.qsize()} hook runs "
                         "are still queued for this NIC", vm=record.vm, nic=record.nic, lower=record.lower)
             return
-        queue.put_nowait(HookCall(direction, context, record))
+        queue.put_nowait(HookCall(direction, context, record, delay))
         worker = self._workers.get(key)
         if worker is None or worker.done():
             self._workers[key] = asyncio.create_task(self._work(queue), name=f"netwatch-hooks-{key[0]}-{key[1]}")
@@ -117,6 +118,8 @@ class HookRunner:
         while not queue.empty():
             call = await queue.get()
             try:
+                if call.delay:
+                    await asyncio.sleep(call.delay)
                 for path in list_hooks(os.path.join(self.hooks_dir, f"if-{call.direction}.d")):
                     await self._run_one(path, call)
             finally:

@@ -172,6 +172,7 @@ class Reconciler:
         self.env.hooks.hooks_dir = new.settings.hooks_dir
         self.env.hooks.timeout = new.settings.hook_timeout
         self.env.unplug_timeout = new.settings.unplug_timeout
+        self.env.migration_handover = new.settings.migration_handover
         for name, vm in old_vms.items():
             if not self._same_vm(vm, new_vms.get(name)):
                 await self._remove_vm(name)
@@ -320,6 +321,7 @@ class Reconciler:
         for name, session in self.vms.items():
             vms.append({"name": name, "qmp": session.path, "connected": session.connected,
                         "qemu_pid": session.pid if session.connected else None, "refused": session.refused,
+                        "run_state": session.run_state, "incoming": session.runstate.incoming,
                         "nics": [nic.status() for nic in self.nics.get(name, {}).values()]})
         return {"vms": vms}
 
