@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import shutil
+import signal
 import tempfile
 import threading
 import time
