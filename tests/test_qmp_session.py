@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -18,7 +19,8 @@ GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "p
 Behaviour = Callable[[dict[str, object], asyncio.StreamWriter], Awaitable[None]]
 
 
-async def fake_qemu(path: str, behaviour: Behaviour, run_state: str | None = "running") -> asyncio.Server:
+async def fake_qemu(path: str, behaviour: Behaviour, run_state: str | None = "running",
+                    sock: socket.socket | None = None) -> asyncio.Server:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(json.dumps(GREETING).encode() + b"\n")
         decoder, buffer = json.JSONDecoder(), ""
@@ -44,6 +46,8 @@ async def fake_qemu(path: str, behaviour: Behaviour, run_state: str | None = "ru
             pass
         finally:
             writer.close()
+    if sock is not None:  # bound already: listens from now on
+        return await asyncio.start_unix_server(serve, sock=sock)
     return await asyncio.start_unix_server(serve, path)
 
 
@@ -134,6 +138,27 @@ def test_a_socket_appearing_ends_the_reconnect_delay(tmp_path: Path) -> None:
             watch.close()
     # Without the watch this sleeps 30 s; the deadline is far from any timing claim.
     assert asyncio.run(asyncio.wait_for(main(), 10)) >= 0.2
+
+
+def test_a_socket_bound_before_it_listens_is_connected_soon_after(tmp_path: Path) -> None:
+    """QEMU binds (the file appears) a moment before it listens: the refused first try is retried at once.
+
+    Found by bench/migrate.py: a migration target's QEMU waited out the
+    backoff (up to 2 s) and its guest resumed before its NIC had a backend.
+    """
+    async def main() -> None:
+        path = str(tmp_path / "vm.qmp")
+        changes = asyncio.Event()
+        # A backoff of 30 s: only the socket's appearance can end it in time.
+        async with VmSession("late", path, changes.set, timeout=0.5, connect_wait=wait_fixed(30)) as session:
+            await asyncio.sleep(0.1)  # the first try failed (no file): netwatch waits out its backoff
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(path)  # appears now, refuses connections until it listens
+            await asyncio.sleep(0.2)
+            server = await fake_qemu(path, run_state_server(["running"], []), run_state=None, sock=listener)
+            await until(lambda: session.connected, "a connection", timeout=10)
+            server.close()
+    asyncio.run(main())
 
 
 def run_state_server(states: list[str], events: list[bytes]) -> Behaviour:

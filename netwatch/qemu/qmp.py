@@ -37,7 +37,7 @@ from netwatch.qemu.peer import (
     still_runs,
     trusted_uids,
 )
-from netwatch.qemu.runstate import RUN_EVENTS, RunStateWatch, parse_status
+from netwatch.qemu.runstate import POSTMIGRATE, RUN_EVENTS, RunStateWatch, parse_status
 from netwatch.qemu.sockwatch import SocketWatch
 from netwatch.untrusted import clean
 
@@ -275,7 +275,7 @@ class VmSession:
         # only a session that lasted resets it.
         short_sessions = 0
         while True:
-            started = time.monotonic()
+            started, session = time.monotonic(), self.session
             try:
                 await self._session(short_sessions)
             except Exception as exc:
@@ -283,7 +283,12 @@ class VmSession:
                 events.emit("error", f"QMP session on {self.path} failed: {clean(exc)}", vm=self.name)
                 await self._drop()
                 self.on_change()
-            short_sessions = 0 if time.monotonic() - started >= STABLE_SESSION else short_sessions + 1
+            # A QEMU that sent its guest away and was ended is no crash loop,
+            # however short its life: the next one (the guest coming back,
+            # as migrations ping-pong) is connected at once.
+            migrated = self.session != session and self.runstate.last == POSTMIGRATE
+            lasted = time.monotonic() - started >= STABLE_SESSION or migrated
+            short_sessions = 0 if lasted else short_sessions + 1
 
     async def _session(self, short_sessions: int) -> None:
         if short_sessions:

@@ -17,8 +17,15 @@ import ctypes.util
 import logging
 import os
 import struct
+import time
 
 log = logging.getLogger(__name__)
+
+# QEMU binds its socket (the file appears) a moment before it listens: a
+# connection tried at once may be refused. For this long after the file
+# appeared, retries come every FRESH_RETRY seconds instead of the backoff.
+FRESH = 2.0
+FRESH_RETRY = 0.02
 
 IN_CREATE, IN_MOVED_TO, IN_ATTRIB = 0x100, 0x80, 0x4
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
@@ -34,6 +41,7 @@ class SocketWatch:
         self.directory, name = os.path.split(path)
         self.name = os.fsencode(name)
         self.appeared = asyncio.Event()
+        self.appeared_at = float("-inf")
         self._fd: int | None = None
 
     def start(self) -> None:
@@ -60,10 +68,13 @@ class SocketWatch:
             name = data[offset + _EVENT.size:offset + _EVENT.size + length].rstrip(b"\0")
             offset += _EVENT.size + length
             if name == self.name:
+                self.appeared_at = time.monotonic()
                 self.appeared.set()
 
     async def sleep(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if the socket appears meanwhile (tenacity's ``sleep``)."""
+        if time.monotonic() - self.appeared_at < FRESH:
+            seconds = min(seconds, FRESH_RETRY)
         self.appeared.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
