@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
@@ -211,6 +211,8 @@ class VmSession:
         # Set once the first connection attempt is over, whatever its outcome.
         self.first_attempt = asyncio.Event()
         self.runstate = RunStateWatch(name, self._query_status, on_change)
+        # QMP sessions that failed and commands QEMU never answered (a metric).
+        self.errors = 0
 
     @property
     def run_state(self) -> str | None:
@@ -279,6 +281,7 @@ class VmSession:
             try:
                 await self._session(short_sessions)
             except Exception as exc:
+                self.errors += 1
                 log.debug("%s: QMP session failed", self.name, exc_info=True)
                 events.emit("error", f"QMP session on {self.path} failed: {clean(exc)}", vm=self.name)
                 await self._drop()
@@ -298,6 +301,9 @@ class VmSession:
         client = await self._connect()
         peer = _peer(client)
         refusal = await self._refusal(client, peer)
+        if refusal is None and peer is not None and self.peers.get(peer.pid, self.name) != self.name:
+            # Claimed by another VM's session while this one waited for QEMU (query-uuid).
+            refusal = f"pid {peer.pid} is the QEMU of VM '{self.peers[peer.pid]}'"
         if refusal is not None:
             await _quiet_disconnect(client)
             if refusal != self.refused:
@@ -310,14 +316,19 @@ class VmSession:
             return
         assert peer is not None
         self.refused = None
+        # Claimed in the same step as the check (no await between): two VMs'
+        # sessions to one QEMU must not both pass it.
+        self.peers[peer.pid] = self.name
         # Registered before the first query-status: a change after it is not missed.
         listener = EventListener(("DEVICE_DELETED", *RUN_EVENTS))
         client.register_listener(listener)
         try:
             # Read before any NIC acts: an incoming QEMU's NICs are configured differently.
             run_state = await self._ask_status(client)
-        except QmpError:
+        except BaseException:
             client.remove_listener(listener)
+            if self.peers.get(peer.pid) == self.name:
+                del self.peers[peer.pid]
             await _quiet_disconnect(client)
             raise
         self.runstate.start(run_state)
@@ -326,7 +337,6 @@ class VmSession:
             self.session += 1
             self.pid = peer.pid
             self.pid_start = start_time(peer.pid)
-            self.peers[peer.pid] = self.name
             self._watch_pid(self.pid)
             events.emit("vm-connected", f"connected to QEMU (pid {self.pid}, {run_state}) on {self.path}", vm=self.name,
                         run_state=run_state)
@@ -472,8 +482,11 @@ class VmSession:
             async with asyncio.timeout(self.timeout):
                 return await client.execute(command, arguments)
         except TimeoutError as exc:
+            self.errors += 1
             raise QmpError(f"{command} got no answer within {self.timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:
+            if not isinstance(exc, ExecuteError):  # QEMU's own "no" (an absent device, say) is an answer
+                self.errors += 1
             # QEMU's words: a guest that owns QEMU chooses them.
             raise QmpError(f"{command} failed: {clean(exc)}") from exc
 
