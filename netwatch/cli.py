@@ -140,30 +140,63 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+STATUS_COLUMNS = ("VM", "NIC", "STATE", "BACKEND", "IFNAME", "LOWER", "WIRING", "PCI", "SWAPS", "RX", "TX")
+
+
+def _size(value: object) -> str:
+    """Bytes as an admin reads them: 1.2K, 34M, 5.6G (powers of 1024, like ip -h)."""
+    if not isinstance(value, int):
+        return "-"
+    amount = float(value)
+    for unit in ("B", "K", "M", "G", "T"):
+        if amount < 1024 or unit == "T":
+            return f"{amount:.0f}{unit}" if unit == "B" or amount >= 10 else f"{amount:.1f}{unit}"
+        amount /= 1024
+    return "-"
+
+
 def _status_text(result: dict[str, Any]) -> str:
-    # Every value is shown through clean(): a cause may quote QEMU, which a
-    # guest may own, and an older service may not have cleaned it.
-    lines = []
-    for vm in result.get("vms", []):
-        state = (f"connected, QEMU pid {vm.get('qemu_pid')}, {clean(vm.get('run_state') or '?')}"
-                 if vm.get("connected") else "not connected")
-        lines.append(f"{clean(vm['name'])}: {state} ({clean(vm['qmp'])})")
+    """A table to scan (like networkctl), one row per NIC; then, for NICs not attached, why.
+
+    Every value is shown through clean(): a cause may quote QEMU, which a
+    guest may own, and an older service may not have cleaned it.
+    """
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    vms = result.get("vms", [])
+    for vm in vms:
+        name = clean(vm["name"])
+        if not vm.get("nics"):
+            rows.append((name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"))
         for nic in vm.get("nics", []):
-            lower = clean(nic["lower"]) + (f" (ifindex {nic['lower_ifindex']})" if nic["lower_present"]
-                                           else " (absent)")
-            wiring = clean(nic.get("wiring") or "hub") + (f" x{nic['queues']}" if nic.get("queues", 1) > 1 else "")
-            lines.append(f"  {clean(nic['id']):<10} {clean(nic['state']):<14} {clean(nic['backend'])} "
-                         f"{clean(nic['ifname'])} on {lower}, {wiring}, netdev {clean(nic['netdev'] or '-')}, "
-                         f"guest PCI {clean(nic.get('guest_pci') or '-')}, {nic['swaps']} swaps, "
-                         f"since {clean(nic['last_change'])}")
+            lower = clean(nic["lower"]) + ("" if nic["lower_present"] else " (absent)")
+            wiring = clean(nic.get("wiring") or "hub") + (f"x{nic['queues']}" if nic.get("queues", 1) > 1 else "")
+            rows.append((name, clean(nic["id"]), clean(nic["state"]), clean(nic["backend"]), clean(nic["ifname"]),
+                         lower, wiring, clean(nic.get("guest_pci") or "-"), str(nic["swaps"]),
+                         _size(nic.get("rx_bytes")), _size(nic.get("tx_bytes"))))
+            where = f"{name}/{clean(nic['id'])}"
+            if nic["state"] in ("failed", "waiting-lower", "waiting-vm"):
+                notes.append(f"{where}: {clean(nic['cause'])}")
+            if nic.get("removing"):
+                notes.append(f"{where}: being hot-removed")
             if nic.get("migration") and nic["state"] == "attached":
                 hooks = "configured" if nic.get("configured") else "not configured (routed: one host at a time)"
-                lines.append(f"  {'':<10} migrating {'in' if nic['migration'] == 'in' else 'out'}: {hooks}")
-            if nic.get("removing"):
-                lines.append(f"  {'':<10} being hot-removed")
-            if nic["state"] in ("failed", "waiting-lower", "waiting-vm"):
-                lines.append(f"  {'':<10} {clean(nic['cause'])}")
-    return "\n".join(lines) if lines else "no VMs configured"
+                notes.append(f"{where}: migrating {'in' if nic['migration'] == 'in' else 'out'}, {hooks}")
+    if not rows:
+        return "no VMs configured"
+    widths = [max(len(row[i]) for row in (STATUS_COLUMNS, *rows)) for i in range(len(STATUS_COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in (STATUS_COLUMNS, *rows)]
+    nics = sum(len(vm.get("nics", [])) for vm in vms)
+    attached = sum(1 for vm in vms for nic in vm.get("nics", []) if nic["state"] == "attached")
+    lines.append("")
+    lines.append(f"{len(vms)} VMs, {nics} NICs, {attached} attached.")
+    for vm in vms:
+        state = (f"QEMU pid {vm.get('qemu_pid')}, {clean(vm.get('run_state') or '?')}" if vm.get("connected")
+                 else "not connected")
+        lines.append(f"{clean(vm['name'])}: {state} ({clean(vm['qmp'])})")
+    lines += notes
+    return "\n".join(lines)
 
 
 def entry() -> NoReturn:

@@ -166,6 +166,8 @@ class Settings:
     # Seconds a migration target waits, once the guest runs there, before it
     # configures routed taps: the source deconfigures them meanwhile.
     migration_handover: float = 0.25
+    # node_exporter's textfile collector reads *.prom files from its directory.
+    metrics_file: str | None = None
     qmp_timeout: float = 5.0
     control_group: str | None = None
     netlink_rcvbuf: int = 8 * 1024 * 1024
@@ -360,7 +362,7 @@ class _Validator:
             self.problem("", "netwatch", "must be a table")
             return None
         self.unknown_keys(raw, ("state_dir", "hooks_dir", "udev", "hook_timeout", "qmp_timeout", "unplug_timeout",
-                                "migration_handover", "control_group",
+                                "migration_handover", "control_group", "metrics_file",
                                 "netlink_rcvbuf", "device_dir"), where)
         defaults = Settings()
         values: dict[str, Any] = {}
@@ -393,6 +395,13 @@ class _Validator:
                 self.problem(where, key, f"{number} is not between 0 and 3600 seconds")
             else:
                 values[key] = float(number)
+        metrics = self.string(raw, "metrics_file", where)
+        if metrics is not None and not os.path.isabs(metrics):
+            self.problem(where, "metrics_file", f"'{metrics}' must be an absolute path")
+        elif metrics is not None and not metrics.endswith(".prom"):
+            self.problem(where, "metrics_file", f"'{metrics}' must end in .prom (node_exporter reads only those)")
+        elif metrics is not None:
+            values["metrics_file"] = metrics
         handover = self._get(raw, "migration_handover", where, (int, float), "a number of seconds", False)
         if handover is not None and not 0 <= handover <= 60:
             self.problem(where, "migration_handover", f"{handover} is not between 0 and 60 seconds")

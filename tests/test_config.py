@@ -155,6 +155,10 @@ BAD_CASES = [
     (NIC.replace('qmp = "/run/v.qmp"', 'qmp = "/run/v.qmp"\nmachine = "q35"\nspare_ports = 9') + MACVTAP,
      "vm 'v': key 'spare_ports': 9 is not between 0 and 7"),
     ("[netwatch]\nunplug_timeout = 0\n", "key 'unplug_timeout': 0 is not between 0 and 3600 seconds"),
+    ("[netwatch]\nmigration_handover = -1\n", "key 'migration_handover': -1 is not between 0 and 60 seconds"),
+    ("[netwatch]\nmetrics_file = \"netwatch.prom\"\n", "key 'metrics_file': 'netwatch.prom' must be an absolute path"),
+    ("[netwatch]\nmetrics_file = \"/var/lib/x/netwatch.txt\"\n",
+     "key 'metrics_file': '/var/lib/x/netwatch.txt' must end in .prom (node_exporter reads only those)"),
 ]
 
 

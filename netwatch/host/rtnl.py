@@ -21,12 +21,15 @@ IFLA_IFNAME = 3
 IFLA_LINK = 5
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
+IFLA_STATS64 = 23
 IFLA_INFO_KIND = 1
 NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _RTATTR = struct.Struct("=HH")
+# rtnl_link_stats64 begins rx_packets, tx_packets, rx_bytes, tx_bytes (u64 each).
+_STATS64 = struct.Struct("=QQQQ")
 
 
 def _align(length: int) -> int:
@@ -46,8 +49,11 @@ def _cstring(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
-    """(message type, fields) for each RTM_NEWLINK/RTM_DELLINK in a datagram."""
+def decode_links(data: bytes, stats: bool = False) -> Iterator[tuple[int, dict[str, object]]]:
+    """(message type, fields) for each RTM_NEWLINK/RTM_DELLINK in a datagram.
+
+    ``stats`` adds "stats": (rx_packets, tx_packets, rx_bytes, tx_bytes) where the message has them.
+    """
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
@@ -67,6 +73,8 @@ def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
                     fields["parent"] = struct.unpack_from("=i", value)[0] or None
                 elif kind == IFLA_MASTER and len(value) >= 4:
                     fields["master"] = struct.unpack_from("=i", value)[0] or None
+                elif kind == IFLA_STATS64 and stats and len(value) >= _STATS64.size:
+                    fields["stats"] = _STATS64.unpack_from(value)
                 elif kind == IFLA_LINKINFO:
                     for sub, sub_value in _attrs(value, 0, len(value)):
                         if sub == IFLA_INFO_KIND:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
@@ -22,6 +22,7 @@ from netwatch.errors import BadRequest, NetwatchError
 from netwatch.host.backends import DRIVERS, LinkVanished, Placement, ambiguity, find_lower, matching_lowers
 from netwatch.host.linkops import LinkOps
 from netwatch.host.links import Link, LinkTable
+from netwatch.host.linkstats import LinkCounters
 from netwatch.host.udev import udev_initialized
 from netwatch.nic.lifecycle import BackendLife, guest_side
 from netwatch.nic.records import NicRecord, RecordStore
@@ -59,6 +60,8 @@ class NicEnv:
     retry_wait: wait_base | None = None
     unplug_timeout: float = 15.0
     migration_handover: float = 0.25
+    # ifindex -> the kernel's traffic counters, as last read (status, metrics).
+    counters: dict[int, LinkCounters] = field(default_factory=dict)
     on_state_change: Callable[[], None] | None = None
     # Every backend name of every configured NIC: never a lower.
     own_links: Callable[[], set[str]] = set
@@ -399,9 +402,14 @@ class NicController:
             "configured": backend.configured if backend else False,
             "migration": self.life.phase or None,
             "swaps": self.life.swaps,
+            "last_attach_seconds": self.life.last_attach_seconds,
+            "hook_failures": self.env.hooks.failures.get((self.vm_name, self.nic.id), 0),
             "generation": self.life.generation,
             "last_change": self.fsm.last_change,
         }
+        counters = self.env.counters.get(backend.ifindex) if backend else None
+        for key in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+            status[key] = getattr(counters, key) if counters else None
         if self.retiring:
             status["removing"] = True
         if self.override is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,7 @@ class BackendLife:
         # The VM's migration phase on this host (netwatch/nic/migration.py).
         self.phase = migration.NONE
         self._phase_pid: int | None = None  # the QEMU whose run state the phase follows
+        self.last_attach_seconds: float | None = None
 
     def configure(self, nic: NicConfig) -> None:
         old, self.nic = self.nic, nic
@@ -197,7 +199,9 @@ class BackendLife:
 
     async def attach(self, placement: Placement) -> None:
         name = self.nic.ifname
+        started = time.monotonic()
         created, tap, hub, gen = await self._create(name, placement)
+        self.last_attach_seconds = round(time.monotonic() - started, 6)
         self.backend = self._record(name, created, placement, tap, hub, gen)
         self.env.records.save(self.backend)
         back = self.lost_lower is not None
@@ -224,7 +228,9 @@ class BackendLife:
         # down, the old one goes quiet, then the new one opens. Never both
         # at once (4-21 broadcasts per rebind crossed between the two
         # lowers' networks before).
+        started = time.monotonic()
         created, tap, hub, gen = await self._create(name, placement, inert=True)
+        self.last_attach_seconds = round(time.monotonic() - started, 6)
         new = self._record(name, created, placement, tap, hub, gen)
         try:
             await self.wiring.switch(_pair(old), _pair(new))

@@ -17,14 +17,16 @@ from tenacity.wait import wait_base
 from netwatch import config as config_mod
 from netwatch import events, tasks
 from netwatch.config import Config
-from netwatch.errors import BadRequest, ConfigError, NetwatchError
+from netwatch.errors import BadRequest, ConfigError, LinkError, NetwatchError
 from netwatch.host.linkops import LinkOps
 from netwatch.host.links import LinkMonitor, LinkTable
+from netwatch.host.linkstats import dump_counters
 from netwatch.host.udev import UdevMonitor, resolve_source
 from netwatch.nic.controller import NicEnv
 from netwatch.nic.records import RecordStore
 from netwatch.service.control import ControlServer
 from netwatch.service.hooks import HookRunner
+from netwatch.service.metrics import MetricsWriter
 from netwatch.service.notify import Notifier
 from netwatch.service.reconciler import Reconciler
 
@@ -51,6 +53,8 @@ class Service:
         self._ready = False
         self._background: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
+        self.env: NicEnv | None = None
+        self.metrics: MetricsWriter | None = None
 
     async def run(self) -> None:
         settings = self.config.settings
@@ -70,6 +74,7 @@ class Service:
                          retry_wait=self.retry_wait, on_state_change=self._status_changed,
                          unplug_timeout=settings.unplug_timeout,
                          migration_handover=settings.migration_handover)
+            self.env = env
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
             links = await stack.enter_async_context(
@@ -79,6 +84,8 @@ class Service:
                 await stack.enter_async_context(
                     UdevMonitor(source, reconciler.on_uevent, lambda: self._resync(links)))
             await stack.enter_async_context(reconciler)
+            if settings.metrics_file is not None:
+                self.metrics = await stack.enter_async_context(MetricsWriter(settings.metrics_file, self._collect))
             await stack.enter_async_context(ControlServer(settings.state_dir, {
                 "status": self._status, "rebind": self._rebind, "reload": self._reload}, settings.control_group))
             self._start(self._watchdog(), "netwatch-watchdog")
@@ -130,6 +137,8 @@ class Service:
             await asyncio.sleep(interval)
 
     def _status_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.changed()
         # Coalesce a burst of NIC transitions into one STATUS= update.
         if self._status_pending or not self.notifier.enabled:
             return
@@ -144,7 +153,15 @@ class Service:
     # -- requests -------------------------------------------------------------
 
     async def _status(self, request: dict[str, Any]) -> Any:
-        assert self.reconciler is not None
+        return await self._collect()
+
+    async def _collect(self) -> dict[str, Any]:
+        """Everything status and the metrics show, traffic counters read afresh."""
+        assert self.reconciler is not None and self.env is not None
+        try:
+            self.env.counters = await dump_counters()
+        except LinkError as exc:
+            log.warning("%s; status shows the last counters read", exc)
         status = self.reconciler.status()
         # For watching resource use from outside: all of it should stay flat.
         status["service"] = {"pid": os.getpid(), "tasks": len(asyncio.all_tasks()),

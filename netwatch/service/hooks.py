@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+from collections import Counter
 from dataclasses import dataclass
 
 from netwatch import events, tasks
@@ -82,6 +83,8 @@ class HookRunner:
         self.timeout = timeout
         self._queues: dict[tuple[str, str], asyncio.Queue[HookCall]] = {}
         self._workers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # (VM, NIC) -> hook runs that failed, timed out or were dropped (a metric).
+        self.failures: Counter[tuple[str, str]] = Counter()
 
     async def __aenter__(self) -> HookRunner:
         if sys.version_info < (3, 12):
@@ -101,6 +104,7 @@ class HookRunner:
         key = (record.vm, record.nic)
         queue = self._queues.setdefault(key, asyncio.Queue(QUEUE_LIMIT))
         if queue.full():
+            self.failures[key] += 1
             events.emit("hook-failed", f"dropping if-{direction} hooks ({context}): {queue.qsize()} hook runs "
                         "are still queued for this NIC", vm=record.vm, nic=record.nic, lower=record.lower)
             return
@@ -132,7 +136,7 @@ class HookRunner:
                 path, record.ifname, call.context, env=hook_env(call), cwd="/", stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True)
         except OSError as exc:
-            _failed(call, path, f"could not start: {exc.strerror or exc}")
+            self._failed(call, path, f"could not start: {exc.strerror or exc}")
             return
         assert proc.stderr is not None
         tail = bytearray()
@@ -152,7 +156,7 @@ class HookRunner:
             _kill_group(proc.pid)
             await proc.wait()
             await tasks.stop([reader])
-            _failed(call, path, f"did not finish within {self.timeout:g} s and was killed", stderr=_text(tail))
+            self._failed(call, path, f"did not finish within {self.timeout:g} s and was killed", stderr=_text(tail))
             return
         except asyncio.CancelledError:
             _kill_group(proc.pid)
@@ -160,16 +164,16 @@ class HookRunner:
         if proc.returncode != 0:
             status = (f"was killed by signal {-proc.returncode}" if proc.returncode and proc.returncode < 0
                       else f"exited with status {proc.returncode}")
-            _failed(call, path, f"{status}: {_text(tail)[-300:]}", status=proc.returncode, stderr=_text(tail))
+            self._failed(call, path, f"{status}: {_text(tail)[-300:]}", status=proc.returncode, stderr=_text(tail))
         else:
             log.debug("hook %s (%s) for %s/%s succeeded", path, call.context, record.vm, record.nic)
 
-
-def _failed(call: HookCall, path: str, what: str, status: int | None = None, stderr: str = "") -> None:
-    record = call.record
-    events.emit("hook-failed", f"if-{call.direction} hook {path} ({call.context}) {what}", vm=record.vm,
-                nic=record.nic, lower=record.lower or None, hook=path, context=call.context, status=status,
-                stderr=stderr)
+    def _failed(self, call: HookCall, path: str, what: str, status: int | None = None, stderr: str = "") -> None:
+        record = call.record
+        self.failures[(record.vm, record.nic)] += 1
+        events.emit("hook-failed", f"if-{call.direction} hook {path} ({call.context}) {what}", vm=record.vm,
+                    nic=record.nic, lower=record.lower or None, hook=path, context=call.context, status=status,
+                    stderr=stderr)
 
 
 def _kill_group(pid: int) -> None:
