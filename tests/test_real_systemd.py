@@ -61,8 +61,10 @@ VENV_PYTHON = "/opt/netwatch/bin/python"
 PROBE_PATH = "/root/nwprobe.py"
 WATCHDOG_DEADLINE = 90  # WatchdogSec=30s, then the abort, then RestartSec=1s
 
+METRICS = "/var/lib/prometheus/node-exporter/netwatch.prom"
 CONFIG = f"""[netwatch]
 control_group = "netwatch"
+metrics_file = "{METRICS}"
 
 [[vm]]
 name = "vm1"
@@ -244,7 +246,7 @@ class Run:
 
 
 @contextlib.contextmanager
-def step(number: int, title: str, run: Run) -> Iterator[None]:
+def step(number: int | str, title: str, run: Run) -> Iterator[None]:
     print(f"[real systemd] step {number}: {title}", flush=True)
     started = time.monotonic()
     try:
@@ -303,7 +305,9 @@ def _exercise(run: Run, commands: list[str], start_at: int, catalog: str) -> Non
     # CLI's users, a place for QEMU's sockets, and netwatch's source.
     host.run(f"ip link add {LOWER} type veth peer name {WIRE} && ip link set {WIRE} up && ip link set {LOWER} up "
              f"&& groupadd netwatch && useradd -M -G netwatch nwuser && mkdir -p {QMP_DIR} {OBS_DIR} "
-             f"&& cp -a /mnt/netwatch-src {SRC_INSIDE}"
+             f"&& cp -a /mnt/netwatch-src {SRC_INSIDE} "
+             # What the prometheus-node-exporter package leaves for its textfile collector.
+             f"&& mkdir -p {os.path.dirname(METRICS)}"
              # The observer's socket queues 10 datagrams by default; a full one makes QEMU's dgram port spin.
              f"&& echo 4096 > /proc/sys/net/unix/max_dgram_qlen")
     # pip inside has no network: the same commands, pointed at the wheelhouse.
@@ -342,6 +346,20 @@ def _exercise(run: Run, commands: list[str], start_at: int, catalog: str) -> Non
         frames = run.probe()
         print(f"  {attached['ifname']} (ifindex {attached['ifindex']}) -> netdev {attached['netdev']}; frames in "
               f"{frames['in_ms']:.1f} ms, out {frames['out_ms']:.1f} ms")
+
+    with step("2b", "metrics_file is written under the unit's sandbox (ProtectSystem=strict, UMask=0077)", run):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        def metrics() -> dict[str, float]:
+            text = host.out(f"cat {METRICS} 2>/dev/null || true")
+            return {f"{sample.name}{sorted(sample.labels.items())}": sample.value
+                    for family in text_string_to_metric_families(text) for sample in family.samples}
+        attached = "netwatch_nic_state[('nic', 'net0'), ('state', 'attached'), ('vm', 'vm1')]"
+        wait_until(lambda: metrics().get(attached) == 1, 20, "the metrics file to show the NIC attached",
+                   lambda: host.out(f"ls -l {os.path.dirname(METRICS)}; journalctl -u netwatch --no-pager | tail"))
+        mode = host.out(f"stat -c %a {METRICS}").strip()
+        assert mode == "644", f"{METRICS} has mode {mode}: node_exporter's user cannot read it"
+        print(f"  {METRICS}: mode {mode}, {len(metrics())} samples, NIC attached = 1")
 
     with step(3, f"{FLAPS} lower flaps, each reattached with frames both ways", run):
         figures = []
