@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Scale: 32 QEMUs x 8 NICs = 256 macvtap NICs on one lower, and that lower flaps.
+"""Scale against a floor: 256 macvtap NICs (32 QEMUs x 8) on one lower, and that lower flaps.
 
-Reports, per flap, the time from the lower being recreated (already up) until
-every NIC passes a frame from the wire to its hub again (p50/max over NICs,
-and the total); netwatch's CPU seconds for the flap and its peak RSS; and
-netwatch's CPU use over an idle minute (it must not poll).
-Targets: all 256 back within 1.5 s; idle under 0.5 % of a core; RSS under 80 MB.
+Per flap, the same NICs are reattached twice, in random order: once by
+netwatch, once by a floor (bench/scale_floor.py: a straight-line program
+that does only what a reattach needs, for all NICs at once, with netwatch
+stopped and on netwatch's QMP sockets). Each time: from the lower being
+recreated (already up) until every NIC passes a frame from the wire to its
+hub again. Reported per flap: both times and their ratio (target: netwatch
+<= 1.2x the floor on every flap), both CPU times; per size (--sizes), the
+time per NIC and CPU per reattach, which should stay flat. Then netwatch's
+peak RSS and its CPU use over an idle stretch (it must not poll).
 
 Usage (root; runs in its own network namespace):
-  bench/scale.py [--vms 32] [--nics 8] [--flaps 3] [--idle 60] [--profile]
+  bench/scale.py [--sizes 8,32,128,256] [--flaps 5] [--idle 60]
 """
 
 from __future__ import annotations
@@ -16,17 +20,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import json
 import os
+import random
 import select
 import signal
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import run_in_netns
 
 from netwatch import config as config_mod
+from netwatch.config import VmConfig
 from netwatch.sandbox.testbed import (
     Netwatch,
     Observer,
@@ -134,68 +144,149 @@ def time_until_all_pass(observers: dict[str, Observer], since: float, timeout: f
     return seen
 
 
-def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, profile: bool) -> int:
+class Floor:
+    """bench/scale_floor.py as a child: connected to the QMP sockets while netwatch is stopped."""
+
+    def __init__(self, vms: list[VmConfig], workdir: str) -> None:
+        nics = [{"qmp": vm.qmp, "mac": nic.mac, "hub": nic.hub} for vm in vms for nic in vm.nics]
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("scale_floor.py")),
+                                      os.path.join(workdir, "floor-dev"), LOWER],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(nics) + "\n")
+        self.proc.stdin.flush()
+        self.expect("ready")
+
+    def expect(self, word: str) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith(word):
+            raise RuntimeError(f"the floor said {line!r}, not {word!r} (exit {self.proc.poll()})")
+        return line
+
+    def say(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def flap_once(observers: dict[str, Observer], down: Callable[[], None], go: Callable[[], None]
+              ) -> tuple[float, list[float]]:
+    """Delete the lower, wait for ``down()``, recreate it and call ``go()``; (moment up, seconds per NIC)."""
+    asyncio.run(delete_link(LOWER))
+    down()
+    for obs in observers.values():
+        obs.drain()
+    up = asyncio.run(veth_up(LOWER, WIRE))
+    go()
+    seen = time_until_all_pass(observers, up)
+    if len(seen) < len(observers):
+        raise RuntimeError(f"only {len(seen)} of {len(observers)} NICs passed a frame within 30 s")
+    return up, sorted(seen.values())
+
+
+def wait_attached(state: str, total: int, service: Netwatch) -> None:
+    wait_until(lambda: all_attached(state, total), 120, f"all {total} NICs attached", lambda: service.log()[-3000:],
+               interval=0.2)
+
+
+def wait_lost(state: str, service: Netwatch) -> None:
+    wait_until(lambda: none_attached(state), 60, "every NIC to see the loss", lambda: service.log()[-3000:],
+               interval=0.2)
+
+
+def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: list[int]) -> int:
     cfg_path = os.path.join(workdir, "netwatch.toml")
     state = os.path.join(workdir, "state")
-    write_config(cfg_path, state, [
-        {"name": f"sc{v:02d}", "qmp": os.path.join(workdir, f"sc{v:02d}.qmp"),
-         # More NICs than netwatch has default slots for: pinned in a row, as an admin would.
-         "nics": [{"id": f"net{n}", "backend": "macvtap", "lower": LOWER, "mac": mac(v, n), "guest_pci": 0x08 + n}
-                  for n in range(nics)]}
-        for v in range(vms)])
+    all_vms = [{"name": f"sc{v:02d}", "qmp": os.path.join(workdir, f"sc{v:02d}.qmp"),
+                # More NICs than netwatch has default slots for: pinned in a row, as an admin would.
+                "nics": [{"id": f"net{n}", "backend": "macvtap", "lower": LOWER, "mac": mac(v, n),
+                          "guest_pci": 0x08 + n} for n in range(nics)]} for v in range(vms)]
+    write_config(cfg_path, state, all_vms)
     config = config_mod.load(cfg_path)
     asyncio.run(veth_up(LOWER, WIRE))
     qemus = [Qemu(vm, workdir) for vm in config.vms]
-    service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log"))
-    total = vms * nics
-    observers = {mac(v, n): qemus[v].observers[f"net{n}"] for v in range(vms) for n in range(nics)}
-    spy = None
+    service: Netwatch | None = None
+    curve: list[str] = []
+    problems: list[str] = []
     try:
         for qemu in qemus:
             qemu.start()
-        service.start()
-        wait_until(lambda: all_attached(state, total), 120, f"all {total} NICs to attach",
-                   lambda: service.log()[-3000:], interval=0.2)
         settle(qemus)
-        if profile:
-            import subprocess
-            spy = subprocess.Popen(["py-spy", "record", "-o", os.path.join(workdir, "..", "scale-profile.txt"),
-                                    "-f", "raw", "-p", str(service.pid)])
-        print(f"{vms} QEMUs x {nics} NICs = {total} macvtap NICs attached on {LOWER}", flush=True)
-        totals = []
-        for flap in range(1, flaps + 1):
-            asyncio.run(delete_link(LOWER))
-            wait_until(lambda: none_attached(state), 60, "every NIC to see the loss", lambda: service.log()[-3000:],
-                       interval=0.2)
-            for obs in observers.values():
-                obs.drain()
-            cpu_before = cpu_times(service.pid)
-            up = asyncio.run(veth_up(LOWER, WIRE))
-            seen = time_until_all_pass(observers, up)
-            wait_until(lambda: all_attached(state, total), 60, "all NICs attached", lambda: service.log()[-3000:],
-                       interval=0.2)
-            user, system = (after - before for after, before in zip(cpu_times(service.pid), cpu_before, strict=True))
-            times = sorted(t * 1000 for t in seen.values())
-            if len(times) < total:
-                print(f"flap {flap}: only {len(times)} of {total} NICs passed a frame within 30 s")
-                return 1
-            totals.append(times[-1])
-            print(f"flap {flap}: all {total} NICs pass frames again after {times[-1]:.0f} ms "
-                  f"(per NIC p50 {statistics.median(times):.0f} ms, max {times[-1]:.0f} ms); "
-                  f"netwatch used {user + system:.2f} CPU s ({user:.2f} user, {system:.2f} system)", flush=True)
+        for size in sizes:
+            count = max(1, size // nics)
+            write_config(cfg_path, state, all_vms[:count])
+            managed = config.vms[:count]
+            total = count * nics
+            observers = {nic.mac: qemus[v].observers[nic.id] for v, vm in enumerate(managed) for nic in vm.nics}
+            service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
+            wait_attached(state, total, service)
+            print(f"{total} macvtap NICs ({count} QEMUs x {nics}) attached on {LOWER}; {vms} QEMUs run", flush=True)
+            ratios, per_nic, cpu_nw, cpu_fl = [], [], [], []
+            for flap in range(1, flaps + 1):
+                results: dict[str, float] = {}
+                for who in random.sample(["netwatch", "floor"], 2):
+                    if who == "netwatch":
+                        if service is None:
+                            service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
+                        wait_attached(state, total, service)
+                        before = cpu_seconds(service.pid)
+                        _up, times = flap_once(observers, functools.partial(wait_lost, state, service), lambda: None)
+                        wait_attached(state, total, service)
+                        cpu_nw.append(cpu_seconds(service.pid) - before)
+                    else:
+                        if service is not None:
+                            service.kill()  # backends stay; the floor takes over the QMP sockets
+                            service = None
+                        floor = Floor(managed, workdir)
+                        try:
+                            _up, times = flap_once(observers, lambda: None, functools.partial(floor.say, "go"))
+                            cpu_fl.append(float(floor.expect("done").split()[1]))
+                            floor.say("clean")
+                            floor.expect("clean")
+                        finally:
+                            floor.close()
+                    results[who] = times[-1] * 1000
+                ratio = results["netwatch"] / results["floor"]
+                ratios.append(ratio)
+                per_nic.append(results["netwatch"] / total)
+                if ratio > 1.2:
+                    problems.append(f"{total} NICs, flap {flap}: netwatch x{ratio:.2f} of the floor (target <= 1.2)")
+                print(f"  flap {flap}: all {total} pass frames after {results['netwatch']:.0f} ms with netwatch, "
+                      f"{results['floor']:.0f} ms with the floor (x{ratio:.2f}); CPU s netwatch "
+                      f"{cpu_nw[-1]:.2f}, floor {cpu_fl[-1]:.2f}", flush=True)
+            if service is None:
+                service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
+            curve.append(f"  {total:>4} NICs: netwatch {statistics.median(per_nic):.2f} ms per NIC (p50 of "
+                         f"{flaps}), ratio to the floor worst x{max(ratios):.2f} p50 x{statistics.median(ratios):.2f};"
+                         f" CPU per reattach netwatch {1000 * statistics.median(cpu_nw) / total:.2f} ms, floor "
+                         f"{1000 * statistics.median(cpu_fl) / total:.2f} ms")
+            if size != sizes[-1]:
+                service.kill()
+                service = None
+        print("time until all pass frames, per NIC, and CPU per reattach:")
+        print("\n".join(curve))
+        assert service is not None
         print(f"netwatch peak RSS: {peak_rss_mb(service.pid):.1f} MB (target < 80 MB)")
-        print(f"all {total} back: worst of {flaps} flaps {max(totals):.0f} ms (target <= 1500 ms)")
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait()
-        before, started = cpu_seconds(service.pid), time.monotonic()
-        time.sleep(idle)  # the measurement itself: a quiet minute
-        used = cpu_seconds(service.pid) - before
-        share = 100 * used / (time.monotonic() - started)
-        print(f"idle: netwatch used {used:.2f} CPU s in {idle:.0f} s = {share:.2f} % of a core (target < 0.5 %)")
+        if idle > 0:
+            wait_attached(state, total, service)
+            before, started = cpu_seconds(service.pid), time.monotonic()
+            time.sleep(idle)  # the measurement itself: a quiet stretch
+            used = cpu_seconds(service.pid) - before
+            share = 100 * used / (time.monotonic() - started)
+            print(f"idle: netwatch used {used:.2f} CPU s in {idle:.0f} s = {share:.2f} % of a core "
+                  "(target < 0.5 %)")
+        for problem in problems:
+            print(f"MISSED: {problem}")
         return 0
     finally:
-        service.kill()
+        if service is not None:
+            service.kill()
         for qemu in qemus:
             qemu.close()
 
@@ -204,17 +295,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=32)
     parser.add_argument("--nics", type=int, default=8)
-    parser.add_argument("--flaps", type=int, default=3)
+    parser.add_argument("--flaps", type=int, default=5)
+    parser.add_argument("--sizes", default="256", help="NIC counts to measure, e.g. 8,32,128,256")
     parser.add_argument("--idle", type=float, default=60.0)
-    parser.add_argument("--profile", action="store_true", help="record a py-spy profile of the flaps")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         exit_on_sigterm()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        return inner(args.inner, args.vms, args.nics, args.flaps, args.idle, args.profile)
+        sizes = sorted(int(size) for size in args.sizes.split(","))
+        return inner(args.inner, max(args.vms, -(-sizes[-1] // args.nics)), args.nics, args.flaps, args.idle, sizes)
     return run_in_netns(__file__, ["--vms", str(args.vms), "--nics", str(args.nics), "--flaps", str(args.flaps),
-                                   "--idle", str(args.idle)] + (["--profile"] if args.profile else []))
+                                   "--idle", str(args.idle), "--sizes", args.sizes])
 
 
 if __name__ == "__main__":

@@ -49,3 +49,30 @@ def test_contexts() -> None:
     assert migration.down_context(migration.IN) == "migrate-failed"
     assert migration.down_context(migration.OUT) == "migrate-out"
     assert migration.down_context(migration.NONE) == "stop"
+
+
+def test_the_watch_latches_each_qemus_phase() -> None:
+    """Kept per QEMU, so a NIC that acts only after its QEMU is gone (or replaced) still gets the right context."""
+    import asyncio
+
+    from netwatch.qemu.runstate import RunStateWatch
+
+    async def main() -> None:
+        async def query() -> str:
+            return "running"
+        watch = RunStateWatch("vm", query, lambda: None)
+        watch.start("running", 100)  # a source
+        watch._latch("finish-migrate")
+        watch._latch("postmigrate")
+        watch.start("inmigrate", 200)  # then the guest comes back in a new QEMU
+        assert watch.phase_of(100) == migration.OUT and watch.phase_of(200) == migration.IN
+        watch._latch("paused")
+        assert watch.phase_of(200) == migration.IN and 200 not in watch.arrived
+        watch._latch("running")
+        assert watch.phase_of(200) == migration.NONE and 200 in watch.arrived
+        watch.start("paused", 300)  # a QEMU whose first state says nothing: its records decide
+        assert watch.phase_of(300) is None
+        for pid in range(400, 420):
+            watch.start("running", pid)
+        assert watch.phase_of(100) is None and len(watch.phases) == 8, "bounded"
+    asyncio.run(main())

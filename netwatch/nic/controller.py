@@ -173,15 +173,27 @@ class NicController:
                     await self._serve_rebind(spec, future)
             # Exception, not BaseException: cancellation always ends the loop.
             async for attempt in AsyncRetrying(wait=wait, retry=retry_if_exception_type(Exception),
-                                               reraise=True):
+                                               sleep=self._backoff, reraise=True):
                 with attempt:
                     await self._reconcile_or_fail()
             if self.retiring and self.backend is None and not (self.vm.connected and self.life.wiring.guest_present):
                 return
 
+    async def _backoff(self, seconds: float) -> None:
+        # A change of the VM's run state cuts a retry's wait short: a source
+        # must not route its guest for 30 s after the target took it over.
+        changed = self.vm.runstate.next_change()
+        try:
+            await asyncio.wait([changed], timeout=seconds)
+        finally:
+            changed.cancel()
+
     async def _reconcile_or_fail(self) -> None:
         try:
             if self.retiring:
+                # Still deconfigured in its phase while it waits to leave the guest.
+                self.life.observe_run_state()
+                await self.life.follow_migration()
                 await self.life.hot_remove()
             else:
                 await self.reconcile()
@@ -212,12 +224,14 @@ class NicController:
             await self.life.vm_gone()
             self.fsm.to(NicState.WAITING_VM, "QEMU is not connected")
             return
+        # First, before any QMP command that may fail or wait: a source
+        # deconfigures its routed taps the moment its guest stops for good.
+        await self.life.follow_migration()
         if self.life.synced_session != self.vm.session:
             session = self.vm.session
             await self.life.sync_with_qemu()
             self.life.synced_session = session
-        # First: a source deconfigures its routed taps before anything else it does.
-        await self.life.follow_migration()
+            await self.life.follow_migration()
         matches = self._matching_lowers()
         lower = self._pick(matches)
         self.lower = lower or self.lower

@@ -24,6 +24,7 @@ from netwatch.nic import migration
 from netwatch.nic.records import NicRecord
 from netwatch.qemu.direct import DirectWiring
 from netwatch.qemu.hub import HubWiring
+from netwatch.qemu.peer import still_runs
 from netwatch.qemu.qmp import VmSession
 from netwatch.qemu.wiring import Pair, Survey, Wiring
 
@@ -110,11 +111,14 @@ class BackendLife:
                             vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
                 self.started_for = keep.qemu_pid
             self.backend, self.swaps = keep, keep.swaps
-            self.phase = migration.phase(self.vm.runstate.last, keep.phase)
+            self.phase = self._phase_for(self.vm.pid, keep)
             # Cut short mid-rebind, the kept pair may have been left quiet.
             await self.best_effort(self.wiring.reopen(_pair(keep)), f"opening {keep.tap_netdev}")
             return
         if record is not None:
+            if record.qemu_pid == self.vm.pid:
+                # This QEMU's phase, which its states so far may not tell (a target paused after receiving).
+                self.phase = self._phase_for(self.vm.pid, record)
             # Its if-up hooks ran: pair them with if-down, with the values they saw.
             context = self._why_not_adopted(record)
             self._down(context, record)
@@ -142,7 +146,8 @@ class BackendLife:
     def _why_not_adopted(self, record: NicRecord) -> str:
         """The if-down context for a recorded backend that is being replaced."""
         if record.qemu_pid != self.vm.pid:
-            return migration.down_context(record.phase)  # that QEMU is gone; this one is new
+            # That QEMU is gone; this one is new.
+            return migration.down_context(self._phase_for(record.qemu_pid, record))
         return "lower-lost" if self.matches_config(record) else "rebind"
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
@@ -212,7 +217,8 @@ class BackendLife:
                     vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=tap,
                     ifindex=created.index)
         context = self.first_context if self.started_for != self.vm.pid else self.up_context
-        if self.phase == migration.IN:
+        arrived = self.vm.pid in self.vm.runstate.arrived  # the guest migrated in and ran here
+        if self.phase == migration.IN or (context == "start" and arrived):
             context = "migrate-in"
         self.started_for, self.up_context, self.first_context = self.vm.pid, "reattach", "start"
         self._up(context, self.backend)
@@ -299,14 +305,21 @@ class BackendLife:
         # What the wiring knew of QEMU's side is read again from the next QEMU.
         self.wiring = make_wiring(self.vm_name, self.nic, self.vm, self.env.unplug_timeout)
         backend = self.backend
-        if backend is None or self.vm.qemu_alive():
+        if self.vm.qemu_alive():
             return
+        if backend is None:
+            # After a restart: a backend recorded for a QEMU that is gone is
+            # cleaned now, not when (if ever) this VM's next QEMU connects.
+            backend = self.env.records.load(self.vm_name, self.nic.id)
+            if backend is None or (backend.qemu_pid is not None
+                                   and still_runs(backend.qemu_pid, backend.qemu_start)):
+                return
         self.backend = None
         link = self.env.links.get(backend.ifindex)
         if link is not None and link.name == backend.ifname:
             await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
         self.env.records.remove(self.vm_name, self.nic.id)
-        self._down(migration.down_context(self.phase), backend)
+        self._down(migration.down_context(self._phase_for(backend.qemu_pid, backend)), backend)
         events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
                     lower=backend.lower)
 
@@ -357,7 +370,8 @@ class BackendLife:
         if link is not None and link.name == backend.ifname:
             await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
         self.env.records.remove(self.vm_name, self.nic.id)
-        self._down("stop", backend)
+        # A VM dropped from a source's config after it migrated away: migrate-out, not stop.
+        self._down(migration.down_context(self._phase_for(backend.qemu_pid, backend)), backend)
         events.emit("detached", f"{backend.tap_netdev} removed: the NIC is no longer configured",
                     vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
 
@@ -373,12 +387,20 @@ class BackendLife:
         if record.configured:
             self.env.hooks.submit("down", context, record)
 
+    def _phase_for(self, pid: int | None, record: NicRecord | None) -> str:
+        """QEMU ``pid``'s migration phase: as the run-state watch latched it, else as ``record`` kept it."""
+        latched = self.vm.runstate.phase_of(pid)
+        if latched is not None:
+            return latched
+        if record is not None and pid is not None and record.qemu_pid == pid:
+            return record.phase
+        return self.phase if pid is not None and pid == self._phase_pid else migration.NONE
+
     def observe_run_state(self) -> None:
         """Follow the VM's run state into this NIC's migration phase."""
         # A new QEMU starts from nothing: an earlier one's phase is not its own.
-        previous = self.phase if self.vm.pid == self._phase_pid else migration.NONE
+        self.phase = self._phase_for(self.vm.pid, self.backend)
         self._phase_pid = self.vm.pid
-        self.phase = migration.phase(self.vm.runstate.last, previous)
 
     async def follow_migration(self) -> None:
         """Configure or deconfigure the attached backend as the phase asks (hooks, announce)."""

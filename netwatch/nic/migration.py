@@ -19,25 +19,9 @@ knows that a target paused after receiving the guest (``-S``) has not run it.
 from __future__ import annotations
 
 from netwatch.config import NicConfig
-from netwatch.qemu.runstate import FINISH_MIGRATE, INMIGRATE, POSTMIGRATE, RUNNING
+from netwatch.qemu.runstate import IN, NONE, OUT, phase
 
-IN = "in"  # this QEMU receives the guest, which has not run here yet
-OUT = "out"  # this QEMU sent the guest away (or is sending its last pass)
-NONE = ""
-
-
-def phase(run_state: str | None, previous: str) -> str:
-    """The migration phase for ``run_state``; states that say nothing keep ``previous``."""
-    if run_state == INMIGRATE:
-        return IN
-    if run_state in (FINISH_MIGRATE, POSTMIGRATE):
-        return OUT
-    if run_state == RUNNING:
-        return NONE
-    if previous == OUT and run_state is not None:
-        # Back from finish-migrate to paused: the migration of a paused guest failed.
-        return NONE
-    return previous
+__all__ = ["IN", "NONE", "OUT", "down_context", "phase", "routed", "up_context", "wants_configured"]
 
 
 def routed(nic: NicConfig) -> bool:

@@ -330,8 +330,9 @@ class VmSession:
             if self.peers.get(peer.pid) == self.name:
                 del self.peers[peer.pid]
             await _quiet_disconnect(client)
+            self.first_attempt.set()  # NICs wait for a first outcome, not for a success
             raise
-        self.runstate.start(run_state)
+        self.runstate.start(run_state, peer.pid)
         try:
             self._client = client
             self.session += 1
@@ -355,6 +356,7 @@ class VmSession:
                 await tasks.stop(owned)
                 client.remove_listener(listener)
         finally:
+            self.runstate.gone()
             ended = await self._drop()
             for waiters in self._deleted.values():
                 for waiter in waiters:
@@ -363,7 +365,6 @@ class VmSession:
             self._deleted.clear()
         why = f": {clean(ended)}" if ended is not None and not isinstance(ended, EOFError) else ""
         events.emit("vm-gone", f"QMP connection to QEMU closed{why}", vm=self.name)
-        self.runstate.gone()
         self.on_change()
 
     async def _ask_status(self, client: QMPClient) -> str:

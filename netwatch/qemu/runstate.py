@@ -21,7 +21,8 @@ from netwatch.untrusted import clean
 
 log = logging.getLogger(__name__)
 
-RUN_EVENTS = ("STOP", "RESUME", "MIGRATION")
+# SUSPEND/WAKEUP: a guest suspended to RAM leaves "running" without a STOP.
+RUN_EVENTS = ("STOP", "RESUME", "MIGRATION", "SUSPEND", "WAKEUP")
 # A run state is QEMU's word: compared with known names, shown only in this shape.
 _STATE = re.compile(r"[a-z][a-z-]{0,31}\Z")
 
@@ -32,6 +33,28 @@ INMIGRATE = "inmigrate"
 # The source stopped the guest for the last pass of a migration, and after it.
 FINISH_MIGRATE = "finish-migrate"
 POSTMIGRATE = "postmigrate"
+
+# A VM's migration phase on this host, kept per QEMU: "in" (this QEMU
+# receives the guest, which has not run here yet), "out" (it stopped the
+# guest for the last pass of an outgoing migration, or sent it away), "".
+IN, OUT, NONE = "in", "out", ""
+# QEMUs whose phase is remembered after they are gone (a pid per session).
+PHASES_KEPT = 8
+
+
+def phase(run_state: str | None, previous: str | None) -> str | None:
+    """The migration phase for ``run_state``; states that say nothing keep ``previous`` (None: unknown)."""
+    if run_state == INMIGRATE:
+        return IN
+    if run_state in (FINISH_MIGRATE, POSTMIGRATE):
+        return OUT
+    if run_state == RUNNING:
+        return NONE
+    if previous == OUT and run_state is not None:
+        # Back from finish-migrate to paused: the migration of a paused guest failed.
+        return NONE
+    return previous
+
 
 # Seconds between looks while the next change may come unannounced.
 FAST_POLL = 0.05  # finish-migrate: a source's last pass, a fraction of a second
@@ -86,13 +109,52 @@ class RunStateWatch:
         # Set while this QEMU received the guest and the guest has not run here yet.
         self.incoming = False
         self._poked = asyncio.Event()
+        # QEMU pid -> its migration phase, latched at each change seen (None: its
+        # states so far said nothing; a NIC's runtime record may know more).
+        self.phases: dict[int, str | None] = {}
+        # QEMUs in which a guest that migrated in has run.
+        self.arrived: set[int] = set()
+        self.pid: int | None = None
+        self._change_waiters: list[asyncio.Future[None]] = []
 
-    def start(self, state: str) -> None:
+    def next_change(self) -> asyncio.Future[None]:
+        """A future done at the next change of run state (cancel it when no longer wanted)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._change_waiters = [w for w in self._change_waiters if not w.done()]
+        self._change_waiters.append(waiter)
+        return waiter
+
+    def _changed(self) -> None:
+        waiters, self._change_waiters = self._change_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def start(self, state: str, pid: int) -> None:
         """The state read at connect, before any NIC acts on it."""
         self.state = self.last = state
+        self.pid = pid
         self.incoming = state == INMIGRATE
+        self._latch(state)
         if self.incoming:
             self._log(None, state)
+
+    def phase_of(self, pid: int | None) -> str | None:
+        return self.phases.get(pid) if pid is not None else None
+
+    def _latch(self, state: str) -> None:
+        if self.pid is None:
+            return
+        before = self.phases.get(self.pid)
+        now = phase(state, before)
+        if before == IN and now == NONE:
+            self.arrived.add(self.pid)
+        self.phases.pop(self.pid, None)
+        self.phases[self.pid] = now  # newest last: the oldest go first
+        while len(self.phases) > PHASES_KEPT:
+            gone = next(iter(self.phases))
+            del self.phases[gone]
+            self.arrived.discard(gone)
 
     def poke(self) -> None:
         """A STOP, RESUME or MIGRATION event: the state may have changed."""
@@ -117,6 +179,8 @@ class RunStateWatch:
             if new != self.state:
                 old, self.state = self.state, new
                 self.last = new
+                self._latch(new)
+                self._changed()
                 self._log(old, new)
                 if new == INMIGRATE:
                     self.incoming = True
@@ -127,8 +191,8 @@ class RunStateWatch:
     def gone(self) -> None:
         """The session ended: the state is unknown until the next one."""
         if self.incoming:
-            events.emit("migration-failed", "QEMU went away before the guest ran here: the incoming migration "
-                        "did not complete", vm=self.vm_name, run_state=self.state)
+            events.emit("migration-failed", "the QMP session ended before the guest ran here: the incoming "
+                        "migration did not complete", vm=self.vm_name, run_state=self.state)
         self.state, self.incoming = None, False
 
     def _log(self, old: str | None, new: str) -> None:

@@ -17,6 +17,7 @@ from netwatch.config import Config, GuestPci, VmConfig, assign_slots, parse_gues
 from netwatch.errors import BadRequest, ConfigError
 from netwatch.host.backends import tap_mac
 from netwatch.host.links import Link
+from netwatch.nic import migration
 from netwatch.nic.controller import NicController, NicEnv
 from netwatch.nic.records import NicRecord
 from netwatch.qemu.qmp import VmSession
@@ -75,7 +76,8 @@ class Reconciler:
                 log.warning("not removing %s: the record of %s/%s names it, but it is not the %s netwatch made",
                             record.ifname, record.vm, record.nic, record.backend)
             self.env.records.remove(record.vm, record.nic)
-            self.env.hooks.submit("down", "stop", record)
+            if record.configured:  # a routed tap deferred or deconfigured by a migration owes none
+                self.env.hooks.submit("down", migration.down_context(record.phase), record)
 
     # -- VMs and NICs come and go ---------------------------------------------
 
@@ -131,6 +133,7 @@ class Reconciler:
         controller = self.nics[vm].pop(nic_id)
         await tasks.stop([self._tasks.pop((vm, nic_id))])
         await controller.remove()
+        self.env.hooks.failures.pop((vm, nic_id), None)
         self._own_links = None
         self._set_interest(controller, set())
 
@@ -146,6 +149,7 @@ class Reconciler:
             if self.nics.get(vm, {}).get(nic_id) is controller and controller.retiring:
                 del self.nics[vm][nic_id]
                 self._tasks.pop((vm, nic_id), None)
+                self.env.hooks.failures.pop((vm, nic_id), None)
                 self._own_links = None
                 self._set_interest(controller, set())
                 self.env.on_state_change and self.env.on_state_change()

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""The floor for bench/scale.py: a straight-line program that reattaches the same NICs, as fast as it can.
+
+Run by scale.py as a child (while netwatch is stopped, on netwatch's own QMP
+sockets). It reads a JSON list of NICs on stdin's first line, connects to
+every QEMU, says "ready", then on "go" does for every NIC at once what a
+reattach needs and nothing more: a macvtap on the lower (netlink), its
+character device opened, and over QMP getfd + netdev_add tap + netdev_add
+hubport (the NIC's guest hubport already exists), sent back to back; then it
+says "done <its CPU seconds>". On "clean" it removes what it made and exits.
+No events, no records, no hooks, no checks of who QEMU is: what any manager
+has to do, at the least.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import sys
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from qemu.qmp import QMPClient
+
+from netwatch.host.chardev import open_macvtap
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def main() -> int:
+    nics: list[dict[str, Any]] = json.loads(sys.stdin.readline())
+    node_dir, lower = sys.argv[1], sys.argv[2]
+    clients: dict[str, QMPClient] = {}
+    for nic in nics:
+        if nic["qmp"] not in clients:
+            client = QMPClient("floor")
+            await client.connect(nic["qmp"])
+            clients[nic["qmp"]] = client
+    locks = {path: asyncio.Lock() for path in clients}
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    started = cpu()
+    async with AsyncIPRoute() as ipr:
+        lower_index = (await ipr.link_lookup(ifname=lower))[0]
+
+        async def reattach(i: int, nic: dict[str, Any]) -> None:
+            name = f"fl{i}"
+            await ipr.link("add", ifname=name, kind="macvtap", link=lower_index, macvtap_mode="bridge",
+                           address=nic["mac"], state="up")
+            index = (await ipr.link_lookup(ifname=name))[0]
+            fd = open_macvtap(name, index, node_dir)
+            client = clients[nic["qmp"]]
+            try:
+                async with locks[nic["qmp"]]:  # QEMU keeps only the last fd received
+                    client.send_fd_scm(fd)
+                    replies = [client.execute("getfd", {"fdname": f"fl-fd{i}"}),
+                               client.execute("netdev_add", {"type": "tap", "id": f"fl-tap{i}", "fd": f"fl-fd{i}"})]
+                    await asyncio.gather(*replies)
+                await client.execute("netdev_add", {"type": "hubport", "id": f"fl-up{i}", "hubid": nic["hub"],
+                                                    "netdev": f"fl-tap{i}"})
+            finally:
+                os.close(fd)
+
+        await asyncio.gather(*(reattach(i, nic) for i, nic in enumerate(nics)))
+        print(f"done {cpu() - started:.3f}", flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)  # "clean"
+        for i, nic in enumerate(nics):
+            client = clients[nic["qmp"]]
+            for netdev in (f"fl-up{i}", f"fl-tap{i}"):
+                with contextlib.suppress(Exception):
+                    await client.execute("netdev_del", {"id": netdev})
+            with contextlib.suppress(Exception):
+                found = await ipr.link_lookup(ifname=f"fl{i}")
+                if found:
+                    await ipr.link("del", index=found[0])
+    for client in clients.values():
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+    print("clean", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
