@@ -53,6 +53,7 @@ from netwatch.sandbox.testbed import (
 from netwatch.service import control
 
 LOWER, WIRE = "sc-lower", "sc-wire"
+QUIET_AFTER = 0.5  # seconds after the last NIC passed a frame that its CPU time still counts
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -157,8 +158,11 @@ class Floor:
         self.proc.stdin.flush()
         self.expect("ready")
 
-    def expect(self, word: str) -> str:
+    def expect(self, word: str, timeout: float = 120) -> str:
         assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise RuntimeError(f"the floor said nothing within {timeout:g} s (waiting for {word!r})")
         line = self.proc.stdout.readline().strip()
         if not line.startswith(word):
             raise RuntimeError(f"the floor said {line!r}, not {word!r} (exit {self.proc.poll()})")
@@ -175,13 +179,18 @@ class Floor:
         self.proc.wait()
 
 
-def flap_once(observers: dict[str, Observer], down: Callable[[], None], go: Callable[[], None]
-              ) -> tuple[float, list[float]]:
-    """Delete the lower, wait for ``down()``, recreate it and call ``go()``; (moment up, seconds per NIC)."""
+def note_cpu(into: list[float], pid: int) -> None:
+    into.append(cpu_seconds(pid))
+
+
+def flap_once(observers: dict[str, Observer], down: Callable[[], None], go: Callable[[], None],
+              mark: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
+    """Delete the lower, wait for ``down()``, ``mark()``, recreate it and call ``go()``; (moment up, s per NIC)."""
     asyncio.run(delete_link(LOWER))
     down()
     for obs in observers.values():
         obs.drain()
+    mark()
     up = asyncio.run(veth_up(LOWER, WIRE))
     go()
     seen = time_until_all_pass(observers, up)
@@ -235,10 +244,13 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
                         if service is None:
                             service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
                         wait_attached(state, total, service)
-                        before = cpu_seconds(service.pid)
-                        _up, times = flap_once(observers, functools.partial(wait_lost, state, service), lambda: None)
+                        mark: list[float] = []
+                        _up, times = flap_once(observers, functools.partial(wait_lost, state, service), lambda: None,
+                                               functools.partial(note_cpu, mark, service.pid))
+                        # The reattach's tail (logs, records, set_link) without status polls in it.
+                        time.sleep(QUIET_AFTER)
+                        cpu_nw.append(cpu_seconds(service.pid) - mark[0])
                         wait_attached(state, total, service)
-                        cpu_nw.append(cpu_seconds(service.pid) - before)
                     else:
                         if service is not None:
                             service.kill()  # backends stay; the floor takes over the QMP sockets

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from netwatch.errors import LinkError
-from netwatch.host.rtnl import RTM_NEWLINK, decode_links
+from netwatch.host.rtnl import RTM_NEWLINK, stats64
 
 RTM_GETLINK = 18
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
@@ -35,24 +35,26 @@ class LinkCounters:
     tx_bytes: int
 
 
-async def dump_counters() -> dict[int, LinkCounters]:
-    """ifindex -> counters of every link in this network namespace."""
+async def dump_counters(wanted: set[int]) -> dict[int, LinkCounters]:
+    """ifindex -> counters of the links in ``wanted`` (the others are skipped undecoded)."""
+    if not wanted:
+        return {}
     try:
         async with asyncio.timeout(DUMP_TIMEOUT):
-            return await _dump()
+            return await _dump(wanted)
     except (OSError, TimeoutError) as exc:
         raise LinkError(f"cannot read link counters: {exc}") from exc
 
 
-async def _dump() -> dict[int, LinkCounters]:
+async def _dump(wanted: set[int]) -> dict[int, LinkCounters]:
     loop = asyncio.get_running_loop()
     seq = next(_seq)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                        socket.NETLINK_ROUTE) as sock:
         sock.bind((0, 0))
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        await loop.sock_sendall(sock, _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK,
-                                                     NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        request = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        await loop.sock_sendall(sock, _NLMSGHDR.pack(_NLMSGHDR.size + len(request), RTM_GETLINK,
+                                                     NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
         found: dict[int, LinkCounters] = {}
         while True:
             data = await loop.sock_recv(sock, 1 << 16)
@@ -66,9 +68,11 @@ async def _dump() -> dict[int, LinkCounters]:
                 if msg_seq == seq and msg_type == NLMSG_ERROR:
                     error = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
                     raise OSError(error, "netlink dump refused")
+                body = offset + _NLMSGHDR.size
+                if msg_type == RTM_NEWLINK and body + _IFINFOMSG.size <= offset + length:
+                    index = _IFINFOMSG.unpack_from(data, body)[2]
+                    if index in wanted:
+                        stats = stats64(data, body + _IFINFOMSG.size, offset + length)
+                        if stats is not None:
+                            found[index] = LinkCounters(*stats)
                 offset += (length + 3) & ~3
-            for msg_type, fields in decode_links(data, stats=True):
-                stats = fields.get("stats")
-                index = fields["index"]
-                if msg_type == RTM_NEWLINK and isinstance(stats, tuple) and isinstance(index, int):
-                    found[index] = LinkCounters(*stats)

@@ -49,11 +49,17 @@ def _cstring(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def decode_links(data: bytes, stats: bool = False) -> Iterator[tuple[int, dict[str, object]]]:
-    """(message type, fields) for each RTM_NEWLINK/RTM_DELLINK in a datagram.
+def stats64(data: bytes, start: int, end: int) -> tuple[int, int, int, int] | None:
+    """(rx_packets, tx_packets, rx_bytes, tx_bytes) from a link message's attributes, if it has them."""
+    for kind, value in _attrs(data, start, end):
+        if kind == IFLA_STATS64 and len(value) >= _STATS64.size:
+            rx_packets, tx_packets, rx_bytes, tx_bytes = _STATS64.unpack_from(value)
+            return rx_packets, tx_packets, rx_bytes, tx_bytes
+    return None
 
-    ``stats`` adds "stats": (rx_packets, tx_packets, rx_bytes, tx_bytes) where the message has them.
-    """
+
+def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
+    """(message type, fields) for each RTM_NEWLINK/RTM_DELLINK in a datagram."""
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
@@ -73,8 +79,6 @@ def decode_links(data: bytes, stats: bool = False) -> Iterator[tuple[int, dict[s
                     fields["parent"] = struct.unpack_from("=i", value)[0] or None
                 elif kind == IFLA_MASTER and len(value) >= 4:
                     fields["master"] = struct.unpack_from("=i", value)[0] or None
-                elif kind == IFLA_STATS64 and stats and len(value) >= _STATS64.size:
-                    fields["stats"] = _STATS64.unpack_from(value)
                 elif kind == IFLA_LINKINFO:
                     for sub, sub_value in _attrs(value, 0, len(value)):
                         if sub == IFLA_INFO_KIND:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential
 from tenacity.wait import wait_base
 
 from netwatch.config import LowerSpec, NicConfig, ifname_problem
@@ -171,13 +171,29 @@ class NicController:
                     future.set_exception(RebindError(f"{self.vm_name}/{self.nic.id} is being removed"))
                 else:
                     await self._serve_rebind(spec, future)
-            # Exception, not BaseException: cancellation always ends the loop.
-            async for attempt in AsyncRetrying(wait=wait, retry=retry_if_exception_type(Exception),
-                                               sleep=self._backoff, reraise=True):
-                with attempt:
-                    await self._reconcile_or_fail()
+            try:
+                await self._reconcile_or_fail()
+            except Exception:  # noqa: BLE001 - reported by _reconcile_or_fail; not BaseException: cancellation ends the loop
+                await self._retry(wait)
             if self.retiring and self.backend is None and not (self.vm.connected and self.life.wiring.guest_present):
                 return
+
+    async def _retry(self, wait: wait_base) -> None:
+        """Pass again after tenacity's wait for each failure so far, until one succeeds.
+
+        Only a failed pass gets here: building tenacity's retry machinery for
+        every pass cost a fifth of a reattach's CPU time at 256 NICs.
+        """
+        failures = 1
+        while True:
+            state = RetryCallState(AsyncRetrying(), None, (), {})
+            state.attempt_number = failures
+            await self._backoff(wait(state))
+            try:
+                await self._reconcile_or_fail()
+                return
+            except Exception:  # noqa: BLE001 - reported by _reconcile_or_fail; retried
+                failures += 1
 
     async def _backoff(self, seconds: float) -> None:
         # A change of the VM's run state cuts a retry's wait short: a source

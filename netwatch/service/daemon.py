@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import stat
+import time
 from typing import Any
 
 from tenacity.wait import wait_base
@@ -33,6 +34,8 @@ from netwatch.service.reconciler import Reconciler
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+# Seconds the traffic counters shown by status and the metrics may be old.
+COUNTERS_MAX_AGE = 1.0
 
 
 class Service:
@@ -55,6 +58,7 @@ class Service:
         self._reload_lock = asyncio.Lock()
         self.env: NicEnv | None = None
         self.metrics: MetricsWriter | None = None
+        self._counters_read = float("-inf")
 
     async def run(self) -> None:
         settings = self.config.settings
@@ -158,10 +162,16 @@ class Service:
     async def _collect(self) -> dict[str, Any]:
         """Everything status and the metrics show, traffic counters read afresh."""
         assert self.reconciler is not None and self.env is not None
-        try:
-            self.env.counters = await dump_counters()
-        except LinkError as exc:
-            log.warning("%s; status shows the last counters read", exc)
+        now = time.monotonic()
+        if now - self._counters_read >= COUNTERS_MAX_AGE:
+            # At most once a second, and only the backends' links: a status
+            # poll must not cost a busy host a dump of every link each time.
+            backends = {nic.backend.ifindex for nic in self.reconciler.all_nics() if nic.backend is not None}
+            try:
+                self.env.counters = await dump_counters(backends)
+                self._counters_read = now
+            except LinkError as exc:
+                log.warning("%s; status shows the last counters read", exc)
         status = self.reconciler.status()
         # For watching resource use from outside: all of it should stay flat.
         status["service"] = {"pid": os.getpid(), "tasks": len(asyncio.all_tasks()),
