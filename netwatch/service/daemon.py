@@ -163,10 +163,11 @@ class Service:
         """Everything status and the metrics show, traffic counters read afresh."""
         assert self.reconciler is not None and self.env is not None
         now = time.monotonic()
-        if now - self._counters_read >= COUNTERS_MAX_AGE:
-            # At most once a second, and only the backends' links: a status
-            # poll must not cost a busy host a dump of every link each time.
-            backends = {nic.backend.ifindex for nic in self.reconciler.all_nics() if nic.backend is not None}
+        backends = {nic.backend.ifindex for nic in self.reconciler.all_nics() if nic.backend is not None}
+        if now - self._counters_read >= COUNTERS_MAX_AGE or not backends <= self.env.counters.keys():
+            # Only the backends' links, and at most once a second unless a new
+            # backend has none yet: a status poll must not cost a busy host a
+            # dump of every link each time.
             try:
                 self.env.counters = await dump_counters(backends)
                 self._counters_read = now
