@@ -27,6 +27,7 @@ from tenacity.wait import wait_base
 
 from netwatch import events, tasks
 from netwatch.errors import NetwatchError, QmpError
+from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.peer import (
     Identity,
     Peer,
@@ -178,10 +179,13 @@ class VmSession:
     def __init__(self, name: str, path: str, on_change: Callable[[], None], timeout: float = 5.0,
                  connect_wait: wait_base | None = None, short_session_wait: wait_base | None = None,
                  identity: Identity | None = None, peers: dict[int, str] | None = None,
-                 recorded: Callable[[], list[tuple[int, int | None]]] | None = None, machine: str = "pc") -> None:
+                 recorded: Callable[[], list[tuple[int, int | None]]] | None = None, machine: str = "pc",
+                 announce_gate: AnnounceGate | None = None) -> None:
         self.name = name
         # QEMU's machine type as the config says ("pc", "q35"): where hotplug can go.
         self.machine = machine
+        # Shared by all VMs: announcements wait for the host's reattaches to quiet down.
+        self.announce_gate = announce_gate
         self.identity = identity or Identity()
         # pid -> VM name of every admitted peer, shared by all sessions: one QEMU serves one VM.
         self.peers = peers if peers is not None else {}
@@ -506,6 +510,9 @@ class VmSession:
 
     def announce(self, nic: str) -> None:
         """Have QEMU announce ``nic``'s MAC (RARP), together with the NICs attached in the same burst."""
+        if self.announce_gate is not None:
+            self.announce_gate.request(self.announce_now, nic)
+            return
         self._announce_nics.add(nic)
         if self._announcer is None or self._announcer.done():
             self._announcer = asyncio.get_running_loop().create_task(self._announce_burst(),
@@ -516,6 +523,9 @@ class VmSession:
         # the VM is swapped within a few milliseconds of the others.
         await asyncio.sleep(ANNOUNCE_GATHER)
         nics, self._announce_nics = sorted(self._announce_nics), set()
+        await self.announce_now(nics)
+
+    async def announce_now(self, nics: list[str]) -> None:
         try:
             await self.execute("announce-self", {"initial": 50, "max": 550, "rounds": 3, "step": 100,
                                                  "interfaces": nics})

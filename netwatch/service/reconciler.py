@@ -20,6 +20,7 @@ from netwatch.host.links import Link
 from netwatch.nic import migration
 from netwatch.nic.controller import NicController, NicEnv
 from netwatch.nic.records import NicRecord
+from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.qmp import VmSession
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Reconciler:
         self._own_links: set[str] | None = None
         # pid -> VM of every admitted QMP peer: one QEMU never serves two VMs.
         self._peers: dict[int, str] = {}
+        self._announce_gate = AnnounceGate()
         env.own_links = self.own_links
         env.on_interest_change = self.update_interest
 
@@ -60,6 +62,7 @@ class Reconciler:
         self._tasks.clear()
         for session in self.vms.values():
             await session.__aexit__(None, None, None)
+        await self._announce_gate.close()
 
     async def _remove_orphans(self) -> None:
         """Backends recorded by an earlier run for NICs no longer configured."""
@@ -86,7 +89,8 @@ class Reconciler:
         session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
                             timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait,
                             identity=vm_config.identity, peers=self._peers,
-                            recorded=functools.partial(self._recorded_qemus, vm_config), machine=vm_config.machine)
+                            recorded=functools.partial(self._recorded_qemus, vm_config), machine=vm_config.machine,
+                            announce_gate=self._announce_gate)
         self.vms[name] = session
         self.nics[name] = {}
         await session.__aenter__()
