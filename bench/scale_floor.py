@@ -6,8 +6,8 @@ sockets). It reads a JSON list of NICs on stdin's first line, connects to
 every QEMU, says "ready", then on "go" does for every NIC at once what a
 reattach needs and nothing more: a macvtap on the lower (netlink), its
 character device opened, and over QMP getfd + netdev_add tap + netdev_add
-hubport (the NIC's guest hubport already exists), each awaited (QEMU 7.2's
-monitor stalled for good here with commands sent back to back); then it
+hubport (the NIC's guest hubport already exists), each awaited (with them
+sent back to back a QEMU 7.2 here once stopped answering its monitor); then it
 says "done <its CPU seconds>". On "clean" it removes what it made and exits.
 No events, no records, no hooks, no checks of who QEMU is: what any manager
 has to do, at the least.
