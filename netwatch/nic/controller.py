@@ -24,7 +24,8 @@ from netwatch.host.linkops import LinkOps
 from netwatch.host.links import Link, LinkTable
 from netwatch.host.linkstats import LinkCounters
 from netwatch.host.udev import udev_initialized
-from netwatch.nic.lifecycle import BackendLife, guest_side
+from netwatch.nic import report
+from netwatch.nic.lifecycle import BackendLife
 from netwatch.nic.records import NicRecord, RecordStore
 from netwatch.nic.state import NicState, NicStateMachine
 from netwatch.qemu.qmp import VmSession
@@ -269,7 +270,7 @@ class NicController:
             except LinkVanished:
                 # Its removal event is on its way; that is not a failure.
                 await self.life.set_guest_link(False, "no lower")
-                self.fsm.to(NicState.WAITING_LOWER, f"lower {self._spec_name()} vanished while attaching")
+                self.fsm.to(NicState.WAITING_LOWER, f"lower {self.spec_name()} vanished while attaching")
                 return
         else:
             try:
@@ -362,92 +363,20 @@ class NicController:
             self.override = previous
             raise
 
-    # -- what a reload would do ------------------------------------------------
+    # -- what it reports (netwatch/nic/report.py) -------------------------------
 
     def plan(self, nic: NicConfig) -> dict[str, str] | None:
         """What applying ``nic`` would do to this NIC (reload --dry-run), or None for nothing."""
-        now = self.nic
-        if self.retiring:
-            return {"action": "keep", "why": "back in the config while being removed"}
-        if guest_side(now) != guest_side(nic):
-            changed = [key for key in ("wiring", "guest_pci", "model", "queues", "hub", "mac")
-                       if getattr(now, key) != getattr(nic, key)]
-            return {"action": "replug", "why": f"{', '.join(changed)} changed: the guest sees its NIC leave and "
-                    "come back"}
-        backend_keys = ("backend", "mode", "bridge", "ifname")
-        changed = [key for key in backend_keys if getattr(now, key) != getattr(nic, key)]
-        if changed:
-            action = "replug" if nic.wiring == "direct" else "reattach"
-            return {"action": action, "why": f"{', '.join(changed)} changed: a new backend"
-                    + (" (a replug the guest sees)" if action == "replug" else " (the guest sees nothing)")}
-        if now.lower != nic.lower or self.override is not None:
-            target = nic.lower.describe() if nic.lower else "-"
-            if self.override is not None:
-                why = f"back from the rebind to {self.override.describe()} to {target}"
-            else:
-                why = f"lower {now.lower.describe() if now.lower else '-'} -> {target}"
-            return {"action": "rebind", "why": why + (" (a replug)" if nic.wiring == "direct" and
-                                                      nic.backend == "macvtap" else "")}
-        return None
+        return report.plan(self, nic)
 
-    # -- what status shows ---------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return report.status(self)
 
-    def _spec_name(self) -> str:
+    # -- names for messages -----------------------------------------------------
+
+    def spec_name(self) -> str:
         spec = self.override or self.nic.lower
         return spec.describe() if spec else "-"
 
     def _lower_name(self) -> str | None:
         return self.lower.name if self.lower else (self.nic.lower.describe() if self.nic.lower else None)
-
-    def _cause(self) -> str:
-        # Connection attempts fail without a transition: say why while waiting.
-        if self.fsm.state is NicState.WAITING_VM and self.vm is not None and self.vm.last_error:
-            return f"QEMU is not connected: {self.vm.last_error}"
-        return self.fsm.cause
-
-    def status(self) -> dict[str, Any]:
-        lower = self.find_lower()
-        backend = self.backend
-        status: dict[str, Any] = {
-            "id": self.nic.id,
-            "backend": self.nic.backend,
-            "state": self.fsm.state.value,
-            "cause": self._cause(),
-            "lower": lower.name if lower else self._spec_name(),
-            "lower_ifindex": lower.index if lower else None,
-            "lower_present": lower is not None,
-            "ifname": backend.ifname if backend else self.nic.ifname,
-            "ifindex": backend.ifindex if backend else None,
-            "netdev": backend.tap_netdev if backend else None,
-            "hub_netdev": backend.hub_netdev if backend else None,
-            "hub": self.nic.hub if self.life.wiring.hub is None else self.life.wiring.hub,
-            "mac": self.nic.mac,
-            "mode": self.nic.mode,
-            "guest_pci": str(self.nic.guest_pci) if self.nic.guest_pci else None,
-            "wiring": self.nic.wiring,
-            "queues": self.nic.queues,
-            "guest_present": self.life.wiring.guest_present,
-            "guest_link": self.life.guest_link,
-            # Whether its if-up ran (a routed tap waits while its guest migrates).
-            "configured": backend.configured if backend else False,
-            "migration": self.life.phase or None,
-            "swaps": self.life.swaps,
-            "last_attach_seconds": self.life.last_attach_seconds,
-            "hook_failures": self.env.hooks.failures.get((self.vm_name, self.nic.id), 0),
-            "generation": self.life.generation,
-            "last_change": self.fsm.last_change,
-        }
-        counters = self.env.counters.get(backend.ifindex) if backend else None
-        for key in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
-            status[key] = getattr(counters, key) if counters else None
-        if self.retiring:
-            status["removing"] = True
-        if self.override is not None:
-            status["rebound"] = {"lower": self.override.describe(),
-                                 "config_lower": self.nic.lower.describe() if self.nic.lower else None,
-                                 "until": "the next reload or restart, which returns to the config"}
-        if self.nic.bridge is not None:
-            status["bridge"] = self.nic.bridge
-            status["bridge_present"] = self.env.links.named(self.nic.bridge) is not None
-        return status
-

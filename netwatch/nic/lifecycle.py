@@ -8,7 +8,6 @@ side and the driver (netwatch/host/backends.py) the kernel's.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import time
@@ -20,32 +19,17 @@ from netwatch import events
 from netwatch.config import NicConfig
 from netwatch.errors import LinkError, QmpError
 from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement
-from netwatch.nic import migration
+from netwatch.nic import migration, teardown
 from netwatch.nic.records import NicRecord
-from netwatch.qemu.direct import DirectWiring
-from netwatch.qemu.hub import HubWiring
-from netwatch.qemu.peer import still_runs
+from netwatch.nic.wirings import guest_side, make_wiring, pair_of
 from netwatch.qemu.qmp import VmSession
-from netwatch.qemu.wiring import Pair, Survey, Wiring
+from netwatch.qemu.wiring import Survey, Wiring
 
 if TYPE_CHECKING:  # NicEnv lives with the controller, which imports this module
     from netwatch.nic.controller import NicEnv
 
 log = logging.getLogger(__name__)
 
-# Seconds a NIC's removal waits for QEMU before it removes the kernel side anyway.
-REMOVE_DEADLINE = 2.0
-
-
-def guest_side(nic: NicConfig) -> tuple[object, ...]:
-    """What the guest's device is made of: a change to any is a replug (in either wiring)."""
-    return nic.wiring, nic.guest_pci, nic.model, nic.queues, nic.hub, nic.mac
-
-
-def make_wiring(vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float) -> Wiring:
-    if nic.wiring == "direct":
-        return DirectWiring(vm_name, nic, vm, unplug_timeout)
-    return HubWiring(vm_name, nic, vm, unplug_timeout)
 
 
 class BackendLife:
@@ -101,7 +85,7 @@ class BackendLife:
         self.generation = max([self.generation, *gens])
         self.guest_link = None
         keep = record if record is not None and self._adoptable(record, survey) else None
-        await self.wiring.clean(survey, _pair(keep) if keep is not None else None)
+        await self.wiring.clean(survey, pair_of(keep) if keep is not None else None)
         if await self.wiring.add_guest():
             events.emit("hot-add", f"added NIC {self.nic.id} to the running guest at {self.nic.guest_pci}",
                         vm=self.vm_name, nic=self.nic.id)
@@ -111,17 +95,17 @@ class BackendLife:
                             vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
                 self.started_for = keep.qemu_pid
             self.backend, self.swaps = keep, keep.swaps
-            self.phase = self._phase_for(self.vm.pid, keep)
+            self.phase = self.phase_for(self.vm.pid, keep)
             # Cut short mid-rebind, the kept pair may have been left quiet.
-            await self.best_effort(self.wiring.reopen(_pair(keep)), f"opening {keep.tap_netdev}")
+            await self.best_effort(self.wiring.reopen(pair_of(keep)), f"opening {keep.tap_netdev}")
             return
         if record is not None:
             if record.qemu_pid == self.vm.pid:
                 # This QEMU's phase, which its states so far may not tell (a target paused after receiving).
-                self.phase = self._phase_for(self.vm.pid, record)
+                self.phase = self.phase_for(self.vm.pid, record)
             # Its if-up hooks ran: pair them with if-down, with the values they saw.
             context = self._why_not_adopted(record)
-            self._down(context, record)
+            self.hooks_down(context, record)
             if record.qemu_pid == self.vm.pid:
                 self.started_for = self.vm.pid
                 self.up_context = "rebind" if context == "rebind" else "reattach"
@@ -134,7 +118,7 @@ class BackendLife:
 
     def _adoptable(self, record: NicRecord, survey: Survey) -> bool:
         link = self.env.links.get(record.ifindex)
-        return (record.qemu_pid == self.vm.pid and self.wiring.holds(_pair(record), survey) and link is not None
+        return (record.qemu_pid == self.vm.pid and self.wiring.holds(pair_of(record), survey) and link is not None
                 and link.name == record.ifname and self.matches_config(record))
 
     def matches_config(self, record: NicRecord) -> bool:
@@ -147,7 +131,7 @@ class BackendLife:
         """The if-down context for a recorded backend that is being replaced."""
         if record.qemu_pid != self.vm.pid:
             # That QEMU is gone; this one is new.
-            return migration.down_context(self._phase_for(record.qemu_pid, record))
+            return migration.down_context(self.phase_for(record.qemu_pid, record))
         return "lower-lost" if self.matches_config(record) else "rebind"
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
@@ -221,7 +205,7 @@ class BackendLife:
         if self.phase == migration.IN or (context == "start" and arrived):
             context = "migrate-in"
         self.started_for, self.up_context, self.first_context = self.vm.pid, "reattach", "start"
-        self._up(context, self.backend)
+        self.hooks_up(context, self.backend)
         await self.best_effort(self._announce(), "announce-self")
 
     async def swap(self, placement: Placement, cause: str) -> None:
@@ -239,20 +223,20 @@ class BackendLife:
         self.last_attach_seconds = round(time.monotonic() - started, 6)
         new = self._record(name, created, placement, tap, hub, gen)
         try:
-            await self.wiring.switch(_pair(old), _pair(new))
+            await self.wiring.switch(pair_of(old), pair_of(new))
         except BaseException:
-            await self.best_effort(self.wiring.unplug(_pair(new)), f"removing {tap}")
+            await self.best_effort(self.wiring.unplug(pair_of(new)), f"removing {tap}")
             await self.best_effort(self.env.ops.delete(created.index), f"removing {name}")
             raise
         self.backend = new
         self.env.records.save(new)
         await self.best_effort(self._announce(), "announce-self")
-        await self.best_effort(self.wiring.unplug(_pair(old)), f"removing {old.tap_netdev}")
+        await self.best_effort(self.wiring.unplug(pair_of(old)), f"removing {old.tap_netdev}")
         link = self.env.links.get(old.ifindex)
         if link is not None and link.name == old.ifname:
             await self.best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
-        self._down("rebind", old)
-        self._up("rebind", new)
+        self.hooks_down("rebind", old)
+        self.hooks_up("rebind", new)
         events.emit("rebind", f"{cause}: {old.tap_netdev} on {old.lower} -> {tap} on {new.lower}",
                     vm=self.vm_name, nic=self.nic.id, lower=new.lower, netdev=tap, previous=old.lower)
 
@@ -265,14 +249,14 @@ class BackendLife:
         if now == backend.lower_ifindex:
             return
         if uplink is None:
-            self._down("lower-lost", backend)
+            self.hooks_down("lower-lost", backend)
             self.backend = replace(backend, lower_ifindex=0)
         else:
             renamed = backend.lower != uplink.name
             if renamed and backend.lower_ifindex:
-                self._down("rebind", backend)
+                self.hooks_down("rebind", backend)
             self.backend = replace(backend, lower=uplink.name, lower_ifindex=uplink.index)
-            self._up("rebind" if renamed else "reattach", self.backend)
+            self.hooks_up("rebind" if renamed else "reattach", self.backend)
             if renamed:
                 events.emit("rebind", f"uplink {backend.lower} -> {uplink.name}", vm=self.vm_name, nic=self.nic.id,
                             lower=uplink.name, previous=backend.lower)
@@ -286,7 +270,7 @@ class BackendLife:
         backend = self.backend
         assert backend is not None
         await self.set_guest_link(False, cause)
-        await self.wiring.unplug(_pair(backend))
+        await self.wiring.unplug(pair_of(backend))
         link = self.env.links.get(backend.ifindex)
         if link is not None and link.name == backend.ifname:
             await self.env.ops.delete(backend.ifindex)
@@ -294,100 +278,37 @@ class BackendLife:
         self.backend = None
         if context == "lower-lost":
             self.lost_lower = backend.lower
-        self._down(context, backend)
+        self.hooks_down(context, backend)
         events.emit("lower-lost" if context == "lower-lost" else "detached",
                     f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
 
+    # -- the backend going (netwatch/nic/teardown.py) ---------------------------
+
     async def vm_gone(self) -> None:
         """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
-        self.guest_link = None
-        self.synced_session = 0
-        # What the wiring knew of QEMU's side is read again from the next QEMU.
-        self.wiring = make_wiring(self.vm_name, self.nic, self.vm, self.env.unplug_timeout)
-        backend = self.backend
-        if self.vm.qemu_alive():
-            return
-        if backend is None:
-            # After a restart: a backend recorded for a QEMU that is gone is
-            # cleaned now, not when (if ever) this VM's next QEMU connects.
-            backend = self.env.records.load(self.vm_name, self.nic.id)
-            if backend is None or (backend.qemu_pid is not None
-                                   and still_runs(backend.qemu_pid, backend.qemu_start)):
-                return
-        self.backend = None
-        link = self.env.links.get(backend.ifindex)
-        if link is not None and link.name == backend.ifname:
-            await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
-        self.env.records.remove(self.vm_name, self.nic.id)
-        self._down(migration.down_context(self._phase_for(backend.qemu_pid, backend)), backend)
-        events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
-                    lower=backend.lower)
+        await teardown.vm_gone(self)
 
     async def hot_remove(self) -> None:
-        """The NIC left the config of a running VM: its device leaves the guest, then its backend goes.
-
-        A guest that does not release the device raises UnplugTimeout: the
-        NIC fails with that reason and keeps its backend (QEMU still feeds it).
-        """
-        if not self.vm.connected:
-            await self.remove()
-            return
-        if self.synced_session != self.vm.session:
-            session = self.vm.session
-            await self.sync_with_qemu()
-            self.synced_session = session
-        if self.wiring.guest_present:
-            await self.wiring.remove_guest()
-        backend, self.backend = self.backend, None
-        if backend is not None:
-            await self.best_effort(self.wiring.unplug(_pair(backend)), "removing the backend from QEMU")
-            link = self.env.links.get(backend.ifindex)
-            if link is not None and link.name == backend.ifname:
-                await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
-            self.env.records.remove(self.vm_name, self.nic.id)
-            self._down("hot-remove", backend)
-        events.emit("hot-remove", f"NIC {self.nic.id} removed from the running guest: it is no longer configured",
-                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower if backend else None)
+        """The NIC left the config of a running VM: its device leaves the guest, then its backend goes."""
+        await teardown.hot_remove(self)
 
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""
-        backend = self.backend
-        if backend is None:
-            return
-        self.backend = None
-        if self.vm.connected:
-            # Best effort, briefly: a QEMU that does not answer must not hold
-            # up a reload (each command would wait out qmp_timeout).
-            try:
-                async with asyncio.timeout(REMOVE_DEADLINE):
-                    await self.best_effort(self.wiring.unplug(_pair(backend)), "removing the backend from QEMU")
-                    await self.best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}),
-                                            "set_link")
-            except TimeoutError:
-                log.warning("%s/%s: QEMU did not answer within %g s while the NIC was removed; its netdevs stay "
-                            "in QEMU, the backend link goes", self.vm_name, self.nic.id, REMOVE_DEADLINE)
-        link = self.env.links.get(backend.ifindex)
-        if link is not None and link.name == backend.ifname:
-            await self.best_effort(self.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
-        self.env.records.remove(self.vm_name, self.nic.id)
-        # A VM dropped from a source's config after it migrated away: migrate-out, not stop.
-        self._down(migration.down_context(self._phase_for(backend.qemu_pid, backend)), backend)
-        events.emit("detached", f"{backend.tap_netdev} removed: the NIC is no longer configured",
-                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+        await teardown.remove(self)
 
     # -- hooks and migration ----------------------------------------------------
 
-    def _up(self, context: str, record: NicRecord) -> None:
+    def hooks_up(self, context: str, record: NicRecord) -> None:
         if record.configured:
             self.env.hooks.submit("up", context, record)
 
-    def _down(self, context: str, record: NicRecord) -> None:
+    def hooks_down(self, context: str, record: NicRecord) -> None:
         # Only what was configured is deconfigured: a routed tap deferred on a
         # migration target, or deconfigured on its source, owes no if-down.
         if record.configured:
             self.env.hooks.submit("down", context, record)
 
-    def _phase_for(self, pid: int | None, record: NicRecord | None) -> str:
+    def phase_for(self, pid: int | None, record: NicRecord | None) -> str:
         """QEMU ``pid``'s migration phase: as the run-state watch latched it, else as ``record`` kept it."""
         latched = self.vm.runstate.phase_of(pid)
         if latched is not None:
@@ -399,7 +320,7 @@ class BackendLife:
     def observe_run_state(self) -> None:
         """Follow the VM's run state into this NIC's migration phase."""
         # A new QEMU starts from nothing: an earlier one's phase is not its own.
-        self.phase = self._phase_for(self.vm.pid, self.backend)
+        self.phase = self.phase_for(self.vm.pid, self.backend)
         self._phase_pid = self.vm.pid
 
     async def follow_migration(self) -> None:
@@ -439,7 +360,3 @@ class BackendLife:
         if placement.bridge is not None:
             parts.append(f"bridge {placement.bridge.name}")
         return ", ".join(parts) or "routed"
-
-
-def _pair(record: NicRecord) -> Pair:
-    return Pair(tap=record.tap_netdev, port=record.hub_netdev)

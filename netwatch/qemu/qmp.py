@@ -28,6 +28,7 @@ from tenacity.wait import wait_base
 from netwatch import events, tasks
 from netwatch.errors import NetwatchError, QmpError
 from netwatch.qemu.announce import AnnounceGate
+from netwatch.qemu.deletions import DeviceDeletions
 from netwatch.qemu.peer import (
     Identity,
     Peer,
@@ -157,7 +158,6 @@ class _Client(QMPClient):
         return msg
 
 
-ANNOUNCE_GATHER = 0.01
 # Seconds a QMP session must last before a reconnect is immediate again.
 STABLE_SESSION = 5.0
 
@@ -185,7 +185,8 @@ class VmSession:
         # QEMU's machine type as the config says ("pc", "q35"): where hotplug can go.
         self.machine = machine
         # Shared by all VMs: announcements wait for the host's reattaches to quiet down.
-        self.announce_gate = announce_gate
+        self._own_gate = announce_gate is None
+        self.announce_gate = announce_gate or AnnounceGate()
         self.identity = identity or Identity()
         # pid -> VM name of every admitted peer, shared by all sessions: one QEMU serves one VM.
         self.peers = peers if peers is not None else {}
@@ -208,10 +209,8 @@ class VmSession:
         self._fd_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._pidfd: int | None = None
-        self._announce_nics: set[str] = set()
-        self._announcer: asyncio.Task[None] | None = None
         # device id -> futures told when QEMU reports it deleted (DEVICE_DELETED).
-        self._deleted: dict[str, list[asyncio.Future[None]]] = {}
+        self._deleted = DeviceDeletions()
         # Set once the first connection attempt is over, whatever its outcome.
         self.first_attempt = asyncio.Event()
         self.runstate = RunStateWatch(name, self._query_status, on_change)
@@ -269,7 +268,9 @@ class VmSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await tasks.stop([self._task, self._announcer])
+        await tasks.stop([self._task])
+        if self._own_gate:
+            await self.announce_gate.close()
         await self._drop()
         self._unwatch_pid()
         self._socket_watch.close()
@@ -362,11 +363,7 @@ class VmSession:
         finally:
             self.runstate.gone()
             ended = await self._drop()
-            for waiters in self._deleted.values():
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(QmpError(f"QEMU of {self.name} went away before it deleted the device"))
-            self._deleted.clear()
+            self._deleted.fail_all(f"QEMU of {self.name} went away before it deleted the device")
         why = f": {clean(ended)}" if ended is not None and not isinstance(ended, EOFError) else ""
         events.emit("vm-gone", f"QMP connection to QEMU closed{why}", vm=self.name)
         self.on_change()
@@ -393,22 +390,14 @@ class VmSession:
             data = event.get("data")
             device = data.get("device") if isinstance(data, dict) else None
             if isinstance(device, str):
-                for waiter in self._deleted.pop(device, []):
-                    if not waiter.done():
-                        waiter.set_result(None)
+                self._deleted.deleted(device)
 
     def expect_deleted(self, device: str) -> asyncio.Future[None]:
         """A future done when QEMU reports ``device`` deleted; ask before the device_del."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._deleted.setdefault(device, []).append(waiter)
-        return waiter
+        return self._deleted.expect(device)
 
     def forget_deleted(self, device: str, waiter: asyncio.Future[None]) -> None:
-        waiters = self._deleted.get(device, [])
-        if waiter in waiters:
-            waiters.remove(waiter)
-        if not waiters:
-            self._deleted.pop(device, None)
+        self._deleted.forget(device, waiter)
 
     async def _refusal(self, client: QMPClient, peer: Peer | None) -> str | None:
         """Why ``peer`` is not provably this VM's QEMU, or None (peer.py has the reasoning)."""
@@ -509,21 +498,8 @@ class VmSession:
             await self.execute("getfd", {"fdname": fdname})
 
     def announce(self, nic: str) -> None:
-        """Have QEMU announce ``nic``'s MAC (RARP), together with the NICs attached in the same burst."""
-        if self.announce_gate is not None:
-            self.announce_gate.request(self.announce_now, nic)
-            return
-        self._announce_nics.add(nic)
-        if self._announcer is None or self._announcer.done():
-            self._announcer = asyncio.get_running_loop().create_task(self._announce_burst(),
-                                                                     name=f"netwatch-announce-{self.name}")
-
-    async def _announce_burst(self) -> None:
-        # One command for a burst: when a shared lower returns, every NIC of
-        # the VM is swapped within a few milliseconds of the others.
-        await asyncio.sleep(ANNOUNCE_GATHER)
-        nics, self._announce_nics = sorted(self._announce_nics), set()
-        await self.announce_now(nics)
+        """Have QEMU announce ``nic``'s MAC (RARP) once the host's reattaches quiet down (netwatch/qemu/announce.py)."""
+        self.announce_gate.request(self.announce_now, nic)
 
     async def announce_now(self, nics: list[str]) -> None:
         try:
