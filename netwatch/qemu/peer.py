@@ -148,3 +148,41 @@ def still_runs(pid: int, started: int | None) -> bool:
         return "qemu" in os.path.basename(os.readlink(f"/proc/{pid}/exe"))
     except OSError:
         return False
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What else says which QEMU serves a VM: one QEMU serves one VM, and a VM has one QEMU."""
+
+    vm_name: str
+    # pid -> VM name of every admitted peer, all VMs' sessions.
+    admitted: dict[int, str]
+    # The QEMU that served this VM last, and whether it still runs.
+    served_pid: int | None
+    served_alive: bool
+    # (pid, start time) of the QEMUs the runtime records say served this VM.
+    recorded: list[tuple[int, int | None]]
+
+
+def peer_problem(peer: Peer | None, path: str, identity: Identity, claims: Claims) -> str | None:
+    """Why ``peer`` on ``path`` is not provably the VM's QEMU, or None (the UUID is asked apart, over QMP)."""
+    if peer is None:
+        return "cannot tell which process it is"
+    uids = trusted_uids(path, identity)
+    problem = path_problem(path, uids)
+    if problem is not None:
+        return problem
+    if peer.uid not in peer_uids(identity, uids):
+        who = identity.qemu_user or "root or the VM's QEMU user"
+        return f"it runs as uid {peer.uid}, not as {who}"
+    if identity.cgroup is not None and (problem := cgroup_problem(peer.pid, identity.cgroup)):
+        return problem
+    other = claims.admitted.get(peer.pid)
+    if other is not None and other != claims.vm_name:
+        return f"pid {peer.pid} is the QEMU of VM '{other}'"
+    if claims.served_pid is not None and claims.served_pid != peer.pid and claims.served_alive:
+        return f"the QEMU that served this VM (pid {claims.served_pid}) still runs"
+    for pid, started in claims.recorded:
+        if pid != peer.pid and still_runs(pid, started):
+            return f"the QEMU recorded for this VM (pid {pid}) still runs"
+    return None

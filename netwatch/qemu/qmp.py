@@ -29,16 +29,7 @@ from netwatch import events, tasks
 from netwatch.errors import NetwatchError, QmpError
 from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.deletions import DeviceDeletions
-from netwatch.qemu.peer import (
-    Identity,
-    Peer,
-    cgroup_problem,
-    path_problem,
-    peer_uids,
-    start_time,
-    still_runs,
-    trusted_uids,
-)
+from netwatch.qemu.peer import Claims, Identity, Peer, peer_problem, start_time
 from netwatch.qemu.runstate import POSTMIGRATE, RUN_EVENTS, RunStateWatch, parse_status
 from netwatch.qemu.sockwatch import SocketWatch
 from netwatch.untrusted import clean
@@ -401,39 +392,22 @@ class VmSession:
 
     async def _refusal(self, client: QMPClient, peer: Peer | None) -> str | None:
         """Why ``peer`` is not provably this VM's QEMU, or None (peer.py has the reasoning)."""
-        if peer is None:
-            return "cannot tell which process it is"
-        uids = trusted_uids(self.path, self.identity)
-        problem = path_problem(self.path, uids)
-        if problem is not None:
-            return problem
-        allowed = peer_uids(self.identity, uids)
-        if peer.uid not in allowed:
-            who = self.identity.qemu_user or "root or the VM's QEMU user"
-            return f"it runs as uid {peer.uid}, not as {who}"
-        if self.identity.cgroup is not None and (problem := cgroup_problem(peer.pid, self.identity.cgroup)):
-            return problem
-        other = self.peers.get(peer.pid)
-        if other is not None and other != self.name:
-            return f"pid {peer.pid} is the QEMU of VM '{other}'"
-        if self.pid is not None and self.pid != peer.pid and self.qemu_alive():
-            return f"the QEMU that served this VM (pid {self.pid}) still runs"
         try:
             recorded = self.recorded()
         except NetwatchError as exc:
             return f"its runtime records cannot be read ({exc})"
-        for pid, started in recorded:
-            if pid != peer.pid and still_runs(pid, started):
-                return f"the QEMU recorded for this VM (pid {pid}) still runs"
-        if self.identity.uuid is not None:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    answer = await client.execute("query-uuid")
-            except Exception as exc:  # noqa: BLE001 - any failure here is a refusal
-                return f"query-uuid failed: {clean(exc) or type(exc).__name__}"
-            uuid = answer.get("UUID") if isinstance(answer, dict) else None
-            if not isinstance(uuid, str) or uuid.lower() != self.identity.uuid:
-                return f"its UUID is {clean(uuid, 40)}, not {self.identity.uuid}"
+        claims = Claims(self.name, self.peers, self.pid, self.pid is not None and self.qemu_alive(), recorded)
+        problem = peer_problem(peer, self.path, self.identity, claims)
+        if problem is not None or self.identity.uuid is None:
+            return problem
+        try:
+            async with asyncio.timeout(self.timeout):
+                answer = await client.execute("query-uuid")
+        except Exception as exc:  # noqa: BLE001 - any failure here is a refusal
+            return f"query-uuid failed: {clean(exc) or type(exc).__name__}"
+        uuid = answer.get("UUID") if isinstance(answer, dict) else None
+        if not isinstance(uuid, str) or uuid.lower() != self.identity.uuid:
+            return f"its UUID is {clean(uuid, 40)}, not {self.identity.uuid}"
         return None
 
     async def _connect(self) -> QMPClient:
