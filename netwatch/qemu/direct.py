@@ -9,7 +9,6 @@ plugged once the first backend exists (no lower, no NIC in the guest).
 from __future__ import annotations
 
 import logging
-import re
 
 from netwatch.config import NicConfig
 from netwatch.qemu.qmp import VmSession
@@ -23,8 +22,6 @@ class DirectWiring(QemuSide):
 
     def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float = 15.0) -> None:
         super().__init__(vm_name, nic, vm, unplug_timeout)
-        # Hubports too: the backends of an earlier hub wiring of this NIC are cleaned as well.
-        self._ids = re.compile(rf"nw-{re.escape(nic.id)}-(tap|up)(\d+)\Z")
         self._peer: str | None = None  # the netdev the guest's device is peered with, when it is in place
         self._stale = False
 
@@ -37,8 +34,7 @@ class DirectWiring(QemuSide):
 
     async def survey(self) -> Survey:
         network = await self.vm.network()
-        netdevs = frozenset(name for name in network.netdevs if self._ids.match(name))
-        generations = tuple(int(match.group(2)) for name in netdevs if (match := self._ids.match(name)))
+        netdevs, generations = self.own_netdevs(network)
         await self.close_strays()
         device = await self.find_device(network)
         ours = device is not None and device.peer in netdevs and self.device_in_place(device)

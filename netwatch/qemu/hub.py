@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 from netwatch.config import NicConfig
 from netwatch.qemu.qmp import NetworkInfo, VmSession
@@ -25,7 +24,6 @@ class HubWiring(QemuSide):
 
     def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float = 15.0) -> None:
         super().__init__(vm_name, nic, vm, unplug_timeout)
-        self._ids = re.compile(rf"nw-{re.escape(nic.id)}-(tap|up)(\d+)\Z")
         self._guest = False  # QEMU has the guest port and the device peered with it, in place
         self._stale: tuple[bool, bool] = (False, False)  # (a device, a guest port) to remove first
 
@@ -38,8 +36,7 @@ class HubWiring(QemuSide):
 
     async def survey(self) -> Survey:
         network = await self.vm.network()
-        netdevs = frozenset(name for name in network.netdevs if self._ids.match(name))
-        generations = tuple(int(match.group(2)) for name in netdevs if (match := self._ids.match(name)))
+        netdevs, generations = self.own_netdevs(network)
         await self.close_strays()
         device = await self.find_device(network)
         port = self._guest_port(network)

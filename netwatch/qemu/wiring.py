@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -85,6 +86,13 @@ class QemuSide:
         self.vm = vm
         self.unplug_timeout = unplug_timeout
         self.hub: int | None = None
+        # This NIC's backends in either wiring (hubports too: an earlier wiring's are cleaned as well).
+        self._ids = re.compile(rf"nw-{re.escape(nic.id)}-(tap|up)(\d+)\Z")
+
+    def own_netdevs(self, network: NetworkInfo) -> tuple[frozenset[str], tuple[int, ...]]:
+        """The netdevs of this NIC's backends that QEMU has, and their generations."""
+        netdevs = frozenset(name for name in network.netdevs if self._ids.match(name))
+        return netdevs, tuple(int(match.group(2)) for name in netdevs if (match := self._ids.match(name)))
 
     def fdname(self, queue: int = 0, vhost: bool = False) -> str:
         # One set of names per NIC, not per generation: netdev_add consumes the
