@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import itertools
 import os
 import random
-import selectors
 import shutil
 import socket
 import statistics
@@ -42,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import summary
+from common import echo_answers, summary
 
 from netwatch import config as config_mod
 from netwatch.config import VmConfig
@@ -87,41 +85,10 @@ class Prober(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        selector = selectors.DefaultSelector()
-        pending: dict[socket.socket, float] = {}
-        next_attempt = time.monotonic()
-        while not self.done.is_set():
-            now = time.monotonic()
-            if now >= next_attempt:
-                with self.switch.entered():
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                if sock.connect_ex((self.address, ECHO_PORT)) in (0, errno.EINPROGRESS):
-                    pending[sock] = now
-                    selector.register(sock, selectors.EVENT_WRITE, sock)
-                else:
-                    sock.close()
-                next_attempt = now + ATTEMPT_INTERVAL
-            for sock, started in list(pending.items()):
-                if now - started > CONNECT_TIMEOUT:
-                    selector.unregister(sock)
-                    sock.close()
-                    del pending[sock]
-            for key, _ in selector.select(max(0.0, next_attempt - time.monotonic())):
-                sock = key.data
-                del pending[sock]
-                selector.unregister(sock)
-                with contextlib.closing(sock):
-                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                        sock.setblocking(True)
-                        sock.settimeout(1.0)
-                        with contextlib.suppress(OSError):
-                            sock.sendall(b"x")
-                            if sock.recv(1) == b"x":
-                                self.answers.append(time.monotonic())
-        for sock in pending:
-            sock.close()
-        selector.close()
+        answers = echo_answers(self.switch, self.address, ECHO_PORT, ATTEMPT_INTERVAL, CONNECT_TIMEOUT, 1.0,
+                               stopped=self.done.is_set)
+        with contextlib.closing(answers):
+            self.answers.extend(answers)
 
     def stop(self) -> list[float]:
         self.done.set()

@@ -50,10 +50,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import random
-import selectors
 import socket
 import statistics
 import subprocess
@@ -63,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import run_in_netns, summary
+from common import echo, echo_answers, run_in_netns, summary
 
 from netwatch import config as config_mod
 from netwatch.errors import NetwatchError
@@ -140,66 +138,22 @@ def echo_once(guest: Guest, peer: Netns) -> bool:
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         sock.connect((guest.address, ECHO_PORT))
-        return _echo(sock)
+        return echo(sock, ECHO_TIMEOUT)
     except OSError:
         return False
     finally:
         sock.close()
 
 
-def _echo(sock: socket.socket) -> bool:
-    sock.settimeout(ECHO_TIMEOUT)
-    try:
-        sock.sendall(b"x")
-        return sock.recv(1) == b"x"
-    except OSError:
-        return False
-
-
 def time_to_answer(guest: Guest, peer: Netns, since: float) -> float:
-    """Seconds from ``since`` to the first completed echo.
-
-    A new connection attempt every ATTEMPT_INTERVAL, each given up after
-    CONNECT_TIMEOUT: a SYN lost to a path not there yet is followed by the
-    next one a few ms later, not by TCP's 1 s retransmission (and the
-    figure's resolution is ATTEMPT_INTERVAL, not CONNECT_TIMEOUT).
-    """
-    selector = selectors.DefaultSelector()
-    pending: dict[socket.socket, float] = {}
-    next_attempt = since
-    try:
-        while (now := time.monotonic()) - since < ANSWER_TIMEOUT:
-            if now >= next_attempt:
-                with peer.entered():
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                if sock.connect_ex((guest.address, ECHO_PORT)) in (0, errno.EINPROGRESS):
-                    pending[sock] = now
-                    selector.register(sock, selectors.EVENT_WRITE, sock)
-                else:
-                    sock.close()
-                next_attempt = now + ATTEMPT_INTERVAL
-            for sock, started in list(pending.items()):
-                if now - started > CONNECT_TIMEOUT:
-                    selector.unregister(sock)
-                    sock.close()
-                    del pending[sock]
-            for key, _ in selector.select(max(0.0, next_attempt - time.monotonic())):
-                sock = key.data
-                del pending[sock]
-                selector.unregister(sock)
-                try:
-                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                        sock.setblocking(True)
-                        if _echo(sock):
-                            return time.monotonic() - since
-                finally:
-                    sock.close()
+    """Seconds from ``since`` to the first completed echo (attempts every ATTEMPT_INTERVAL)."""
+    answers = echo_answers(peer, guest.address, ECHO_PORT, ATTEMPT_INTERVAL, CONNECT_TIMEOUT, ECHO_TIMEOUT,
+                           deadline=since + ANSWER_TIMEOUT)
+    with contextlib.closing(answers):
+        first = next(answers, None)
+    if first is None:
         raise RuntimeError(f"{guest.name}: no answer from {guest.address} within {ANSWER_TIMEOUT:g} s")
-    finally:
-        for sock in pending:
-            sock.close()
-        selector.close()
+    return first - since
 
 
 def nic_status(state: str, guest: Guest) -> dict[str, Any]:
