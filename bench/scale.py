@@ -4,15 +4,21 @@
 Per flap, the same NICs are reattached twice, in random order: once by
 netwatch, once by a floor (bench/scale_floor.py: a straight-line program
 that does only what a reattach needs, for all NICs at once, with netwatch
-stopped and on netwatch's QMP sockets). Each time: from the lower being
+stopped and on netwatch's QMP sockets; that includes the guest's carrier,
+which follows the lower, unless --bare-floor). Each time: from the lower being
 recreated (already up) until every NIC passes a frame from the wire to its
 hub again. Reported per flap: both times and their ratio (target: netwatch
 <= 1.2x the floor on every flap), both CPU times; per size (--sizes), the
 time per NIC and CPU per reattach, which should stay flat. Then netwatch's
 peak RSS and its CPU use over an idle stretch (it must not poll).
 
+As on a host, netwatch's runtime directory (records, device nodes) is a
+tmpfs, like /run, and so is the floor's. Each timed run starts once the
+QEMUs are back to their idle CPU use: the run before it (its announcements,
+the floor's clean-up, a netwatch start) must not be paid by the next one.
+
 Usage (root; runs in its own network namespace):
-  bench/scale.py [--sizes 8,32,128,256] [--flaps 5] [--idle 60]
+  bench/scale.py [--sizes 8,32,128,256] [--flaps 5] [--idle 60] [--bare-floor]
 """
 
 from __future__ import annotations
@@ -78,8 +84,8 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def settle(qemus: list[Qemu]) -> None:
-    """Wait until the QEMUs are done booting SeaBIOS (their CPU use drops)."""
+def settle(qemus: list[Qemu]) -> float:
+    """Wait until the QEMUs are done booting SeaBIOS (their CPU use drops); their idle CPU s/s."""
     def busy() -> float:
         return sum(cpu_seconds(qemu.pid) for qemu in qemus)
     # An idle QEMU here uses about 1 % of a core; booting, 32 of them fill both.
@@ -92,8 +98,20 @@ def settle(qemus: list[Qemu]) -> None:
         if rate < quiet:
             print(f"QEMUs settled after {time.monotonic() - started:.0f} s: together they use {rate:.2f} CPU s/s",
                   flush=True)
-            return
+            return rate
     print(f"QEMUs never settled ({rate:.2f} CPU s/s); measuring anyway", flush=True)
+    return rate
+
+
+def quiet(pids: list[int], idle_rate: float, limit: float = 10.0) -> None:
+    """Wait until these processes together are back to ``idle_rate`` (CPU s/s, over 0.2 s), at most ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = sum(cpu_seconds(pid) for pid in pids)
+        time.sleep(0.2)  # the measurement window
+        if (sum(cpu_seconds(pid) for pid in pids) - before) / 0.2 <= 1.5 * idle_rate + 0.05:
+            return
+    print(f"  (not quiet after {limit:g} s; measuring anyway)", flush=True)
 
 
 def all_attached(state: str, count: int) -> bool:
@@ -148,10 +166,10 @@ def time_until_all_pass(observers: dict[str, Observer], since: float, timeout: f
 class Floor:
     """bench/scale_floor.py as a child: connected to the QMP sockets while netwatch is stopped."""
 
-    def __init__(self, vms: list[VmConfig], workdir: str) -> None:
-        nics = [{"qmp": vm.qmp, "mac": nic.mac, "hub": nic.hub} for vm in vms for nic in vm.nics]
+    def __init__(self, vms: list[VmConfig], workdir: str, bare: bool) -> None:
+        nics = [{"qmp": vm.qmp, "mac": nic.mac, "hub": nic.hub, "id": nic.id} for vm in vms for nic in vm.nics]
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("scale_floor.py")),
-                                      os.path.join(workdir, "floor-dev"), LOWER],
+                                      os.path.join(workdir, "floor-dev"), LOWER, *(["--bare"] if bare else [])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(nics) + "\n")
@@ -185,7 +203,8 @@ def note_cpu(into: list[float], pid: int) -> None:
 
 def flap_once(observers: dict[str, Observer], down: Callable[[], None], go: Callable[[], None],
               mark: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
-    """Delete the lower, wait for ``down()``, ``mark()``, recreate it and call ``go()``; (moment up, s per NIC)."""
+    """Delete the lower, wait for ``down()``, then ``mark()`` (wait for quiet, note CPU), recreate the lower
+    and call ``go()``; (moment up, s per NIC)."""
     asyncio.run(delete_link(LOWER))
     down()
     for obs in observers.values():
@@ -209,9 +228,13 @@ def wait_lost(state: str, service: Netwatch) -> None:
                interval=0.2)
 
 
-def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: list[int]) -> int:
+def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: list[int], bare: bool) -> int:
     cfg_path = os.path.join(workdir, "netwatch.toml")
-    state = os.path.join(workdir, "state")
+    run_dir = os.path.join(workdir, "run")
+    os.mkdir(run_dir, 0o700)
+    # This process has a mount namespace of its own (ip netns exec): the tmpfs goes with it.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700,size=64m", "nw-bench", run_dir], check=True)
+    state = os.path.join(run_dir, "state")
     all_vms = [{"name": f"sc{v:02d}", "qmp": os.path.join(workdir, f"sc{v:02d}.qmp"),
                 # More NICs than netwatch has default slots for: pinned in a row, as an admin would.
                 "nics": [{"id": f"net{n}", "backend": "macvtap", "lower": LOWER, "mac": mac(v, n),
@@ -226,7 +249,9 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
     try:
         for qemu in qemus:
             qemu.start()
-        settle(qemus)
+        idle_rate = settle(qemus)
+        qemu_pids = [qemu.pid for qemu in qemus]
+        rss = 0.0
         for size in sizes:
             count = max(1, size // nics)
             write_config(cfg_path, state, all_vms[:count])
@@ -245,19 +270,26 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
                             service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
                         wait_attached(state, total, service)
                         mark: list[float] = []
+                        pids = [*qemu_pids, service.pid]
+
+                        def before_up(pids: list[int] = pids, mark: list[float] = mark, pid: int = service.pid) -> None:
+                            quiet(pids, idle_rate)
+                            note_cpu(mark, pid)
                         _up, times = flap_once(observers, functools.partial(wait_lost, state, service), lambda: None,
-                                               functools.partial(note_cpu, mark, service.pid))
+                                               before_up)
                         # The reattach's tail (logs, records, set_link) without status polls in it.
                         time.sleep(QUIET_AFTER)
                         cpu_nw.append(cpu_seconds(service.pid) - mark[0])
                         wait_attached(state, total, service)
+                        rss = max(rss, peak_rss_mb(service.pid))
                     else:
                         if service is not None:
                             service.kill()  # backends stay; the floor takes over the QMP sockets
                             service = None
-                        floor = Floor(managed, workdir)
+                        floor = Floor(managed, run_dir, bare)
                         try:
-                            _up, times = flap_once(observers, lambda: None, functools.partial(floor.say, "go"))
+                            _up, times = flap_once(observers, lambda: None, functools.partial(floor.say, "go"),
+                                                   functools.partial(quiet, [*qemu_pids, floor.proc.pid], idle_rate))
                             cpu_fl.append(float(floor.expect("done").split()[1]))
                             floor.say("clean")
                             floor.expect("clean")
@@ -284,7 +316,7 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
         print("time until all pass frames, per NIC, and CPU per reattach:")
         print("\n".join(curve))
         assert service is not None
-        print(f"netwatch peak RSS: {peak_rss_mb(service.pid):.1f} MB (target < 80 MB)")
+        print(f"netwatch peak RSS: {rss:.1f} MB (target < 80 MB)")
         if idle > 0:
             wait_attached(state, total, service)
             before, started = cpu_seconds(service.pid), time.monotonic()
@@ -310,15 +342,19 @@ def main() -> int:
     parser.add_argument("--flaps", type=int, default=5)
     parser.add_argument("--sizes", default="256", help="NIC counts to measure, e.g. 8,32,128,256")
     parser.add_argument("--idle", type=float, default=60.0)
+    parser.add_argument("--bare-floor", action="store_true",
+                        help="the floor leaves the guest links alone (netwatch still makes the carrier follow)")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         exit_on_sigterm()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sizes = sorted(int(size) for size in args.sizes.split(","))
-        return inner(args.inner, max(args.vms, -(-sizes[-1] // args.nics)), args.nics, args.flaps, args.idle, sizes)
+        return inner(args.inner, max(args.vms, -(-sizes[-1] // args.nics)), args.nics, args.flaps, args.idle, sizes,
+                     args.bare_floor)
     return run_in_netns(__file__, ["--vms", str(args.vms), "--nics", str(args.nics), "--flaps", str(args.flaps),
-                                   "--idle", str(args.idle), "--sizes", args.sizes])
+                                   "--idle", str(args.idle), "--sizes", args.sizes,
+                                   *(["--bare-floor"] if args.bare_floor else [])])
 
 
 if __name__ == "__main__":

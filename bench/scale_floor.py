@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """The floor for bench/scale.py: a straight-line program that reattaches the same NICs, as fast as it can.
 
-Run by scale.py as a child (while netwatch is stopped, on netwatch's own QMP
+Run by scale.py as a child (while netwatch is stopped, on netwatch's QMP
 sockets). It reads a JSON list of NICs on stdin's first line, connects to
-every QEMU, says "ready", then on "go" does for every NIC at once what a
-reattach needs and nothing more: a macvtap on the lower (netlink), its
-character device opened, and over QMP getfd + netdev_add tap + netdev_add
-hubport (the NIC's guest hubport already exists), each awaited (with them
-sent back to back a QEMU 7.2 here once stopped answering its monitor); then it
-says "done <its CPU seconds>". On "clean" it removes what it made and exits.
-No events, no records, no hooks, no checks of who QEMU is: what any manager
-has to do, at the least.
+every QEMU, sets each guest NIC's link down (the carrier follows the lower,
+SPEC: where netwatch leaves it when the lower goes), says "ready", then on
+"go" does for every NIC at once what a reattach needs and nothing more,
+with netwatch's own primitives: a macvtap on the lower
+(netwatch.host.linkops), its character device opened, and over QMP getfd +
+netdev_add tap + netdev_add hubport (the NIC's guest hubport already
+exists) + set_link up, each awaited (with them sent back to back a QEMU 7.2
+here once stopped answering its monitor); then it says "done <its CPU
+seconds>". On "clean" it removes what it made and exits. No events, no
+records, no hooks, no checks of who QEMU is: what any manager has to do, at
+the least. With --bare, the guest links are left alone (no carrier).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import resource
 import sys
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
 from qemu.qmp import QMPClient
 
 from netwatch.host.chardev import open_macvtap
+from netwatch.host.linkops import LinkOps
 
 
 def cpu() -> float:
@@ -37,6 +40,7 @@ def cpu() -> float:
 async def main() -> int:
     nics: list[dict[str, Any]] = json.loads(sys.stdin.readline())
     node_dir, lower = sys.argv[1], sys.argv[2]
+    carrier = "--bare" not in sys.argv[3:]
     clients: dict[str, QMPClient] = {}
     for nic in nics:
         if nic["qmp"] not in clients:
@@ -44,18 +48,19 @@ async def main() -> int:
             await client.connect(nic["qmp"])
             clients[nic["qmp"]] = client
     locks = {path: asyncio.Lock() for path in clients}
+    if carrier:
+        await asyncio.gather(*(clients[nic["qmp"]].execute("set_link", {"name": nic["id"], "up": False})
+                               for nic in nics))
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.readline)  # "go"
     started = cpu()
-    async with AsyncIPRoute() as ipr:
-        lower_index = (await ipr.link_lookup(ifname=lower))[0]
+    async with LinkOps() as ops:
+        lower_index = await ops.index_of(lower)
 
         async def reattach(i: int, nic: dict[str, Any]) -> None:
             name = f"fl{i}"
-            await ipr.link("add", ifname=name, kind="macvtap", link=lower_index, macvtap_mode="bridge",
-                           address=nic["mac"], state="up")
-            index = (await ipr.link_lookup(ifname=name))[0]
+            index = await ops.add_macvtap(name, lower_index, nic["mac"], "bridge")
             fd = open_macvtap(name, index, node_dir)
             client = clients[nic["qmp"]]
             try:
@@ -65,6 +70,8 @@ async def main() -> int:
                 await client.execute("netdev_add", {"type": "tap", "id": f"fl-tap{i}", "fd": f"fl-fd{i}"})
                 await client.execute("netdev_add", {"type": "hubport", "id": f"fl-up{i}", "hubid": nic["hub"],
                                                     "netdev": f"fl-tap{i}"})
+                if carrier:
+                    await client.execute("set_link", {"name": nic["id"], "up": True})
             finally:
                 os.close(fd)
 
@@ -77,9 +84,7 @@ async def main() -> int:
                 with contextlib.suppress(Exception):
                     await client.execute("netdev_del", {"id": netdev})
             with contextlib.suppress(Exception):
-                found = await ipr.link_lookup(ifname=f"fl{i}")
-                if found:
-                    await ipr.link("del", index=found[0])
+                await ops.delete(await ops.index_of(f"fl{i}"))
     for client in clients.values():
         with contextlib.suppress(Exception):
             await client.disconnect()

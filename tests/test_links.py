@@ -46,3 +46,23 @@ def test_overflow_is_detected_and_the_table_rebuilt(netns: Netns) -> None:
     # The whole monitor lives in the namespace, as netwatch run would.
     with netns.entered():
         asyncio.run(main())
+
+
+def test_uevents_name_the_link_and_its_ifindex(netns: Netns) -> None:
+    """Kernel uevents are followed per namespace, each with the ifindex it carries (no sysfs read)."""
+    from netwatch.host.udev import UdevMonitor
+
+    seen: list[tuple[str, str, int | None]] = []
+
+    async def main() -> None:
+        async with UdevMonitor("kernel", lambda *event: seen.append(event), lambda: None):
+            netns.ip("link", "add", "ue0", "type", "veth", "peer", "name", "ue1")
+            index = json.loads(netns.ip("-j", "link", "show", "ue0"))[0]["ifindex"]
+            netns.ip("link", "del", "ue0")
+            async with asyncio.timeout(10):
+                while ("remove", "ue0", index) not in seen:
+                    await asyncio.sleep(0.01)
+            assert ("add", "ue0", index) in seen, seen
+
+    with netns.entered():
+        asyncio.run(main())

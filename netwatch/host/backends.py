@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from netwatch.config import LowerSpec, NicConfig
@@ -68,7 +68,7 @@ def _pci_address(ifname: str) -> str | None:
         return None
 
 
-def matching_lowers(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
+def matching_lowers(spec: LowerSpec | None, exclude: Container[str], links: LinkTable,
                     usable: Callable[[Link], bool]) -> list[Link]:
     """Every usable link matching ``spec``, by ifindex, never one of ``exclude``.
 
@@ -88,7 +88,7 @@ def matching_lowers(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
     return sorted(found, key=lambda link: link.index)
 
 
-def find_lower(spec: LowerSpec | None, exclude: set[str], links: LinkTable,
+def find_lower(spec: LowerSpec | None, exclude: Container[str], links: LinkTable,
                usable: Callable[[Link], bool]) -> Link | None:
     """The one usable link matching ``spec``; None when there is none or more than one."""
     found = matching_lowers(spec, exclude, links, usable)

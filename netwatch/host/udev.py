@@ -80,8 +80,9 @@ class UdevMonitor:
             if device is None:
                 return
             try:
-                ifindex = int(device.attributes.asstring("ifindex"))
-            except (KeyError, ValueError, OSError, pyudev.DeviceNotFoundError):
+                # From the event itself: reading sysfs per event cost more than the rest of it.
+                ifindex: int | None = int(device.properties["IFINDEX"])
+            except (KeyError, ValueError):
                 ifindex = None
             self.on_event(device.action or "", device.sys_name, ifindex)
 

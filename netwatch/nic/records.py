@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from netwatch.config import ifname_problem
@@ -67,6 +67,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "guest_pci": (str, type(None)), "qemu_start": (int, type(None)), "wiring": (str,), "queues": (int,),
     "configured": (bool,), "phase": (str,),
 }
+_FIELD_NAMES = tuple(field.name for field in fields(NicRecord))
+assert set(_FIELD_NAMES) == set(_FIELD_TYPES), "every record field has a checked type"
 
 
 class RecordStore:
@@ -116,11 +118,13 @@ class RecordStore:
         # fsync: records describe the running host, which a reboot resets.
         # O_EXCL|O_NOFOLLOW: a file planted at the temporary name is never
         # written through; a stale one is removed first.
-        data = json.dumps(asdict(record)).encode()
+        # Not asdict(): it deep-copies every field, a third of a save's cost.
+        data = json.dumps({name: getattr(record, name) for name in _FIELD_NAMES}).encode()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            os.unlink(tmp)
         try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:  # left by a netwatch that died mid-save, or planted
+            os.unlink(tmp)
             fd = os.open(tmp, flags, 0o600)
         except FileNotFoundError:  # the VM's first record (the common case skips the mkdir calls)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
