@@ -22,8 +22,11 @@ def test_decoder_matches_kernel_messages(netns: Netns) -> None:
         netns.ip("link", "add", "link", "dlow", "name", "dmvt", "type", "macvtap", "mode", "bridge")
         netns.ip("link", "set", "dmvt", "address", "52:54:00:aa:bb:cc")
         netns.ip("link", "del", "dmvt")
+        netns.ip("link", "add", "dbr", "type", "bridge")
+        netns.ip("link", "set", "dwire", "master", "dbr")
         seen: list[tuple[int, dict[str, object]]] = []
-        while not any(t == rtnl.RTM_DELLINK and f["name"] == "dmvt" for t, f in seen):
+        while not (any(t == rtnl.RTM_DELLINK and f["name"] == "dmvt" for t, f in seen)
+                   and any(f["name"] == "dwire" and f["master"] for _t, f in seen)):
             seen += list(rtnl.decode_links(sock.recv(65536)))
     finally:
         sock.close()
@@ -33,6 +36,8 @@ def test_decoder_matches_kernel_messages(netns: Netns) -> None:
     assert mvt["kind"] == "macvtap" and mvt["parent"] == index and mvt["mac"] == "52:54:00:aa:bb:cc"
     veth = [f for t, f in seen if f["name"] == "dlow"][-1]
     assert veth["kind"] == "veth" and veth["index"] == index and int(str(veth["flags"])) & 1
+    bridge = [f for _t, f in seen if f["name"] == "dbr"][-1]
+    assert [f for _t, f in seen if f["name"] == "dwire"][-1]["master"] == bridge["index"]
 
 
 def test_decoder_ignores_truncated_and_foreign_messages() -> None:

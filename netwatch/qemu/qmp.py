@@ -112,7 +112,7 @@ class PeerFlood(QmpError):
     """QEMU sent more than a QMP session may: the session is dropped."""
 
 
-class _Client(QMPClient):
+class LeanClient(QMPClient):
     """qemu.qmp's client with a bounded read and a per-session budget, and
     without pretty-printing every message for a debug log (the base hooks
     format each message as indented JSON even when debug logging is off: a
@@ -420,7 +420,7 @@ class VmSession:
         raise AssertionError("unreachable: retries never stop")
 
     async def _connect_once(self) -> QMPClient:
-        client = _Client(self.name)
+        client = LeanClient(self.name)
         # The default listener keeps every event it accepts forever (and
         # cannot be removed); netwatch needs no events, so it accepts none.
         client.events.event_filter = lambda _event: False
