@@ -215,7 +215,14 @@ def flap_once(observers: dict[str, Observer], down: Callable[[], None], go: Call
     seen = time_until_all_pass(observers, up)
     if len(seen) < len(observers):
         raise RuntimeError(f"only {len(seen)} of {len(observers)} NICs passed a frame within 30 s")
-    return up, sorted(seen.values())
+    times = sorted(seen.values())
+    median = statistics.median(times)
+    late = sorted({nic_mac.split(":")[3] for nic_mac, at in seen.items() if at > 2 * median + 0.05})
+    if late:
+        # Which QEMUs held the last ones back (the MAC's fourth byte is 0x10 + the VM's number).
+        vms = ", ".join(f"sc{int(byte, 16) - 0x10:02d}" for byte in late)
+        print(f"    (half passed after {1000 * median:.0f} ms; late on VMs {vms})", flush=True)
+    return up, times
 
 
 def wait_attached(state: str, total: int, service: Netwatch) -> None:
@@ -261,7 +268,7 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
             service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
             wait_attached(state, total, service)
             print(f"{total} macvtap NICs ({count} QEMUs x {nics}) attached on {LOWER}; {vms} QEMUs run", flush=True)
-            ratios, per_nic, cpu_nw, cpu_fl = [], [], [], []
+            ratios, per_nic, cpu_nw, cpu_fl, floor_own = [], [], [], [], []
             for flap in range(1, flaps + 1):
                 results: dict[str, float] = {}
                 for who in random.sample(["netwatch", "floor"], 2):
@@ -288,9 +295,14 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
                             service = None
                         floor = Floor(managed, run_dir, bare)
                         try:
-                            _up, times = flap_once(observers, lambda: None, functools.partial(floor.say, "go"),
+                            def lost(floor: Floor = floor) -> None:
+                                floor.say("lost")
+                                floor.expect("lost")
+                            _up, times = flap_once(observers, lost, functools.partial(floor.say, "go"),
                                                    functools.partial(quiet, [*qemu_pids, floor.proc.pid], idle_rate))
-                            cpu_fl.append(float(floor.expect("done").split()[1]))
+                            done = floor.expect("done").split()
+                            cpu_fl.append(float(done[1]))
+                            floor_own.append(float(done[2]) * 1000)
                             floor.say("clean")
                             floor.expect("clean")
                         finally:
@@ -302,8 +314,9 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
                 if ratio > 1.2:
                     problems.append(f"{total} NICs, flap {flap}: netwatch x{ratio:.2f} of the floor (target <= 1.2)")
                 print(f"  flap {flap}: all {total} pass frames after {results['netwatch']:.0f} ms with netwatch, "
-                      f"{results['floor']:.0f} ms with the floor (x{ratio:.2f}); CPU s netwatch "
-                      f"{cpu_nw[-1]:.2f}, floor {cpu_fl[-1]:.2f}", flush=True)
+                      f"{results['floor']:.0f} ms with the floor (x{ratio:.2f}; its last reply after "
+                      f"{floor_own[-1]:.0f} ms); "
+                      f"CPU s netwatch {cpu_nw[-1]:.2f}, floor {cpu_fl[-1]:.2f}", flush=True)
             if service is None:
                 service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
             curve.append(f"  {total:>4} NICs: netwatch {statistics.median(per_nic):.2f} ms per NIC (p50 of "

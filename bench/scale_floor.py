@@ -3,16 +3,17 @@
 
 Run by scale.py as a child (while netwatch is stopped, on netwatch's QMP
 sockets). It reads a JSON list of NICs on stdin's first line, connects to
-every QEMU, sets each guest NIC's link down (the carrier follows the lower,
-SPEC: where netwatch leaves it when the lower goes), says "ready", then on
-"go" does for every NIC at once what a reattach needs and nothing more,
+every QEMU, says "ready"; on "lost" (the lower is gone) does what netwatch
+does then: takes the dead backends out of QEMU and sets each guest NIC's
+link down (the carrier follows the lower, SPEC), says "lost"; then on "go"
+does for every NIC at once what a reattach needs and nothing more,
 with netwatch's own primitives: a macvtap on the lower
 (netwatch.host.linkops), its character device opened, and over QMP (netwatch's
 client, netwatch.qemu.qmp.LeanClient) getfd +
 netdev_add tap + netdev_add hubport (the NIC's guest hubport already
 exists) + set_link up, each awaited (with them sent back to back a QEMU 7.2
 here once stopped answering its monitor); then it says "done <its CPU
-seconds>". On "clean" it removes what it made and exits. No events, no
+seconds> <seconds since go>". On "clean" it removes what it made and exits. No events, no
 records, no hooks, no checks of who QEMU is: what any manager has to do, at
 the least. With --bare, the guest links are left alone (no carrier).
 """
@@ -25,11 +26,12 @@ import json
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 from netwatch.host.chardev import open_macvtap
 from netwatch.host.linkops import LinkOps
-from netwatch.qemu.qmp import LeanClient
+from netwatch.qemu.qmp import LeanClient, parse_info_network
 
 
 def cpu() -> float:
@@ -48,17 +50,29 @@ async def main() -> int:
             await client.connect(nic["qmp"])
             clients[nic["qmp"]] = client
     locks = {path: asyncio.Lock() for path in clients}
-    if carrier:
-        await asyncio.gather(*(clients[nic["qmp"]].execute("set_link", {"name": nic["id"], "up": False})
-                               for nic in nics))
     async with LinkOps() as ops:
         # Warm, as a long-running netwatch is: one macvtap made and removed
         # before the clock starts (pyroute2 loads its macvtap code on first use).
         await ops.delete(await ops.add_macvtap("flwarm", await ops.index_of(lower), "02:00:00:00:00:fe", "bridge"))
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sys.stdin.readline)  # "lost": the lower is gone
+        # What netwatch does when a lower goes (untimed, like its own): the
+        # dead backends leave QEMU, which would otherwise keep polling their
+        # fds, and the guest links go down.
+        for path, client in clients.items():
+            network = parse_info_network(str(await client.execute("human-monitor-command",
+                                                                  {"command-line": "info network"})))
+            dead = [name for nic in nics if nic["qmp"] == path for name in network.netdevs
+                    if name.startswith(f"nw-{nic['id']}-")]
+            for name in sorted(dead, key=lambda n: "-up" not in n):  # hubports before their taps
+                await client.execute("netdev_del", {"id": name})
+        if carrier:
+            await asyncio.gather(*(clients[nic["qmp"]].execute("set_link", {"name": nic["id"], "up": False})
+                                   for nic in nics))
+        print("lost", flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)  # "go"
-        started = cpu()
+        started, began = cpu(), time.monotonic()
         lower_index = await ops.index_of(lower)
 
         async def reattach(i: int, nic: dict[str, Any]) -> None:
@@ -79,7 +93,7 @@ async def main() -> int:
                 os.close(fd)
 
         await asyncio.gather(*(reattach(i, nic) for i, nic in enumerate(nics)))
-        print(f"done {cpu() - started:.3f}", flush=True)
+        print(f"done {cpu() - started:.3f} {time.monotonic() - began:.3f}", flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)  # "clean"
         for i, nic in enumerate(nics):
             client = clients[nic["qmp"]]

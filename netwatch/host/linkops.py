@@ -24,6 +24,8 @@ from netwatch.host import rtnl
 SOL_NETLINK = 270
 NETLINK_EXT_ACK = 11  # the kernel says why a request failed, not just the errno
 ACK_TIMEOUT = 10.0
+ACK_BUFFER = 4 * 1024 * 1024
+SO_RCVBUFFORCE = 33
 
 
 class LinkOps:
@@ -47,6 +49,12 @@ class LinkOps:
                                        socket.NETLINK_ROUTE)
             with contextlib.suppress(OSError):  # an old kernel: errors come without the kernel's sentence
                 self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+            # Room for the acks of every NIC reattaching at once while the loop is busy elsewhere
+            # (an ack's skb takes ~800 bytes of the buffer: the default holds ~260).
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, ACK_BUFFER)
+            except OSError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ACK_BUFFER)
             self._sock.bind((0, 0))
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._sock.fileno(), self._readable)
