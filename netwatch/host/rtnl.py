@@ -65,6 +65,19 @@ def _cstring(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, sequence number, body offset, end offset) of each netlink message in a datagram; a
+    malformed length ends the walk."""
+    size = len(data)
+    offset = 0
+    while offset + _NLMSGHDR.size <= size:
+        length, msg_type, flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > size:
+            return
+        yield msg_type, flags, seq, offset + _NLMSGHDR.size, offset + length
+        offset += _align(length)
+
+
 def stats64(data: bytes, start: int, end: int) -> tuple[int, int, int, int] | None:
     """(rx_packets, tx_packets, rx_bytes, tx_bytes) from a link message's attributes, if it has them."""
     for kind, value in _attrs(data, start, end):
@@ -80,14 +93,7 @@ def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
     # 40-50 attributes of which five are read, and at 256 NICs reattaching
     # this loop ran for every one of ~1000 messages a second.
     unpack_attr = _RTATTR.unpack_from
-    size = len(data)
-    offset = 0
-    while offset + _NLMSGHDR.size <= size:
-        length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > size:
-            return
-        body = offset + _NLMSGHDR.size
-        end = offset + length
+    for msg_type, _flags, _seq, body, end in _messages(data):
         if msg_type in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFOMSG.size <= end:
             _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
             fields: dict[str, object] = {"index": index, "flags": flags, "name": "", "mac": None,
@@ -113,7 +119,6 @@ def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
                             fields["kind"] = _cstring(sub_value)
                 pos += (attr_len + 3) & ~3
             yield msg_type, fields
-        offset += _align(length)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -134,14 +139,7 @@ def newlink_macvtap(seq: int, name: str, lower: int, mac: str, mode: str) -> byt
 
 def acks(data: bytes) -> Iterator[tuple[int, int, str | None]]:
     """(sequence number, errno or 0, the kernel's extended-ack message) for each NLMSG_ERROR in a datagram."""
-    size = len(data)
-    offset = 0
-    while offset + _NLMSGHDR.size <= size:
-        length, msg_type, flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > size:
-            return
-        end = offset + length
-        body = offset + _NLMSGHDR.size
+    for msg_type, flags, seq, body, end in _messages(data):
         if msg_type == NLMSG_ERROR and body + 4 + _NLMSGHDR.size <= end:
             error = -_I32.unpack_from(data, body)[0]
             message = None
@@ -151,4 +149,3 @@ def acks(data: bytes) -> Iterator[tuple[int, int, str | None]]:
                     if kind == NLMSGERR_ATTR_MSG:
                         message = _cstring(value) or None
             yield seq, error, message
-        offset += _align(length)

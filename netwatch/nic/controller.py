@@ -280,8 +280,6 @@ class NicController:
                 return
             self.life.follow_uplink(placement)
         await self.life.set_guest_link(self.driver.carrier(placement), "lower carrier")
-        if self.fsm.state is NicState.ATTACHED:
-            return  # most passes: nothing changed, and the cause need not be spelt out
         self.fsm.to(NicState.ATTACHED, f"backend {self.backend.ifname if self.backend else '?'}: "
                     f"{self.life.where(placement)}", lower=lower.name if lower else None)
 
