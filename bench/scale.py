@@ -12,13 +12,18 @@ hub again. Reported per flap: both times and their ratio (target: netwatch
 time per NIC and CPU per reattach, which should stay flat. Then netwatch's
 peak RSS and its CPU use over an idle stretch (it must not poll).
 
+The floor also runs a second time per flap (unless --no-aa), and that run's
+time against the first is printed as the floor's ratio to itself: what this
+machine's run-to-run noise alone does to a ratio of two identical programs.
+A per-flap ratio target means little when the floor against itself misses it.
+
 As on a host, netwatch's runtime directory (records, device nodes) is a
 tmpfs, like /run, and so is the floor's. Each timed run starts once the
 QEMUs are back to their idle CPU use: the run before it (its announcements,
 the floor's clean-up, a netwatch start) must not be paid by the next one.
 
 Usage (root; runs in its own network namespace):
-  bench/scale.py [--sizes 8,32,128,256] [--flaps 5] [--idle 60] [--bare-floor]
+  bench/scale.py [--sizes 8,32,128,256] [--flaps 5] [--idle 60] [--bare-floor] [--no-aa]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common import run_in_netns
@@ -166,7 +171,7 @@ def time_until_all_pass(observers: dict[str, Observer], since: float, timeout: f
 class Floor:
     """bench/scale_floor.py as a child: connected to the QMP sockets while netwatch is stopped."""
 
-    def __init__(self, vms: list[VmConfig], workdir: str, bare: bool) -> None:
+    def __init__(self, vms: Sequence[VmConfig], workdir: str, bare: bool) -> None:
         nics = [{"qmp": vm.qmp, "mac": nic.mac, "hub": nic.hub, "id": nic.id} for vm in vms for nic in vm.nics]
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("scale_floor.py")),
                                       os.path.join(workdir, "floor-dev"), LOWER, *(["--bare"] if bare else [])],
@@ -235,7 +240,8 @@ def wait_lost(state: str, service: Netwatch) -> None:
                interval=0.2)
 
 
-def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: list[int], bare: bool) -> int:
+def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: list[int], bare: bool,
+          aa: bool) -> int:
     cfg_path = os.path.join(workdir, "netwatch.toml")
     run_dir = os.path.join(workdir, "run")
     os.mkdir(run_dir, 0o700)
@@ -268,10 +274,11 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
             service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
             wait_attached(state, total, service)
             print(f"{total} macvtap NICs ({count} QEMUs x {nics}) attached on {LOWER}; {vms} QEMUs run", flush=True)
-            ratios, per_nic, cpu_nw, cpu_fl, floor_own = [], [], [], [], []
+            ratios, per_nic, cpu_nw, cpu_fl, floor_own, self_ratios = [], [], [], [], [], []
             for flap in range(1, flaps + 1):
                 results: dict[str, float] = {}
-                for who in random.sample(["netwatch", "floor"], 2):
+                runs = ["netwatch", "floor", *(["floor again"] if aa else [])]
+                for who in random.sample(runs, len(runs)):
                     if who == "netwatch":
                         if service is None:
                             service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
@@ -301,8 +308,9 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
                             _up, times = flap_once(observers, lost, functools.partial(floor.say, "go"),
                                                    functools.partial(quiet, [*qemu_pids, floor.proc.pid], idle_rate))
                             done = floor.expect("done").split()
-                            cpu_fl.append(float(done[1]))
-                            floor_own.append(float(done[2]) * 1000)
+                            if who == "floor":
+                                cpu_fl.append(float(done[1]))
+                                floor_own.append(float(done[2]) * 1000)
                             floor.say("clean")
                             floor.expect("clean")
                         finally:
@@ -310,19 +318,26 @@ def inner(workdir: str, vms: int, nics: int, flaps: int, idle: float, sizes: lis
                     results[who] = times[-1] * 1000
                 ratio = results["netwatch"] / results["floor"]
                 ratios.append(ratio)
+                again = ""
+                if aa:
+                    self_ratios.append(results["floor again"] / results["floor"])
+                    again = f"; the floor again {results['floor again']:.0f} ms (x{self_ratios[-1]:.2f} of itself)"
                 per_nic.append(results["netwatch"] / total)
                 if ratio > 1.2:
                     problems.append(f"{total} NICs, flap {flap}: netwatch x{ratio:.2f} of the floor (target <= 1.2)")
                 print(f"  flap {flap}: all {total} pass frames after {results['netwatch']:.0f} ms with netwatch, "
                       f"{results['floor']:.0f} ms with the floor (x{ratio:.2f}; its last reply after "
                       f"{floor_own[-1]:.0f} ms); "
-                      f"CPU s netwatch {cpu_nw[-1]:.2f}, floor {cpu_fl[-1]:.2f}", flush=True)
+                      f"CPU s netwatch {cpu_nw[-1]:.2f}, floor {cpu_fl[-1]:.2f}{again}", flush=True)
             if service is None:
                 service = Netwatch(None, cfg_path, os.path.join(workdir, "netwatch.log")).start()
             curve.append(f"  {total:>4} NICs: netwatch {statistics.median(per_nic):.2f} ms per NIC (p50 of "
                          f"{flaps}), ratio to the floor worst x{max(ratios):.2f} p50 x{statistics.median(ratios):.2f};"
                          f" CPU per reattach netwatch {1000 * statistics.median(cpu_nw) / total:.2f} ms, floor "
-                         f"{1000 * statistics.median(cpu_fl) / total:.2f} ms")
+                         f"{1000 * statistics.median(cpu_fl) / total:.2f} ms"
+                         + (f"; the floor to itself {min(self_ratios):.2f}-{max(self_ratios):.2f} p50 "
+                            f"x{statistics.median(self_ratios):.2f}, over 1.2 on "
+                            f"{sum(r > 1.2 for r in self_ratios)} of {flaps}" if self_ratios else ""))
             if size != sizes[-1]:
                 service.kill()
                 service = None
@@ -357,6 +372,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=60.0)
     parser.add_argument("--bare-floor", action="store_true",
                         help="the floor leaves the guest links alone (netwatch still makes the carrier follow)")
+    parser.add_argument("--no-aa", action="store_true",
+                        help="run the floor once per flap, not twice (no ratio of the floor to itself)")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -364,10 +381,11 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sizes = sorted(int(size) for size in args.sizes.split(","))
         return inner(args.inner, max(args.vms, -(-sizes[-1] // args.nics)), args.nics, args.flaps, args.idle, sizes,
-                     args.bare_floor)
+                     args.bare_floor, not args.no_aa)
     return run_in_netns(__file__, ["--vms", str(args.vms), "--nics", str(args.nics), "--flaps", str(args.flaps),
                                    "--idle", str(args.idle), "--sizes", args.sizes,
-                                   *(["--bare-floor"] if args.bare_floor else [])])
+                                   *(["--bare-floor"] if args.bare_floor else []),
+                                   *(["--no-aa"] if args.no_aa else [])])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 
 import pytest
@@ -63,6 +64,49 @@ def test_uevents_name_the_link_and_its_ifindex(netns: Netns) -> None:
                 while ("remove", "ue0", index) not in seen:
                     await asyncio.sleep(0.01)
             assert ("add", "ue0", index) in seen, seen
+
+    with netns.entered():
+        asyncio.run(main())
+
+
+def test_kernel_uevents_parsed_and_hostile_ones_dropped() -> None:
+    """Only a network interface's uevent yields an event; other subsystems and malformed text do not."""
+    from netwatch.host.udev import parse_kernel_uevent
+
+    net = b"add@/devices/virtual/net/ue0\0ACTION=add\0DEVPATH=/devices/virtual/net/ue0\0SUBSYSTEM=net\0" \
+          b"INTERFACE=ue0\0IFINDEX=7\0SEQNUM=1\0"
+    assert parse_kernel_uevent(net) == ("add", "ue0", 7)
+    assert parse_kernel_uevent(net.replace(b"IFINDEX=7", b"IFINDEX=x")) == ("add", "ue0", None)
+    assert parse_kernel_uevent(b"add@/devices/virtual/macvtap/tap7\0ACTION=add\0SUBSYSTEM=macvtap\0") is None
+    assert parse_kernel_uevent(b"add@/x\0ACTION=add\0SUBSYSTEM=network\0INTERFACE=a\0") is None
+    assert parse_kernel_uevent(b"add@/x\0ACTION=add\0SUBSYSTEM=net\0") is None  # no interface
+    assert parse_kernel_uevent(b"\xff\xfe\0SUBSYSTEM=net\0INTERFACE=\xff\0") == ("", "\ufffd", None)
+    assert parse_kernel_uevent(b"") is None
+
+
+def test_uevents_not_from_the_kernel_are_ignored(netns: Netns) -> None:
+    """A uevent another process sends on the kernel's group is not believed; the kernel's still are."""
+    from netwatch.host.udev import KERNEL_GROUP, NETLINK_KOBJECT_UEVENT, UdevMonitor
+
+    seen: list[tuple[str, str, int | None]] = []
+
+    async def main() -> None:
+        async with UdevMonitor("kernel", lambda *event: seen.append(event), lambda: None):
+            # Multicast from a process's own port (root may: CAP_NET_ADMIN), as libudev's
+            # senders do; the kernel's come from port 0.
+            forger = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_KOBJECT_UEVENT)
+            try:
+                forger.bind((0, 0))
+                forger.sendto(b"remove@/devices/virtual/net/lo\0ACTION=remove\0SUBSYSTEM=net\0INTERFACE=fk0\0"
+                              b"IFINDEX=1\0", (forger.getsockname()[0], KERNEL_GROUP))
+            finally:
+                forger.close()
+            netns.ip("link", "add", "uf0", "type", "veth", "peer", "name", "uf1")
+            async with asyncio.timeout(10):
+                while not any(name == "uf0" for _action, name, _index in seen):
+                    await asyncio.sleep(0.01)
+            netns.ip("link", "del", "uf0")
+            assert not any(name == "fk0" for _action, name, _index in seen), seen
 
     with netns.entered():
         asyncio.run(main())

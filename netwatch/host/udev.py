@@ -1,7 +1,8 @@
 """Events in: udev (or raw kernel uevent) notices about network devices.
 
-pyudev's own observer is a thread; here the monitor's socket is read from
-the event loop. With udevd present, a new link is only used once udev has
+udevd's events come through pyudev, whose own observer is a thread: here
+the monitor's socket is read from the event loop. Kernel uevents (no udevd)
+are read from their netlink socket and parsed here. With udevd present, a new link is only used once udev has
 finished with it (it may still be renamed), which the kernel source cannot
 tell, so the link table consults :meth:`UdevGate.ready`.
 """
@@ -26,6 +27,30 @@ UDEV_DATA = "/run/udev/data"
 
 UeventHandler = Callable[[str, str, int | None], None]
 
+NETLINK_KOBJECT_UEVENT = 15
+KERNEL_GROUP = 1  # the kernel's own uevents (udevd re-sends its own on group 2)
+SO_RCVBUFFORCE = 33
+RCVBUF = 4 * 1024 * 1024
+UEVENT_BUFFER = 8192  # the kernel's UEVENT_BUFFER_SIZE is 2048
+
+
+def parse_kernel_uevent(data: bytes) -> tuple[str, str, int | None] | None:
+    """(action, interface name, ifindex) of a kernel uevent about a network interface, else None.
+
+    The kernel sends ``action@devpath``, then ``KEY=value`` lines, NUL-separated.
+    """
+    if b"SUBSYSTEM=net" not in data:
+        return None
+    fields = dict(line.partition(b"=")[::2] for line in data.split(b"\0")[1:] if b"=" in line)
+    if fields.get(b"SUBSYSTEM") != b"net" or not fields.get(b"INTERFACE"):
+        return None
+    try:
+        ifindex: int | None = int(fields[b"IFINDEX"])
+    except (KeyError, ValueError):
+        ifindex = None
+    name = fields[b"INTERFACE"].decode("utf-8", "replace")
+    return fields.get(b"ACTION", b"").decode("ascii", "replace"), name, ifindex
+
 
 def resolve_source(mode: str) -> str | None:
     """``auto`` means udev when udevd runs, else raw kernel uevents."""
@@ -49,9 +74,14 @@ class UdevMonitor:
         self.on_event = on_event
         self.on_overflow = on_overflow
         self._monitor: pyudev.Monitor | None = None
+        self._kernel: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> UdevMonitor:
+        self._loop = asyncio.get_running_loop()
+        if self.source == "kernel":
+            self._open_kernel()
+            return self
         try:
             monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=self.source)
             monitor.filter_by("net")
@@ -60,7 +90,6 @@ class UdevMonitor:
         except (OSError, ValueError, pyudev.DeviceNotFoundError) as exc:
             raise NetwatchError(f"cannot listen to {self.source} uevents: {exc}") from exc
         self._monitor = monitor
-        self._loop = asyncio.get_running_loop()
         self._loop.add_reader(monitor.fileno(), self._drain)
         return self
 
@@ -68,6 +97,49 @@ class UdevMonitor:
         if self._monitor is not None and self._loop is not None:
             self._loop.remove_reader(self._monitor.fileno())
         self._monitor = None
+        if self._kernel is not None and self._loop is not None:
+            self._loop.remove_reader(self._kernel.fileno())
+            self._kernel.close()
+        self._kernel = None
+
+    # -- kernel uevents, read and parsed here --------------------------------
+
+    def _open_kernel(self) -> None:
+        # libudev through ctypes cost more per uevent than everything else
+        # netwatch does with it; the kernel's format is a few NUL-separated lines.
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                 NETLINK_KOBJECT_UEVENT)
+        except OSError as exc:
+            raise NetwatchError(f"cannot listen to kernel uevents: {exc.strerror or exc}") from exc
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            sock.bind((0, KERNEL_GROUP))
+        except OSError as exc:
+            sock.close()
+            raise NetwatchError(f"cannot listen to kernel uevents: {exc.strerror or exc}") from exc
+        self._kernel = sock
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._drain_kernel)
+
+    def _drain_kernel(self) -> None:
+        assert self._kernel is not None
+        while True:
+            try:
+                data, (sender, _groups) = self._kernel.recvfrom(UEVENT_BUFFER)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._overflowed(exc)
+                return
+            if sender != 0:
+                continue  # only the kernel speaks on this group; anything else is not believed
+            event = parse_kernel_uevent(data)
+            if event is not None:
+                self.on_event(*event)
 
     def _drain(self) -> None:
         assert self._monitor is not None
@@ -87,13 +159,13 @@ class UdevMonitor:
             self.on_event(device.action or "", device.sys_name, ifindex)
 
     def _overflowed(self, exc: OSError) -> None:
-        # The pending socket error must be consumed, or poll() raises forever.
-        assert self._monitor is not None
-        sock = socket.socket(fileno=os.dup(self._monitor.fileno()))
-        try:
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        finally:
-            sock.close()
+        if self._monitor is not None:
+            # The pending socket error must be consumed, or poll() raises forever.
+            sock = socket.socket(fileno=os.dup(self._monitor.fileno()))
+            try:
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            finally:
+                sock.close()
         if exc.errno == errno.ENOBUFS:
             log.warning("uevent overflow: resynchronising")
         else:
