@@ -9,7 +9,7 @@ import sys
 from typing import Any, NoReturn
 
 from netwatch import config as config_mod
-from netwatch import events
+from netwatch import events, logbuffer
 from netwatch.errors import BadRequest, ConfigError, ControlError, NetwatchError
 from netwatch.service import control
 from netwatch.untrusted import clean
@@ -130,7 +130,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _load(args.config)
         events.setup(verbose=args.verbose)
         from netwatch.service.daemon import Service
-        asyncio.run(Service(cfg).run())
+        try:
+            asyncio.run(Service(cfg).run())
+        finally:
+            logbuffer.flush()  # before a last error line of the CLI's own
         return 0
     if args.command == "demo":
         if args.flaps < 1:

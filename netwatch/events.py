@@ -100,7 +100,9 @@ def setup(verbose: bool = False) -> None:
 
     The journal handler falls back to the same plain lines whenever the
     journal refuses a message, and uses the journal again once it answers.
+    Entries made in a burst are written once it quiets down (netwatch/logbuffer.py).
     """
+    from netwatch.logbuffer import BurstBuffer
     from netwatch.service.journal import JournalHandler
     plain = logging.StreamHandler()
     plain.setFormatter(PlainFormatter())
@@ -114,7 +116,7 @@ def setup(verbose: bool = False) -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [BurstBuffer(handler)]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Library chatter (qemu.qmp logs every disconnect at ERROR) is not ours.
     for name in ("qemu", "pyroute2", "asyncio"):

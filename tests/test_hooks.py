@@ -131,4 +131,5 @@ def test_example_routed_hook_sets_up_and_cleans_up(world: World) -> None:
     wait_until(lambda: "2001:db8::9" not in world.ns.ip("-6", "neigh", "show", "proxy"), 10,
                "the if-down hook to remove the proxy entry", world.dump)
     assert world.netwatch is not None
+    world.status()  # netwatch writes what it held before it answers
     assert [line for line in world.netwatch.log().splitlines() if "20-routed" in line] == []

@@ -136,4 +136,5 @@ def test_an_unwritable_metrics_file_costs_nothing_else(world: World) -> None:
     path.parent.mkdir()
     world.delete_link("lo0")
     wait_until(path.exists, 20, "the file once its directory exists", world.dump)
-    assert "metrics written" in world.netwatch.log()
+    wait_until(lambda: "metrics written" in world.netwatch.log(), 5, "the entry that metrics are written again",
+               world.dump)

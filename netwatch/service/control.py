@@ -20,7 +20,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from netwatch import tasks
+from netwatch import logbuffer, tasks
 from netwatch.errors import BadRequest, ConfigError, ControlError, NetwatchError, ServiceNotRunning
 from netwatch.untrusted import clean
 
@@ -194,6 +194,8 @@ def peer_allowed(creds: tuple[int, int], group: str | None) -> bool:
 
 
 async def _send(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+    # What the request did is in the journal by the time its answer arrives.
+    logbuffer.flush()
     writer.write(json.dumps(answer).encode() + b"\n")
     await writer.drain()
 

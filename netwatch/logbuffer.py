@@ -1,0 +1,88 @@
+"""Log entries written once a burst of them quiets down, in order, with their own times.
+
+When a shared lower comes back, hundreds of NICs reattach within a second
+and each writes four entries. Written as they came (each formatted, each a
+syscall, and on a host each datagram waking journald on a busy CPU), they
+were about a sixth of netwatch's work in that second, in the way of the
+reattaches themselves. So, inside the event loop, entries are held until
+none came for ``quiet`` seconds, or ``longest`` after the first held one,
+or ``limit`` are held; then all are written in order. A lone entry is
+written ``quiet`` seconds late. Every entry keeps the time it was made, and
+the message is fixed when it is made (its arguments may change later).
+
+Held entries are written before netwatch answers a control request, when it
+exits (logging's own shutdown flushes every handler) and before the CLI
+prints a final error; only a SIGKILL can lose them, at most ``longest`` of them.
+Outside an event loop (the CLI, the demo's own lines) entries go out at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+QUIET = 0.02
+LONGEST = 1.0
+LIMIT = 4096
+
+
+class BurstBuffer(logging.Handler):
+    """Holds records for ``target`` while they come in a burst."""
+
+    def __init__(self, target: logging.Handler, quiet: float = QUIET, longest: float = LONGEST,
+                 limit: int = LIMIT) -> None:
+        super().__init__()
+        self.target = target
+        self.quiet, self.longest, self.limit = quiet, longest, limit
+        self._held: list[logging.LogRecord] = []
+        self._first = self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            self.target.handle(record)
+            return
+        record.msg, record.args = record.getMessage(), None
+        now = time.monotonic()
+        if not self._held:
+            self._first = now
+        self._held.append(record)
+        self._last = now
+        if len(self._held) >= self.limit:
+            self.flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.quiet, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self._held:
+            return
+        wait = min(self._last + self.quiet, self._first + self.longest) - time.monotonic()
+        if wait > 0:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._due)
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, []
+        for record in held:
+            self.target.handle(record)
+        self.target.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.target.close()
+        super().close()
+
+
+def flush() -> None:
+    """Write every held entry now (before an answer, or a last line of the CLI's own)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()

@@ -1,0 +1,101 @@
+"""Log entries held while they come in a burst: order, times, bounds, and nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from netwatch.logbuffer import BurstBuffer
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.flushes = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def _logger(handler: logging.Handler) -> logging.Logger:
+    log = logging.getLogger(f"test-logbuffer-{id(handler)}")
+    log.propagate = False
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    return log
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout:g} s: {what}") from None
+
+
+def test_outside_an_event_loop_entries_go_out_at_once() -> None:
+    target = Collect()
+    log = _logger(BurstBuffer(target))
+    log.info("one %s", "entry")
+    assert target.lines == ["one entry"]
+
+
+def test_a_burst_is_held_then_written_whole_in_order_with_its_own_times() -> None:
+    target = Collect()
+    buffer = BurstBuffer(target, quiet=0.01, longest=5.0)
+    log = _logger(buffer)
+    seen: list[float] = []
+
+    async def main() -> None:
+        facts = ["before"]
+        for n in range(300):  # no await in between: one burst
+            log.info("entry %d of %s", n, facts)
+        facts.append("after")  # the message was fixed when it was made
+        assert target.lines == []
+        await _until(lambda: len(target.lines) == 300, "the burst written")
+        assert target.lines == [f"entry {n} of ['before']" for n in range(300)]
+
+    original = target.emit
+    target.emit = lambda record: (seen.append(record.created), original(record))  # type: ignore[method-assign]
+    asyncio.run(main())
+    assert seen == sorted(seen) and seen[-1] - seen[0] < 1.0
+
+
+def test_entries_that_keep_coming_are_written_after_longest() -> None:
+    target = Collect()
+    log = _logger(BurstBuffer(target, quiet=60.0, longest=0.05))
+
+    async def main() -> None:
+        n = 0
+        async with asyncio.timeout(10):
+            while not target.lines:  # a burst that never quiets down
+                log.info("entry %d", n)
+                n += 1
+                await asyncio.sleep(0.001)
+        assert target.lines == [f"entry {i}" for i in range(len(target.lines))]
+
+    asyncio.run(main())
+
+
+def test_flush_and_the_limit_write_everything_held() -> None:
+    target = Collect()
+    buffer = BurstBuffer(target, quiet=60.0, longest=60.0, limit=10)
+    log = _logger(buffer)
+
+    async def main() -> None:
+        for n in range(25):
+            log.info("entry %d", n)
+        assert target.lines == [f"entry {n}" for n in range(20)]  # two batches of the limit
+        buffer.flush()
+        assert target.lines == [f"entry {n}" for n in range(25)]
+        log.info("last")
+        buffer.close()  # as logging's shutdown does at exit
+        assert target.lines[-1] == "last"
+
+    asyncio.run(main())
