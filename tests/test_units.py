@@ -141,3 +141,65 @@ def test_link_events_reach_only_the_nics_they_concern(tmp_path: Path) -> None:
         return [nic.nic.id for nic in reconciler.all_nics() if nic.kicked]
 
     assert asyncio.run(main()) == ["n7"]
+
+
+def test_a_nics_own_macvtap_shown_as_made_costs_no_pass(tmp_path: Path) -> None:
+    """Events that only show the NIC's macvtap as made or recorded kick nothing; any real change does."""
+    from netwatch.config import load
+    from netwatch.host.links import Link, LinkTable
+    from netwatch.nic.controller import NicController, NicEnv
+    from netwatch.nic.records import NicRecord, RecordStore
+    from netwatch.service.hooks import HookRunner
+    from netwatch.service.reconciler import Reconciler
+
+    path = tmp_path / "netwatch.toml"
+    path.write_text(f'[netwatch]\nstate_dir = "{tmp_path}"\n[[vm]]\nname = "v"\nqmp = "{tmp_path}/v.qmp"\n'
+                    '[[vm.nic]]\nid = "n1"\nbackend = "macvtap"\nlower = "eth1"\nmac = "52:54:00:00:00:01"\n')
+
+    def macvtap(index: int = 50, name: str = "nw-v-n1", parent: int = 7, flags: int = 1) -> Link:
+        return Link(index=index, name=name, kind="macvtap", mac="52:54:00:00:00:01", parent=parent, flags=flags)
+
+    async def main() -> list[str]:
+        env = NicEnv(links=LinkTable(), ops=None, records=RecordStore(str(tmp_path)),  # type: ignore[arg-type]
+                     hooks=HookRunner(str(tmp_path), 1), node_dir=str(tmp_path))
+        reconciler = Reconciler(load(str(path)), env)
+        vm = reconciler.config.vms[0]
+        nic = NicController(vm.name, vm.nics[0], None, env)  # type: ignore[arg-type]
+        reconciler.nics[vm.name] = {"n1": nic}
+        outcomes: list[str] = []
+
+        def kicked_by(old: Link | None, new: Link | None) -> None:
+            reconciler.update_interest(nic)
+            nic._kick.clear()
+            reconciler.on_link_change(old, new)
+            outcomes.append("kick" if nic.kicked else "none")
+
+        nic.life.making = ("nw-v-n1", 7)  # being made on ifindex 7
+        kicked_by(None, macvtap())  # its creation, before the kernel's answer is read
+        kicked_by(None, macvtap(parent=8))  # the same name on another lower: not the one being made
+        nic.life.making = None
+        nic.life.backend = NicRecord(vm="v", nic="n1", backend="macvtap", ifname="nw-v-n1", ifindex=50,
+                                     lower="eth1", lower_ifindex=7, tap_netdev="nw-n1-tap1", hub_netdev="nw-n1-up1",
+                                     generation=1, mac="52:54:00:00:00:01", mode="bridge", bridge=None, qemu_pid=1)
+        kicked_by(macvtap(), macvtap(flags=0x41))  # up and running: flags only
+        kicked_by(None, macvtap())  # its uevent
+        kicked_by(macvtap(), macvtap(name="renamed"))
+        kicked_by(macvtap(), None)  # gone
+        kicked_by(None, macvtap(index=51))  # another link under its name
+        return outcomes
+
+    assert asyncio.run(main()) == ["none", "kick", "none", "none", "kick", "kick", "kick"]
+
+
+def test_flags_netwatch_does_not_read_are_no_change() -> None:
+    """A lower turning promiscuous (as macvtaps join it) is no change; its carrier is."""
+    from netwatch.host import rtnl
+    from netwatch.host.links import IFF_LOWER_UP, IFF_UP, LinkTable
+
+    table = LinkTable()
+    fields = {"index": 7, "name": "eth1", "kind": "veth", "mac": "02:00:00:00:00:07", "parent": None, "master": None}
+    table.apply(rtnl.RTM_NEWLINK, {**fields, "flags": IFF_UP})
+    old, new = table.apply(rtnl.RTM_NEWLINK, {**fields, "flags": IFF_UP | 0x100 | 0x200})  # PROMISC, ALLMULTI
+    assert old == new
+    old, new = table.apply(rtnl.RTM_NEWLINK, {**fields, "flags": IFF_UP | 0x100 | IFF_LOWER_UP})
+    assert old != new and new is not None and new.carrier

@@ -109,6 +109,9 @@ class MacvtapDriver:
     """
 
     moves_by_swap = True
+    # Nothing is done about the macvtap's own flags (the guest's carrier is
+    # the lower's): an event that only shows it as made asks for no pass.
+    own_flags_matter = False
 
     def place(self, nic: NicConfig, lower: Link | None, links: LinkTable) -> Placement:
         spec = nic.lower.describe() if nic.lower else "-"
@@ -161,6 +164,7 @@ class TapDriver:
     """
 
     moves_by_swap = False
+    own_flags_matter = True  # a tap set down or out of its bridge is put back
 
     def place(self, nic: NicConfig, lower: Link | None, links: LinkTable) -> Placement:
         bridge = links.named(nic.bridge) if nic.bridge else None

@@ -24,7 +24,12 @@ from netwatch.host import rtnl
 log = logging.getLogger(__name__)
 
 IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
 IFF_LOWER_UP = 0x10000
+# The flags netwatch reads (up, loopback, carrier); only they are kept. A
+# lower turning promiscuous as macvtaps join it is then no change, which
+# had every NIC on it make a pass for nothing in the middle of a reattach.
+FLAGS_READ = IFF_UP | IFF_LOOPBACK | IFF_LOWER_UP
 SO_RCVBUFFORCE = 33
 EVENT_RCVBUF = 8 * 1024 * 1024
 NETLINK_ROUTE = 0
@@ -54,7 +59,8 @@ class Link:
     def from_msg(cls, msg: Any) -> Link:
         """From a pyroute2 message (dumps)."""
         return cls(index=msg["index"], name=msg.get("ifname") or "", kind=msg.get(("linkinfo", "kind")),
-                   mac=(msg.get("address") or None), parent=msg.get("link") or None, flags=msg["flags"],
+                   mac=(msg.get("address") or None), parent=msg.get("link") or None,
+                   flags=msg["flags"] & FLAGS_READ,
                    master=msg.get("master") or None)
 
 
@@ -90,7 +96,8 @@ class LinkTable:
         if msg_type == rtnl.RTM_DELLINK:
             self.by_index.pop(index, None)
             return old, None
-        new = Link(index=index, **{k: v for k, v in fields.items() if k != "index"})
+        new = Link(index=index, name=fields["name"], kind=fields["kind"], mac=fields["mac"], parent=fields["parent"],
+                   flags=fields["flags"] & FLAGS_READ, master=fields["master"])
         self.by_index[index] = new
         self._by_name[new.name] = index
         return old, new

@@ -21,10 +21,10 @@ from netwatch.config import LowerSpec, NicConfig, ifname_problem
 from netwatch.errors import BadRequest, NetwatchError
 from netwatch.host.backends import DRIVERS, LinkVanished, Placement, ambiguity, find_lower, matching_lowers
 from netwatch.host.linkops import LinkOps
-from netwatch.host.links import Link, LinkTable
+from netwatch.host.links import IFF_LOOPBACK, Link, LinkTable
 from netwatch.host.linkstats import LinkCounters
 from netwatch.host.udev import udev_initialized
-from netwatch.nic import report
+from netwatch.nic import interest, report
 from netwatch.nic.lifecycle import BackendLife
 from netwatch.nic.records import NicRecord, RecordStore
 from netwatch.nic.state import NicState, NicStateMachine
@@ -33,7 +33,6 @@ from netwatch.service.hooks import HookRunner
 
 log = logging.getLogger(__name__)
 
-IFF_LOOPBACK = 0x8
 
 
 class RebindError(NetwatchError):
@@ -110,27 +109,12 @@ class NicController:
         return self._kick.is_set()
 
     def interest(self) -> set[tuple[str, object]]:
-        """The link names, MACs and ifindexes whose changes concern this NIC.
+        """The link names, MACs and ifindexes whose changes concern this NIC (netwatch/nic/interest.py)."""
+        return interest.keys(self)
 
-        ("any", None) means every link (a PCI match needs sysfs, not the event).
-        """
-        keys: set[tuple[str, object]] = {("name", name) for name in self.nic.backend_names}
-        if self.nic.bridge:
-            keys.add(("name", self.nic.bridge))
-        for spec in (self.nic.lower, self.override, self.pending_config.lower if self.pending_config else None):
-            if spec is None:
-                continue
-            if spec.pci is not None:
-                keys.add(("any", None))
-            elif spec.name is not None:
-                keys.add(("name", spec.name))
-            elif spec.mac is not None:
-                keys.add(("mac", spec.mac))
-        if self.backend is not None:
-            keys.update((("index", self.backend.ifindex), ("index", self.backend.lower_ifindex)))
-        if self.lower is not None:
-            keys.add(("index", self.lower.index))
-        return keys
+    def expected(self, old: Link | None, new: Link | None) -> bool:
+        """Whether a link change only shows this NIC's own macvtap as made or recorded (no pass needed)."""
+        return interest.expected(self, old, new)
 
     def retire(self) -> None:
         """A reload dropped the NIC: hot-remove it from the running guest, then stop."""

@@ -59,6 +59,8 @@ class BackendLife:
         self.phase = migration.NONE
         self._phase_pid: int | None = None  # the QEMU whose run state the phase follows
         self.last_attach_seconds: float | None = None
+        # (name, lower ifindex) of the backend link being made, until it is recorded or given up.
+        self.making: tuple[str, int] | None = None
 
     def configure(self, nic: NicConfig) -> None:
         old, self.nic = self.nic, nic
@@ -156,21 +158,26 @@ class BackendLife:
         stale = self.env.links.named(name)
         if stale is not None:
             await ops.delete(stale.index)
+        self.making = (name, placement.lower.index if placement.lower else 0)
         try:
-            created = await self.driver.create(nic, name, placement, ops, self.env.node_dir)
-        except LinkError as exc:
-            if exc.errno == errno.ENODEV and placement.lower is not None:
-                raise LinkVanished(str(exc)) from exc
-            raise
-        pair = self.wiring.pair(gen)
-        tap, hub = pair.tap, pair.port
-        try:
-            await self.wiring.plug(created.fds, pair, inert)
-        except BaseException:
-            await self.best_effort(ops.delete(created.index), f"removing {name} after a failed attach")
-            raise
+            try:
+                created = await self.driver.create(nic, name, placement, ops, self.env.node_dir)
+            except LinkError as exc:
+                if exc.errno == errno.ENODEV and placement.lower is not None:
+                    raise LinkVanished(str(exc)) from exc
+                raise
+            pair = self.wiring.pair(gen)
+            tap, hub = pair.tap, pair.port
+            try:
+                await self.wiring.plug(created.fds, pair, inert)
+            except BaseException:
+                await self.best_effort(ops.delete(created.index), f"removing {name} after a failed attach")
+                raise
+            finally:
+                created.close()
         finally:
-            created.close()
+            # The caller records the backend before it next awaits.
+            self.making = None
         self.generation, self.swaps = gen, self.swaps + 1
         return created, tap, hub, gen
 

@@ -299,7 +299,8 @@ class Reconciler:
                 for key in (("name", link.name), ("index", link.index), ("mac", link.mac)):
                     concerned.update(self._interest.get(key, ()))
         for nic in concerned:
-            nic.kick()
+            if not nic.expected(old, new):
+                nic.kick()
 
     def on_uevent(self, action: str, name: str, ifindex: int | None) -> None:
         link = self.env.links.get(ifindex) or self.env.links.named(name)
