@@ -12,9 +12,12 @@ import sys
 import time
 from dataclasses import dataclass
 
+from netwatch.logbuffer import BurstBuffer, Entry
 from netwatch.untrusted import one_line
 
 log = logging.getLogger("netwatch")
+# Set by setup(): entries go to it without logging's record-making while they come in a burst.
+_buffer: BurstBuffer | None = None
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,13 @@ def emit(kind: str, message: str, *, vm: str | None = None, nic: str | None = No
     # writing four entries, logging's own machinery was a tenth of the work.
     caller = sys._getframe(1)
     code = caller.f_code
+    extra: dict[str, object] = {"nw_event": kind, "nw_message_id": event.message_id, "nw_vm": vm, "nw_nic": nic,
+                                "nw_lower": lower, "nw_fields": fields}
+    if _buffer is not None and _buffer.hold(Entry(log.name, level, code.co_filename, caller.f_lineno, message,
+                                                  code.co_name, extra)):
+        return
     record = log.makeRecord(log.name, level, code.co_filename, caller.f_lineno, message, (), None, code.co_name,
-                            {"nw_event": kind, "nw_message_id": event.message_id, "nw_vm": vm, "nw_nic": nic,
-                             "nw_lower": lower, "nw_fields": fields})
+                            extra)
     log.handle(record)
 
 
@@ -102,7 +109,7 @@ def setup(verbose: bool = False) -> None:
     journal refuses a message, and uses the journal again once it answers.
     Entries made in a burst are written once it quiets down (netwatch/logbuffer.py).
     """
-    from netwatch.logbuffer import BurstBuffer
+    global _buffer
     from netwatch.service.journal import JournalHandler
     plain = logging.StreamHandler()
     plain.setFormatter(PlainFormatter())
@@ -116,7 +123,8 @@ def setup(verbose: bool = False) -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers[:] = [BurstBuffer(handler)]
+    _buffer = BurstBuffer(handler)
+    root.handlers[:] = [_buffer]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Library chatter (qemu.qmp logs every disconnect at ERROR) is not ours.
     for name in ("qemu", "pyroute2", "asyncio"):

@@ -9,10 +9,13 @@ none came for ``quiet`` seconds, or ``longest`` after the first held one,
 or ``limit`` are held; then all are written in order. A lone entry is
 written ``quiet`` seconds late. Every entry keeps the time it was made, and
 the message is fixed when it is made (its arguments may change later).
+netwatch's own event entries (events.emit) are held as their parts, and
+their log records are made only when they are written.
 
 Held entries are written before netwatch answers a control request, when it
 exits (logging's own shutdown flushes every handler) and before the CLI
-prints a final error; only a SIGKILL can lose them, at most ``longest`` of them.
+prints a final error; only a SIGKILL can lose them (at most the last
+``longest`` seconds of entries).
 Outside an event loop (the CLI, the demo's own lines) entries go out at once.
 """
 
@@ -21,10 +24,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
-QUIET = 0.02
+QUIET = 0.05
 LONGEST = 1.0
 LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a log record is made of, kept until it is written (making the record was most of an entry's cost)."""
+
+    name: str
+    level: int
+    pathname: str
+    lineno: int
+    message: str
+    func: str
+    extra: dict[str, object]
+    created: float = field(default_factory=time.time)
+
+    def record(self) -> logging.LogRecord:
+        record = logging.LogRecord(self.name, self.level, self.pathname, self.lineno, self.message, None, None,
+                                   self.func)
+        record.created = self.created
+        record.msecs = (self.created - int(self.created)) * 1000
+        record.__dict__.update(self.extra)
+        return record
 
 
 class BurstBuffer(logging.Handler):
@@ -35,7 +61,7 @@ class BurstBuffer(logging.Handler):
         super().__init__()
         self.target = target
         self.quiet, self.longest, self.limit = quiet, longest, limit
-        self._held: list[logging.LogRecord] = []
+        self._held: list[logging.LogRecord | Entry] = []
         self._first = self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -47,10 +73,22 @@ class BurstBuffer(logging.Handler):
             self.target.handle(record)
             return
         record.msg, record.args = record.getMessage(), None
+        self._add(loop, record)
+
+    def hold(self, entry: Entry) -> bool:
+        """Hold an entry whose record is made only when it is written (events.emit); False outside the loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._add(loop, entry)
+        return True
+
+    def _add(self, loop: asyncio.AbstractEventLoop, item: logging.LogRecord | Entry) -> None:
         now = time.monotonic()
         if not self._held:
             self._first = now
-        self._held.append(record)
+        self._held.append(item)
         self._last = now
         if len(self._held) >= self.limit:
             self.flush()
@@ -72,8 +110,8 @@ class BurstBuffer(logging.Handler):
             self._timer.cancel()
             self._timer = None
         held, self._held = self._held, []
-        for record in held:
-            self.target.handle(record)
+        for item in held:
+            self.target.handle(item if isinstance(item, logging.LogRecord) else item.record())
         self.target.flush()
 
     def close(self) -> None:

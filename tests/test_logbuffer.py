@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from netwatch.logbuffer import BurstBuffer
@@ -99,3 +100,42 @@ def test_flush_and_the_limit_write_everything_held() -> None:
         assert target.lines[-1] == "last"
 
     asyncio.run(main())
+
+
+def test_event_entries_held_as_parts_keep_fields_time_and_order() -> None:
+    """events.emit's entries are held unmade and written as the records they would have been."""
+    from netwatch import events
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    buffer = BurstBuffer(Keep(), quiet=0.01, longest=5.0)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, events._buffer
+    root.handlers[:], events._buffer = [buffer], buffer
+    root.setLevel(logging.INFO)
+    try:
+        async def main() -> float:
+            made = time.time()
+            events.emit("attached", "first", vm="v", nic="n", lower="eth1", netdev="nw-n-tap1")
+            logging.getLogger("netwatch.other").warning("second %s", "plain")
+            events.emit("lower-lost", "third", vm="v", nic="n")
+            assert records == []
+            await _until(lambda: len(records) == 3, "three entries written")
+            return made
+
+        made = asyncio.run(main())
+    finally:
+        root.handlers[:], events._buffer = saved[0], saved[2]
+        root.setLevel(saved[1])
+    assert [r.getMessage() for r in records] == ["first", "second plain", "third"]
+    first = records[0]
+    assert (first.nw_event, first.nw_vm, first.nw_nic, first.nw_lower) == (  # type: ignore[attr-defined]
+        "attached", "v", "n", "eth1")
+    assert first.nw_fields == {"netdev": "nw-n-tap1"}  # type: ignore[attr-defined]
+    assert first.levelno == logging.INFO and records[2].levelno == logging.WARNING
+    assert made <= first.created < made + 1 and first.funcName == "main"
+    assert events.PlainFormatter().format(first).endswith("v/n: first [event=attached lower=eth1 netdev=nw-n-tap1]")
