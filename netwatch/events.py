@@ -66,8 +66,9 @@ def emit(kind: str, message: str, *, vm: str | None = None, nic: str | None = No
     code = caller.f_code
     extra: dict[str, object] = {"nw_event": kind, "nw_message_id": event.message_id, "nw_vm": vm, "nw_nic": nic,
                                 "nw_lower": lower, "nw_fields": fields}
-    if _buffer is not None and _buffer.hold(Entry(log.name, level, code.co_filename, caller.f_lineno, message,
-                                                  code.co_name, extra)):
+    buffer = _buffer
+    if buffer is not None and buffer in logging.root.handlers and buffer.hold(
+            Entry(log.name, level, code.co_filename, caller.f_lineno, message, code.co_name, extra)):
         return
     record = log.makeRecord(log.name, level, code.co_filename, caller.f_lineno, message, (), None, code.co_name,
                             extra)
@@ -123,6 +124,8 @@ def setup(verbose: bool = False) -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     root = logging.getLogger()
+    if _buffer is not None:
+        _buffer.flush()  # a second setup() loses nothing the first one held
     _buffer = BurstBuffer(handler)
     root.handlers[:] = [_buffer]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

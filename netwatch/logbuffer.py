@@ -7,8 +7,9 @@ were about a sixth of netwatch's work in that second, in the way of the
 reattaches themselves. So, inside the event loop, entries are held until
 none came for ``quiet`` seconds, or ``longest`` after the first held one,
 or ``limit`` are held; then all are written in order. A lone entry is
-written ``quiet`` seconds late. Every entry keeps the time it was made, and
-the message is fixed when it is made (its arguments may change later).
+written ``quiet`` seconds late. Every entry keeps the time it was made
+(stderr lines show it; the journal stamps an entry when it receives it),
+and the message is fixed when it is made (its arguments may change later).
 netwatch's own event entries (events.emit) are held as their parts, and
 their log records are made only when they are written.
 
@@ -64,6 +65,7 @@ class BurstBuffer(logging.Handler):
         self._held: list[logging.LogRecord | Entry] = []
         self._first = self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -72,7 +74,11 @@ class BurstBuffer(logging.Handler):
             self.flush()
             self.target.handle(record)
             return
-        record.msg, record.args = record.getMessage(), None
+        try:
+            record.msg, record.args = record.getMessage(), None
+        except Exception:  # noqa: BLE001 - a bad log call must not raise where it was made (logging's rule)
+            self.handleError(record)
+            return
         self._add(loop, record)
 
     def hold(self, entry: Entry) -> bool:
@@ -92,8 +98,9 @@ class BurstBuffer(logging.Handler):
         self._last = now
         if len(self._held) >= self.limit:
             self.flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.quiet, self._due)
+        elif self._timer is None or self._timer_loop is not loop:
+            # (A timer of a loop that has ended never fires: this loop gets its own.)
+            self._timer, self._timer_loop = loop.call_later(self.quiet, self._due), loop
 
     def _due(self) -> None:
         self._timer = None
@@ -102,6 +109,7 @@ class BurstBuffer(logging.Handler):
         wait = min(self._last + self.quiet, self._first + self.longest) - time.monotonic()
         if wait > 0:
             self._timer = asyncio.get_running_loop().call_later(wait, self._due)
+            self._timer_loop = asyncio.get_running_loop()
         else:
             self.flush()
 

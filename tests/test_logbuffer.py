@@ -139,3 +139,30 @@ def test_event_entries_held_as_parts_keep_fields_time_and_order() -> None:
     assert first.levelno == logging.INFO and records[2].levelno == logging.WARNING
     assert made <= first.created < made + 1 and first.funcName == "main"
     assert events.PlainFormatter().format(first).endswith("v/n: first [event=attached lower=eth1 netdev=nw-n-tap1]")
+
+
+def test_a_bad_log_call_does_not_raise_where_it_was_made() -> None:
+    target = Collect()
+    log = _logger(BurstBuffer(target, quiet=0.01))
+
+    async def main() -> None:
+        log.info("two %s %s", "args?")  # one argument for two
+        log.info("fine")
+        await _until(lambda: target.lines == ["fine"], "the good entry")
+
+    asyncio.run(main())
+
+
+def test_entries_held_when_a_loop_ended_do_not_stall_the_next() -> None:
+    target = Collect()
+    log = _logger(BurstBuffer(target, quiet=0.01, longest=5.0))
+
+    async def first() -> None:
+        log.info("left held")  # its loop ends before the timer fires
+
+    async def second() -> None:
+        log.info("next loop")
+        await _until(lambda: target.lines == ["left held", "next loop"], "both written")
+
+    asyncio.run(first())
+    asyncio.run(second())

@@ -179,6 +179,32 @@ def test_large_entries_go_through_a_memfd(journald: str) -> None:
     assert len(entries[0]["MESSAGE"]) == 400_005
 
 
+def test_a_burst_written_at_once_reaches_the_journal_whole(journald: str) -> None:
+    """Held entries written back to back fill journald's queue (10 datagrams here): none may go to stderr."""
+    import logging
+
+    from netwatch.service.journal import JournalHandler
+
+    diverted: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            diverted.append(record.getMessage())
+
+    handler = JournalHandler(f"/run/systemd/journal.{journald}/socket", fallback=Keep())
+    tag = uuid.uuid4().hex[:8]
+    for n in range(600):
+        record = logging.LogRecord("netwatch", logging.INFO, __file__, 1, f"burst {tag} {n}", None, None)
+        record.nw_event = "state"
+        handler.emit(record)
+    handler.close()
+    assert diverted == [] and handler.diverted == 0
+    entries = wait_until(lambda: (found := [e for e in journal(journald) if tag in str(e.get("MESSAGE", ""))])
+                         and len(found) == 600 and found, 20, "all 600 entries in the journal")
+    assert [e["MESSAGE"] for e in entries] == [f"burst {tag} {n}" for n in range(600)]
+    assert all(e["NETWATCH_EVENT"] == "state" for e in entries)
+
+
 STAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z netwatch\[\d+\]: (\w+): (.*)")
 
 

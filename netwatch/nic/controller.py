@@ -34,7 +34,6 @@ from netwatch.service.hooks import HookRunner
 log = logging.getLogger(__name__)
 
 
-
 class RebindError(NetwatchError):
     """A rebind could not be done; the NIC kept its path."""
 

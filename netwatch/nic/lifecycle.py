@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # NicEnv lives with the controller, which imports this module
 log = logging.getLogger(__name__)
 
 
-
 class BackendLife:
     """One NIC's backend: the kernel link, its pair in QEMU, its record and hooks."""
 
@@ -176,7 +175,8 @@ class BackendLife:
             finally:
                 created.close()
         finally:
-            # The caller records the backend before it next awaits.
+            # attach() records the backend before it next awaits; a swap only
+            # after the switch, so its new link's events may cost one more pass.
             self.making = None
         self.generation, self.swaps = gen, self.swaps + 1
         return created, tap, hub, gen

@@ -13,10 +13,14 @@ import logging
 import os
 import socket
 import struct
+import time
 import traceback
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 IDENTIFIER = "netwatch"
+# Seconds an entry may wait for room in journald's full queue, and how often it looks.
+ROOM_WAIT = 0.05
+ROOM_POLL = 0.0005
 
 # logging level -> syslog priority
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
@@ -60,7 +64,9 @@ class JournalHandler(logging.Handler):
     A journal that refuses (journald restarting, a stale socket file, a full
     queue) costs no message: the record goes to ``fallback`` (plain lines on
     stderr) and the journal is tried again with the next record. The socket
-    never blocks, so a stuck journald cannot stall the event loop.
+    never blocks, so a stuck journald cannot stall the event loop (an entry
+    meeting a full queue waits at most ROOM_WAIT for room, and only while
+    the journal answers).
     """
 
     def __init__(self, path: str | None = None, fallback: logging.Handler | None = None) -> None:
@@ -128,6 +134,27 @@ class JournalHandler(logging.Handler):
             self.fallback.handle(record)
 
     def send(self, payload: bytes) -> None:
+        try:
+            self._send_one(payload)
+        except BlockingIOError:
+            # journald's queue is full (net.unix.max_dgram_qlen: 512 with
+            # systemd's defaults, 10 without): a burst of held entries is
+            # written at once (netwatch/logbuffer.py). Wait for room, briefly:
+            # once the journal is known not to answer, not at all, so a stuck
+            # journald costs the event loop at most ROOM_WAIT once.
+            if self.down is not None:
+                raise
+            deadline = time.monotonic() + ROOM_WAIT
+            while True:
+                time.sleep(ROOM_POLL)
+                try:
+                    self._send_one(payload)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+
+    def _send_one(self, payload: bytes) -> None:
         try:
             self.sock.sendto(payload, self.path)
         except OSError as exc:
