@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 
 from netwatch.logbuffer import BurstBuffer
+from netwatch.sandbox.testbed import until
 
 
 class Collect(logging.Handler):
@@ -31,15 +31,6 @@ def _logger(handler: logging.Handler) -> logging.Logger:
     return log
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0.001)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout:g} s: {what}") from None
-
-
 def test_outside_an_event_loop_entries_go_out_at_once() -> None:
     target = Collect()
     log = _logger(BurstBuffer(target))
@@ -59,7 +50,7 @@ def test_a_burst_is_held_then_written_whole_in_order_with_its_own_times() -> Non
             log.info("entry %d of %s", n, facts)
         facts.append("after")  # the message was fixed when it was made
         assert target.lines == []
-        await _until(lambda: len(target.lines) == 300, "the burst written")
+        await until(lambda: len(target.lines) == 300, "the burst written")
         assert target.lines == [f"entry {n} of ['before']" for n in range(300)]
 
     original = target.emit
@@ -124,7 +115,7 @@ def test_event_entries_held_as_parts_keep_fields_time_and_order() -> None:
             logging.getLogger("netwatch.other").warning("second %s", "plain")
             events.emit("lower-lost", "third", vm="v", nic="n")
             assert records == []
-            await _until(lambda: len(records) == 3, "three entries written")
+            await until(lambda: len(records) == 3, "three entries written")
             return made
 
         made = asyncio.run(main())
@@ -148,7 +139,7 @@ def test_a_bad_log_call_does_not_raise_where_it_was_made() -> None:
     async def main() -> None:
         log.info("two %s %s", "args?")  # one argument for two
         log.info("fine")
-        await _until(lambda: target.lines == ["fine"], "the good entry")
+        await until(lambda: target.lines == ["fine"], "the good entry")
 
     asyncio.run(main())
 
@@ -162,7 +153,7 @@ def test_entries_held_when_a_loop_ended_do_not_stall_the_next() -> None:
 
     async def second() -> None:
         log.info("next loop")
-        await _until(lambda: target.lines == ["left held", "next loop"], "both written")
+        await until(lambda: target.lines == ["left held", "next loop"], "both written")
 
     asyncio.run(first())
     asyncio.run(second())

@@ -13,6 +13,7 @@ from tenacity import wait_fixed
 
 from netwatch.errors import QmpError
 from netwatch.qemu.qmp import VmSession
+from netwatch.sandbox.testbed import until
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}
 
@@ -172,15 +173,6 @@ def run_state_server(states: list[str], events: list[bytes]) -> Behaviour:
         while events:
             writer.write(events.pop(0))
     return behave
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"no {what} within {timeout} s") from None
 
 
 def test_run_state_follows_events_and_polls_what_comes_without_one(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ processes are ended by the pid this module started them with.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -75,6 +76,16 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str,
         if time.monotonic() > end:
             raise Deadline(f"timed out after {timeout:g} s waiting for {what}" + (f"\n{dump()}" if dump else ""))
         time.sleep(interval)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """wait_until for a test inside an event loop: awaits between polls."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        raise Deadline(f"timed out after {timeout:g} s waiting for {what}") from None
 
 
 class Netns:
