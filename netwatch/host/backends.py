@@ -40,6 +40,14 @@ class Placement:
     ready: bool
     missing: str
 
+    def describe(self) -> str:
+        parts = []
+        if self.lower is not None:
+            parts.append(f"lower {self.lower.name} (ifindex {self.lower.index})")
+        if self.bridge is not None:
+            parts.append(f"bridge {self.bridge.name}")
+        return ", ".join(parts) or "routed"
+
 
 @dataclass(frozen=True)
 class Created:

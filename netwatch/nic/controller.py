@@ -24,7 +24,7 @@ from netwatch.host.linkops import LinkOps
 from netwatch.host.links import IFF_LOOPBACK, Link, LinkTable
 from netwatch.host.linkstats import LinkCounters
 from netwatch.host.udev import udev_initialized
-from netwatch.nic import interest, report
+from netwatch.nic import interest, report, teardown
 from netwatch.nic.lifecycle import BackendLife
 from netwatch.nic.records import NicRecord, RecordStore
 from netwatch.nic.state import NicState, NicStateMachine
@@ -194,7 +194,7 @@ class NicController:
                 # Still deconfigured in its phase while it waits to leave the guest.
                 self.life.observe_run_state()
                 await self.life.follow_migration()
-                await self.life.hot_remove()
+                await teardown.hot_remove(self.life)
             else:
                 await self.reconcile()
         except NetwatchError as exc:
@@ -221,7 +221,7 @@ class NicController:
             self.fsm.to(NicState.FAILED, f"QMP peer refused: {self.vm.refused}")
             return
         if not self.vm.connected:
-            await self.life.vm_gone()
+            await teardown.vm_gone(self.life)
             self.fsm.to(NicState.WAITING_VM, "QEMU is not connected")
             return
         # First, before any QMP command that may fail or wait: a source
@@ -247,7 +247,7 @@ class NicController:
                 await self.life.set_guest_link(False, placement.missing)
                 self.fsm.to(NicState.WAITING_LOWER, placement.missing)
                 return
-            self.fsm.to(NicState.ATTACHING, self.life.where(placement))
+            self.fsm.to(NicState.ATTACHING, placement.describe())
             try:
                 await self.life.attach(placement)
             except LinkVanished:
@@ -264,7 +264,7 @@ class NicController:
             self.life.follow_uplink(placement)
         await self.life.set_guest_link(self.driver.carrier(placement), "lower carrier")
         self.fsm.to(NicState.ATTACHED, f"backend {self.backend.ifname if self.backend else '?'}: "
-                    f"{self.life.where(placement)}", lower=lower.name if lower else None)
+                    f"{placement.describe()}", lower=lower.name if lower else None)
 
     async def _check_backend(self, placement: Placement) -> None:
         """Detach a dead or outdated backend; move a live one make-before-break."""
@@ -304,7 +304,7 @@ class NicController:
 
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""
-        await self.life.remove()
+        await teardown.remove(self.life)
 
     async def _serve_rebind(self, spec: LowerSpec, future: asyncio.Future[dict[str, Any]]) -> None:
         name = spec.name or "?"

@@ -19,7 +19,7 @@ from netwatch import events
 from netwatch.config import NicConfig
 from netwatch.errors import LinkError, QmpError
 from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement
-from netwatch.nic import migration, teardown
+from netwatch.nic import migration
 from netwatch.nic.records import NicRecord
 from netwatch.nic.wirings import guest_side, make_wiring, pair_of
 from netwatch.qemu.qmp import VmSession
@@ -175,8 +175,7 @@ class BackendLife:
             finally:
                 created.close()
         finally:
-            # attach() records the backend before it next awaits; a swap only
-            # after the switch, so its new link's events may cost one more pass.
+            # attach() records it before it next awaits (a swap after its switch: one more pass at worst).
             self.making = None
         self.generation, self.swaps = gen, self.swaps + 1
         return created, tap, hub, gen
@@ -204,7 +203,7 @@ class BackendLife:
         self.lost_lower = None
         lower = placement.lower
         events.emit("lower-back" if back else "attached",
-                    f"{name} (ifindex {created.index}) is now {tap}: {self.where(placement)}",
+                    f"{name} (ifindex {created.index}) is now {tap}: {placement.describe()}",
                     vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=tap,
                     ifindex=created.index)
         context = self.first_context if self.started_for != self.vm.pid else self.up_context
@@ -289,20 +288,6 @@ class BackendLife:
         events.emit("lower-lost" if context == "lower-lost" else "detached",
                     f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
 
-    # -- the backend going (netwatch/nic/teardown.py) ---------------------------
-
-    async def vm_gone(self) -> None:
-        """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
-        await teardown.vm_gone(self)
-
-    async def hot_remove(self) -> None:
-        """The NIC left the config of a running VM: its device leaves the guest, then its backend goes."""
-        await teardown.hot_remove(self)
-
-    async def remove(self) -> None:
-        """The NIC left the config: take its backend out of QEMU and the kernel."""
-        await teardown.remove(self)
-
     # -- hooks and migration ----------------------------------------------------
 
     def hooks_up(self, context: str, record: NicRecord) -> None:
@@ -331,39 +316,11 @@ class BackendLife:
         self._phase_pid = self.vm.pid
 
     async def follow_migration(self) -> None:
-        """Configure or deconfigure the attached backend as the phase asks (hooks, announce)."""
-        backend = self.backend
-        if backend is None:
-            return
-        before, now = backend.phase, self.phase
-        want = migration.wants_configured(self.nic, now)
-        if before == now and backend.configured == want:
-            return
-        record = replace(backend, phase=now, configured=want)
-        if backend.configured and not want:
-            self.env.hooks.submit("down", migration.down_context(now), backend)
-        elif want and not backend.configured:
-            context = migration.up_context(now, before) or "reattach"
-            # The source deconfigures when its guest stops; give it that long before this host routes too.
-            delay = self.env.migration_handover if context == "migrate-in" and now == migration.NONE else 0.0
-            self.env.hooks.submit("up", context, record, delay)
-        self.backend = record
-        self.env.records.save(record)
-        if before == migration.IN and now == migration.NONE:
-            # The guest runs here now: switches learn where its MACs are.
-            await self._announce()
+        """Configure or deconfigure the attached backend as the phase asks (netwatch/nic/migration.py)."""
+        await migration.follow(self)
 
     async def best_effort(self, action: Awaitable[Any], what: str) -> None:
         try:
             await action
         except (LinkError, QmpError) as exc:
             log.warning("%s/%s: %s failed: %s", self.vm_name, self.nic.id, what, exc)
-
-    @staticmethod
-    def where(placement: Placement) -> str:
-        parts = []
-        if placement.lower is not None:
-            parts.append(f"lower {placement.lower.name} (ifindex {placement.lower.index})")
-        if placement.bridge is not None:
-            parts.append(f"bridge {placement.bridge.name}")
-        return ", ".join(parts) or "routed"
