@@ -1,0 +1,127 @@
+"""Persistent taps for the redirect wiring: made by netwatch, opened by QEMU by name.
+
+A redirect NIC's tap outlives every lower flap and every netwatch restart:
+QEMU (or libvirt, with ``<target dev=... managed='no'/>``) opens it by name,
+so it must exist before QEMU starts and must never be deleted while the NIC
+is configured. Its flags must be what the opener asks for: with
+``IFF_MULTI_QUEUE`` set on one side only, TUNSETIFF fails with EINVAL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+
+from netwatch.errors import DeviceError
+from netwatch.host.rtnl import (
+    _IFINFOMSG,
+    _NLMSGHDR,
+    _U32,
+    IFLA_IFNAME,
+    IFLA_INFO_DATA,
+    IFLA_INFO_KIND,
+    IFLA_LINKINFO,
+    NLM_F_REQUEST,
+    RTM_NEWLINK,
+    _attr,
+    _attrs,
+    _messages,
+)
+
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_PERSIST = 0x0800
+IFF_TUN_EXCL = 0x8000
+RTM_GETLINK = 18
+# linux/if_link.h, a tun link's IFLA_INFO_DATA
+IFLA_TUN_OWNER = 1
+IFLA_TUN_TYPE = 3
+IFLA_TUN_PI = 4
+IFLA_TUN_VNET_HDR = 5
+IFLA_TUN_PERSIST = 6
+IFLA_TUN_MULTI_QUEUE = 7
+
+
+def tap_flags(queues: int) -> int:
+    return IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """A tun/tap device as netlink shows it."""
+
+    flags: int  # TUNSETIFF flags, IFF_PERSIST included
+    owner: int | None  # None: anyone may attach
+
+    def problem(self, queues: int, owner: int | None) -> str | None:
+        """Why this device is not the persistent tap a redirect NIC with ``queues`` and ``owner`` needs, or None."""
+        want = tap_flags(queues)
+        if not self.flags & IFF_PERSIST:
+            return "it is not a persistent tap"
+        if self.flags & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE) != want:
+            return f"its flags are {self.flags:#x}, not {want | IFF_PERSIST:#x}"
+        if self.owner != owner:
+            return f"it is owned by uid {self.owner}, not {owner}"
+        return None
+
+
+def getlink(seq: int, name: str) -> bytes:
+    """RTM_GETLINK for link ``name`` (the answer is one RTM_NEWLINK, or an error)."""
+    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body
+
+
+def tap_info(data: bytes) -> TapInfo | None:
+    """The tun/tap device in a link message (None when it is another kind of link).
+
+    From netlink, not sysfs: /sys shows the links of the namespace it was
+    mounted in, netlink those of the socket's.
+    """
+    for msg_type, _flags, _seq, body, end in _messages(data):
+        if msg_type != RTM_NEWLINK:
+            continue
+        attrs = dict(_attrs(data, body + _IFINFOMSG.size, end))
+        info = dict(_attrs(attrs.get(IFLA_LINKINFO, b""), 0, len(attrs.get(IFLA_LINKINFO, b""))))
+        if info.get(IFLA_INFO_KIND, b"").rstrip(b"\0") != b"tun":
+            return None
+        tun = dict(_attrs(info.get(IFLA_INFO_DATA, b""), 0, len(info.get(IFLA_INFO_DATA, b""))))
+        flags = 0
+        for attr, flag in ((IFLA_TUN_PI, IFF_NO_PI), (IFLA_TUN_VNET_HDR, IFF_VNET_HDR),
+                           (IFLA_TUN_PERSIST, IFF_PERSIST), (IFLA_TUN_MULTI_QUEUE, IFF_MULTI_QUEUE)):
+            on = bool(tun.get(attr, b"\0")[0])
+            # IFLA_TUN_PI says whether packet information is on; IFF_NO_PI says it is off.
+            flags |= flag if on != (attr == IFLA_TUN_PI) else 0
+        flags |= tun.get(IFLA_TUN_TYPE, b"\0")[0]
+        owner = tun.get(IFLA_TUN_OWNER)
+        return TapInfo(flags, _U32.unpack(owner[:4])[0] if owner and len(owner) >= 4 else None)
+    return None
+
+
+def make_persistent_tap(name: str, queues: int, owner: int | None) -> None:
+    """Create tap ``name`` (vnet header, one or more queues), persistent and owned by ``owner``.
+
+    Fails with EBUSY when a link of that name exists: the caller decides
+    whether an existing one is netwatch's (:func:`tap_info` and its record).
+    """
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeviceError(f"cannot open /dev/net/tun: {exc.strerror or exc}") from exc
+    try:
+        # IFF_TUN_EXCL: without it TUNSETIFF attaches to an existing tap of that name.
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), tap_flags(queues) | IFF_TUN_EXCL))
+        if owner is not None:
+            fcntl.ioctl(fd, TUNSETOWNER, owner)
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    except OSError as exc:
+        raise DeviceError(f"cannot create tap {name}: {exc.strerror or exc}") from exc
+    finally:
+        # Closing detaches netwatch's queue; the tap stays (persistent) for QEMU to open.
+        os.close(fd)
