@@ -3,6 +3,8 @@
 One request per line, one answer per line: ``{"cmd": "status"}`` ->
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
 Requests are bounded in size and time; a bad one harms nothing else.
+A client that does not read its answers is dropped, and one that holds a
+slot while waiting on its peer gives it up to a newcomer when all are taken.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import pwd
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,9 +32,15 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0
-# Idle clients cost a file descriptor each: past this many, new ones are
-# refused at once, so other users cannot starve netwatch of fds.
+# Idle clients cost a file descriptor each: past this many, a newcomer takes
+# the slot of the client that has waited longest on its peer, and is refused
+# at once only while netwatch is busy answering all of them, so other users
+# can neither starve netwatch of fds nor lock root out.
 MAX_CLIENTS = 32
+# How long an answer may wait for its client to read it (the CLI reads at
+# once): a client that pipelines requests and never reads is dropped, not
+# waited on for good with its slot held.
+SEND_TIMEOUT = 5.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -48,7 +57,9 @@ class ControlServer:
         self.group = group
         self.handlers = handlers
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        # Each client's task -> since when it waits on its peer (for a request,
+        # or for room to write its answer); None while netwatch answers it.
+        self._clients: dict[asyncio.Task[None], float | None] = {}
 
     async def __aenter__(self) -> ControlServer:
         with contextlib.suppress(FileNotFoundError):
@@ -80,35 +91,68 @@ class ControlServer:
         assert task is not None
         # Who may not use netwatch is turned away before taking a client slot.
         refusal = ("permission denied" if not peer_allowed(_peer_creds(writer), self.group) else
-                   f"too many control connections ({MAX_CLIENTS})" if len(self._clients) >= MAX_CLIENTS else None)
+                   f"too many control connections ({MAX_CLIENTS})" if not self._free_slot() else None)
         if refusal is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, TimeoutError):
                 await _send(writer, {"ok": False, "error": refusal})
-            writer.close()
+            _hang_up(writer)
             return
-        self._clients.add(task)
+        self._clients[task] = time.monotonic()
+        # drain() returns once the answer is all with the kernel, not merely
+        # below the default 64 KiB high-water mark: what is left unsent at
+        # the end was refused by a client that does not read.
+        writer.transport.set_write_buffer_limits(high=0)
         try:
             while True:
+                self._clients[task] = time.monotonic()
                 try:
                     async with asyncio.timeout(REQUEST_TIMEOUT):
                         line = await reader.readline()
                 except TimeoutError:
-                    await _send(writer, {"ok": False, "error": "request timed out"})
+                    await self._reply(task, writer, {"ok": False, "error": "request timed out"})
                     return
                 except (asyncio.LimitOverrunError, ValueError):
-                    await _send(writer, {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+                    await self._reply(task, writer,
+                                      {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
                     return
                 if not line:
                     return
                 if not line.endswith(b"\n"):
-                    await _send(writer, {"ok": False, "error": "incomplete request (no newline)"})
+                    await self._reply(task, writer, {"ok": False, "error": "incomplete request (no newline)"})
                     return
-                await _send(writer, await self._answer(line))
+                self._clients[task] = None
+                await self._reply(task, writer, await self._answer(line))
+        except TimeoutError:
+            log.debug("control client dropped: it read no answer for %g s", SEND_TIMEOUT)
         except (ConnectionError, OSError) as exc:
             log.debug("control client went away: %s", exc)
         finally:
-            self._clients.discard(task)
-            writer.close()
+            self._clients.pop(task, None)
+            _hang_up(writer)
+
+    def _free_slot(self) -> bool:
+        """Whether a new client may have a slot, after taking one from whoever waited longest on its peer.
+
+        Clients that hold their slots without reading answers or sending
+        requests would otherwise lock root out of ``status`` for as long as
+        they keep reconnecting; one that netwatch is answering keeps its slot.
+        """
+        if len(self._clients) < MAX_CLIENTS:
+            return True
+        waiting = [(since, task) for task, since in self._clients.items() if since is not None]
+        if not waiting:
+            return False
+        _since, oldest = min(waiting, key=lambda item: item[0])
+        # Its finally closes the connection; the slot is free from now on.
+        del self._clients[oldest]
+        oldest.cancel()
+        log.debug("control client dropped: all %d slots taken and it waited longest on its peer", MAX_CLIENTS)
+        return True
+
+    async def _reply(self, task: asyncio.Task[None], writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+        if task in self._clients:
+            self._clients[task] = time.monotonic()
+        await _send(writer, answer)
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:
@@ -197,7 +241,17 @@ async def _send(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
     # What the request did is in the journal by the time its answer arrives.
     logbuffer.flush()
     writer.write(json.dumps(answer).encode() + b"\n")
-    await writer.drain()
+    async with asyncio.timeout(SEND_TIMEOUT):
+        await writer.drain()
+
+
+def _hang_up(writer: asyncio.StreamWriter) -> None:
+    # close() would keep the connection (and its fd) until the unsent rest
+    # is read, which a client that does not read never does.
+    if writer.transport.get_write_buffer_size():
+        writer.transport.abort()
+    else:
+        writer.close()
 
 
 def request(state_dir: str, cmd: str, timeout: float = 15.0, **arguments: Any) -> Any:
