@@ -8,18 +8,37 @@ every ``REFRESH`` seconds. Names follow Prometheus' conventions: the
 ``netwatch_`` prefix, base units, ``_total`` for counters, HELP and TYPE for
 each. Label values (VM names, NIC ids, interface names) are config-checked
 names, escaped all the same.
+
+The collector's directory is often another account's (node_exporter's,
+0755), and that account may plant anything there. netwatch never opens or
+follows what it did not just make: the temporary file has a random name
+and is made with ``O_CREAT|O_EXCL|O_NOFOLLOW|O_NONBLOCK`` (so a FIFO or
+symlink planted there is refused at once, never opened or waited on), is
+checked to be a regular file of its own, and is renamed over the final name
+(rename replaces whatever is there without following it), all relative to
+one directory fd. That fd is reached from ``/`` without following a symlink
+another account could have made or swapped (a symlink is followed only in a
+directory nobody but root and netwatch may write to). A directory writable by
+group or others without the sticky bit is refused: anyone could replace the
+file with their own numbers. Its owner can do that too, but it can only lie
+to itself: node_exporter's account reads the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import secrets
+import stat
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from netwatch import events, tasks
+from netwatch.errors import NetwatchError
 from netwatch.nic.state import NicState
 
 log = logging.getLogger(__name__)
@@ -110,18 +129,108 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(out.lines) + "\n"
 
 
+class UnsafeMetricsDirectory(NetwatchError):
+    """The metrics file's directory, or the way to it, could be swapped or written by others."""
+
+
+# O_PATH: a directory on the way needs search permission only, as in a lookup by path.
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_MAX_SYMLINKS = 40  # the kernel's own limit on one lookup
+
+
+def _writable_by_others(info: os.stat_result) -> bool:
+    # Group-writable counts as others': netwatch cannot know the group's members.
+    return bool(info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def open_directory(path: str) -> int:
+    """An fd of the directory ``path``, reached from ``/`` one name at a time.
+
+    A symlink on the way is followed only where nobody but root and
+    netwatch's user could have put it; one another account could have made
+    (or swapped a directory for) is refused, so the file cannot be sent
+    into a directory of that account's choosing.
+    """
+    parts = deque(path.split("/"))
+    fd = os.open("/", _DIR_FLAGS)
+    here, links = "/", 0
+    try:
+        while parts:
+            part = parts.popleft()
+            if part in ("", "."):
+                continue
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                # O_NOFOLLOW|O_DIRECTORY on a symlink: ENOTDIR (or ELOOP), as for a file.
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP) or not stat.S_ISLNK(
+                        os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise
+                info = os.fstat(fd)
+                if info.st_uid not in (0, os.geteuid()) or _writable_by_others(info):
+                    raise UnsafeMetricsDirectory(
+                        f"{os.path.join(here, part)} is a symlink in a directory others can write to "
+                        "(give the real path)") from None
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise UnsafeMetricsDirectory(f"too many symlinks on the way to {path}") from None
+                target = os.readlink(part, dir_fd=fd)
+                parts.extendleft(reversed(target.split("/")))
+                if not target.startswith("/"):
+                    continue
+                child, here = os.open("/", _DIR_FLAGS), "/"
+            else:
+                here = os.path.join(here, part)
+            os.close(fd)
+            fd = child
+        info = os.fstat(fd)
+        if _writable_by_others(info) and not info.st_mode & stat.S_ISVTX:
+            raise UnsafeMetricsDirectory(
+                f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):04o}) and not sticky, so "
+                "anyone could replace the file (chmod go-w, or chmod +t)")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _create(dir_fd: int, name: str) -> tuple[int, str]:
+    # O_EXCL: a name already there (planted, or the 1 in 2**64 clash) is never opened.
+    for _ in range(3):
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, _TMP_FLAGS, 0o600, dir_fd=dir_fd), tmp
+        except FileExistsError:
+            continue
+    raise UnsafeMetricsDirectory("three random temporary names in a row were taken")
+
+
 def write_atomically(path: str, text: str) -> None:
     """Write ``text`` to ``path`` by renaming a complete temporary file over it (the collector never sees half)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o644)
+    directory, name = os.path.split(path)
+    dir_fd = open_directory(directory)
     try:
-        # Readable by node_exporter's user whatever the umask (the unit's is 0077).
-        os.fchmod(fd, 0o644)
-        os.write(fd, text.encode())
+        fd, tmp = _create(dir_fd, name)
+        try:
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                    raise UnsafeMetricsDirectory(f"the temporary file made in {directory} is not netwatch's")
+                # Readable by node_exporter's user whatever the umask (the unit's is 0077).
+                os.fchmod(fd, 0o644)
+                data = memoryview(text.encode())
+                while data:
+                    data = data[os.write(fd, data):]
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.close(dir_fd)
 
 
 class MetricsWriter:
@@ -163,11 +272,12 @@ class MetricsWriter:
             return
         try:
             write_atomically(self.path, text)
-        except OSError as exc:
-            # Logged once per outage: the collector keeps the last good file.
+        except (OSError, UnsafeMetricsDirectory) as exc:
+            # Logged once per outage: the collector keeps the last good file,
+            # and no metrics are written until the cause is gone.
             if not self._failing:
-                events.emit("error", f"cannot write metrics to {self.path}: {exc.strerror or exc}; "
-                            "netwatch keeps trying")
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                events.emit("error", f"cannot write metrics to {self.path}: {why}; netwatch keeps trying")
             self._failing = True
             return
         if self._failing:
