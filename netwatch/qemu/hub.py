@@ -108,17 +108,42 @@ class HubWiring(QemuSide):
             raise
 
     async def switch(self, old: Pair, new: Pair) -> None:
-        """The old pair goes quiet and the new (inert) one opens; never both open at once.
+        """The old pair goes quiet and the new (inert) one opens; both open for one command of QEMU's at most.
 
         Both commands are sent together: QEMU runs them in order, so the gap
-        is its own, not a round trip. On failure the old pair is reopened.
+        is its own, not a round trip; but it runs the second whatever became
+        of the first. So when the new pair opened and the old one did not go
+        quiet, the old one leaves the hub with the very next command (reopened
+        instead, both lowers' networks stayed joined until the new one was
+        unplugged). When the new pair did not open, it is set quiet (a command
+        that got no answer may still have run) before the old one reopens.
         """
+        quiet: object
+        opened: object
         try:
-            await asyncio.gather(self.vm.execute("set_link", {"name": old.tap, "up": False}),
-                                 self.vm.execute("set_link", {"name": new.tap, "up": True}))
-        except BaseException:
-            await best_effort(self.reopen(old), f"reopening {old.tap}")
+            quiet, opened = await asyncio.gather(self.vm.execute("set_link", {"name": old.tap, "up": False}),
+                                                 self.vm.execute("set_link", {"name": new.tap, "up": True}),
+                                                 return_exceptions=True)
+        except BaseException:  # cancelled: either may have run
+            await self._roll_back(old, new)
             raise
+        if isinstance(opened, BaseException):
+            await self._roll_back(old, new)
+            raise opened
+        if isinstance(quiet, BaseException):
+            try:
+                # The hubport is what joins it to the guest; its tap goes with the rest of the old backend.
+                await self.remove("netdev_del", {"id": old.port})
+            except BaseException:
+                await self._roll_back(old, new)
+                raise
+            log.warning("%s/%s: %s did not go quiet (%s): it left the hub once %s opened", self.vm_name,
+                        self.nic.id, old.tap, quiet, new.tap)
+
+    async def _roll_back(self, old: Pair, new: Pair) -> None:
+        """The new pair quiet, then the old one open again: in that order, never both open."""
+        await best_effort(self.vm.execute("set_link", {"name": new.tap, "up": False}), f"quieting {new.tap}")
+        await best_effort(self.reopen(old), f"reopening {old.tap}")
 
     async def reopen(self, pair: Pair) -> None:
         await self.vm.execute("set_link", {"name": pair.tap, "up": True})
