@@ -159,6 +159,12 @@ class MacvtapDriver:
     async def maintain(self, record: NicRecord, placement: Placement, links: LinkTable, ops: LinkOps) -> None:
         return None
 
+    async def silence(self, record: NicRecord, links: LinkTable, ops: LinkOps) -> None:
+        """An adopted macvtap as one made now: without the guest's link-local address a kernel default gave it."""
+        link = links.get(record.ifindex)
+        if link is not None and link.name == record.ifname:
+            await ops.silence(link.index, generated_from=link.mac)
+
     def carrier(self, placement: Placement) -> bool:
         return placement.lower is not None and placement.lower.carrier
 
@@ -198,6 +204,9 @@ class TapDriver:
         fds = open_tap(name, nic.queues)
         try:
             index = await ops.index_of(name)
+            # Made down; silent before it goes up (LinkOps.silence), and deaf to a guest's router.
+            await ops.silence(index)
+            refuse_router_advertisements(name)
             changes: dict[str, object] = {"address": tap_mac(nic.mac), "state": "up"}
             if placement.bridge is not None:
                 changes["master"] = placement.bridge.index
@@ -228,6 +237,13 @@ class TapDriver:
                     raise LinkVanished(str(exc)) from exc
                 raise
 
+    async def silence(self, record: NicRecord, links: LinkTable, ops: LinkOps) -> None:
+        """An adopted tap as one made now (its own link-local address, from the tap's MAC, goes too)."""
+        tap = links.get(record.ifindex)
+        if tap is not None and tap.name == record.ifname:
+            await ops.silence(tap.index, generated_from=tap.mac)
+            refuse_router_advertisements(tap.name)
+
     def carrier(self, placement: Placement) -> bool:
         # The guest still reaches its bridge neighbours while the uplink is
         # away, so the tap's own carrier (always up while QEMU holds it) counts.
@@ -240,6 +256,24 @@ async def _replaced(ops: LinkOps, link: Link) -> bool:
         return await ops.index_of(link.name) != link.index
     except LinkError:
         return True
+
+
+def refuse_router_advertisements(name: str) -> None:
+    """accept_ra 0 on tap ``name``.
+
+    A routed tap hands the guest's frames to the host's own stack, and with
+    the kernel's default (accept_ra 1 where the host does not forward) a
+    router advertisement the guest sends gave the host an address on the
+    tap (SLAAC, address generation off or not) and a default route through
+    the guest.
+    """
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w") as handle:
+            handle.write("0")
+    except FileNotFoundError:
+        return  # no IPv6 on this link: nothing to refuse
+    except OSError as exc:
+        raise LinkError(f"cannot refuse router advertisements on {name}: {exc.strerror or exc}", exc.errno) from exc
 
 
 def tap_mac(guest_mac: str) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import itertools
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
@@ -91,26 +93,82 @@ class LinkOps:
             raise LinkError(f"{what}: {exc.strerror or exc}", exc.errno) from exc
 
     async def add_macvtap(self, name: str, lower: int, mac: str, mode: str) -> int:
-        """Create macvtap ``name`` on ifindex ``lower``, up; return its ifindex."""
-        assert self._sock is not None and self._loop is not None, "LinkOps used outside its context"
-        seq = next(self._seq) % 0xFFFFFFFF + 1
-        outcome = self._loop.create_future()
-        self._acks[seq] = outcome
+        """Create macvtap ``name`` on ifindex ``lower``, silent (see :meth:`silence`), up; return its ifindex."""
         try:
-            # The kernel does the whole change inside this call; the ack follows on the socket.
-            self._sock.send(rtnl.newlink_macvtap(seq, name, lower, mac, mode))
-            async with asyncio.timeout(ACK_TIMEOUT):
-                await outcome
+            # The kernel does the whole change inside the send; the ack follows on the socket.
+            made, = await self._exchange(lambda seq: rtnl.newlink_macvtap(seq, name, lower, mac, mode))
+            if made is not None:
+                raise made
+            index = await self.index_of(name)
         except LinkError as exc:
             raise LinkError(f"cannot create macvtap {name}: {exc}", exc.errno) from exc
+        try:
+            # One datagram: the kernel runs the two in order, so the link is
+            # up only once it makes no address of its own.
+            silenced, up = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
+                                                lambda seq: rtnl.setlink(seq, index, up=True))
+            if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
+                # It came up all the same: it goes before its timers (DAD, MLD) send anything.
+                raise silenced
+            if up is not None:
+                raise up
+        except BaseException as exc:
+            with contextlib.suppress(LinkError, OSError):
+                await self.delete(index)
+            if isinstance(exc, LinkError):
+                raise LinkError(f"cannot create macvtap {name}: {exc}", exc.errno) from exc
+            raise
+        return index
+
+    async def silence(self, index: int, generated_from: str | None = None) -> None:
+        """No IPv6 address generation on link ``index`` from now on (set before it goes up).
+
+        A backend carries the guest's MAC (a tap, one derived from it): with
+        the kernel's defaults the host would give it the guest's own
+        link-local address and send router solicitations, MLD reports and
+        DAD probes from it, onto the guest's network. EAFNOSUPPORT: the link
+        has no IPv6 at all (IPv6 disabled at boot, an MTU under 1280),
+        which is as silent. ``generated_from``: a MAC whose EUI-64
+        link-local address the kernel may have made already (a link made
+        before this rule) is removed too; other addresses (a hook's) stay.
+        """
+        silenced, = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True))
+        if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
+            raise LinkError(f"cannot turn off IPv6 address generation on link {index}: {silenced}", silenced.errno)
+        if generated_from is not None and silenced is None:
+            address = str(eui64_link_local(generated_from))
+            try:
+                await self.ipr.addr("del", index=index, address=address, prefixlen=64)
+            except NetlinkError as exc:
+                if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
+                    raise LinkError(f"cannot remove {address} from link {index}: {exc}", exc.code) from exc
+
+    async def _exchange(self, *requests: Callable[[int], bytes]) -> list[LinkError | None]:
+        """Send requests (each built for its sequence number) in one datagram; each one's outcome.
+
+        The kernel runs them in order, a refused one not stopping the next.
+        """
+        assert self._sock is not None and self._loop is not None, "LinkOps used outside its context"
+        seqs = [next(self._seq) % 0xFFFFFFFF + 1 for _ in requests]
+        outcomes: list[asyncio.Future[None]] = []
+        for seq in seqs:
+            outcomes.append(self._loop.create_future())
+            self._acks[seq] = outcomes[-1]
+        try:
+            self._sock.send(b"".join(request(seq) for request, seq in zip(requests, seqs, strict=True)))
+            async with asyncio.timeout(ACK_TIMEOUT):
+                results = await asyncio.gather(*outcomes, return_exceptions=True)
         except OSError as exc:
-            raise LinkError(f"cannot create macvtap {name}: {exc.strerror or exc}", exc.errno) from exc
+            raise LinkError(exc.strerror or str(exc), exc.errno) from exc
         except TimeoutError as exc:
-            raise LinkError(f"cannot create macvtap {name}: the kernel did not answer within {ACK_TIMEOUT:g} s",
-                            errno.ETIMEDOUT) from exc
+            raise LinkError(f"the kernel did not answer within {ACK_TIMEOUT:g} s", errno.ETIMEDOUT) from exc
         finally:
-            self._acks.pop(seq, None)
-        return await self.index_of(name)
+            for seq in seqs:
+                self._acks.pop(seq, None)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, LinkError):
+                raise result
+        return [result if isinstance(result, LinkError) else None for result in results]
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -164,3 +222,9 @@ class LinkOps:
             raise LinkError(f"cannot delete link {index}: {exc}") from exc
         return True
 
+
+def eui64_link_local(mac: str) -> ipaddress.IPv6Address:
+    """The link-local address the kernel makes from ``mac`` by default (addr_gen_mode eui64)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    interface_id = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:6]
+    return ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + interface_id)

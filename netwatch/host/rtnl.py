@@ -36,6 +36,10 @@ IFLA_LINK = 5
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_STATS64 = 23
+IFLA_AF_SPEC = 26
+AF_INET6 = 10
+IFLA_INET6_ADDR_GEN_MODE = 8
+IN6_ADDR_GEN_MODE_NONE = 1
 IFLA_INFO_KIND = 1
 NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
@@ -127,14 +131,33 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 
 def newlink_macvtap(seq: int, name: str, lower: int, mac: str, mode: str) -> bytes:
-    """RTM_NEWLINK creating macvtap ``name`` on ifindex ``lower``, up, with ``mac`` (create + exclusive, acked)."""
+    """RTM_NEWLINK creating macvtap ``name`` on ifindex ``lower``, down, with ``mac`` (create + exclusive, acked).
+
+    Down: the kernel refuses IFLA_AF_SPEC in a creation (EAFNOSUPPORT, no
+    inet6 device yet), so IPv6 address generation is turned off by a
+    :func:`setlink` before another one brings it up.
+    """
     info = _attr(IFLA_INFO_KIND, b"macvtap\0") + _attr(IFLA_INFO_DATA,
                                                          _attr(IFLA_MACVLAN_MODE, _U32.pack(MACVLAN_MODES[mode])))
-    body = (_IFINFOMSG.pack(0, 0, 0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    body = (_IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
             + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))) + _attr(IFLA_LINK, _I32.pack(lower))
             + _attr(IFLA_LINKINFO, info))
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_NEWLINK, flags, seq, 0) + body
+
+
+def setlink(seq: int, index: int, *, up: bool = False, no_addr_gen: bool = False) -> bytes:
+    """RTM_NEWLINK changing ifindex ``index`` (acked): IPv6 address generation off, and/or the link up.
+
+    Never both in one message: the kernel brings a link up before it reads
+    IFLA_AF_SPEC, so the link-local address would already be made.
+    """
+    flags = IFF_UP if up else 0
+    body = _IFINFOMSG.pack(0, 0, index, flags, flags)
+    if no_addr_gen:
+        body += _attr(IFLA_AF_SPEC, _attr(AF_INET6, _attr(IFLA_INET6_ADDR_GEN_MODE,
+                                                           bytes([IN6_ADDR_GEN_MODE_NONE]))))
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
 
 
 def acks(data: bytes) -> Iterator[tuple[int, int, str | None]]:

@@ -97,6 +97,8 @@ class BackendLife:
                 self.started_for = keep.qemu_pid
             self.backend, self.swaps = keep, keep.swaps
             self.phase = self.phase_for(self.vm.pid, keep)
+            # Made by a netwatch before backends were silent, it may not be.
+            await self.best_effort(self.driver.silence(keep, self.env.links, self.env.ops), f"silencing {keep.ifname}")
             # Cut short mid-rebind, the kept pair may have been left quiet.
             await self.best_effort(self.wiring.reopen(pair_of(keep)), f"opening {keep.tap_netdev}")
             return
