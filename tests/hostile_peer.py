@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 import time
 
@@ -86,8 +87,53 @@ def handle(mode: str, conn: socket.socket) -> None:
         while True:
             conn.sendall(event)
     if mode == "impostor":
-        answer_commands(conn)
+        impostor(conn)
+        return  # and waits for the next connection, as a squatter would
     raise SystemExit(f"unknown mode {mode}")
+
+
+def impostor(conn: socket.socket) -> None:
+    """Answer every command as a willing QEMU would; print each one and every fd passed.
+
+    Prints ``command NAME`` per command, ``fds N`` per message that
+    carried file descriptors (closed at once) and ``closed`` when the
+    connection ends, so that a test can tell exactly what netwatch handed over.
+    """
+    try:
+        _impostor(conn)
+    finally:
+        print("closed", flush=True)
+
+
+def _impostor(conn: socket.socket) -> None:
+    decoder = json.JSONDecoder()
+    buffer = ""
+    while True:
+        data, ancillary, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+        fds: list[int] = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) - len(payload) % 4]))
+        for fd in fds:
+            os.close(fd)
+        if fds:
+            print(f"fds {len(fds)}", flush=True)
+        if not data:
+            return
+        buffer += data.decode(errors="replace")
+        while buffer.strip():
+            try:
+                request, end = decoder.raw_decode(buffer.lstrip())
+            except ValueError:
+                break
+            buffer = buffer.lstrip()[end:]
+            command = request.get("execute") if isinstance(request, dict) else None
+            print(f"command {command}", flush=True)
+            if command == "query-status":
+                reply = {"return": {"status": "running", "running": True}, "id": request.get("id")}
+            else:
+                reply = {"return": {}, "id": request.get("id") if isinstance(request, dict) else None}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
 if __name__ == "__main__":

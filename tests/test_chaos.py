@@ -13,12 +13,13 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from netwatch.sandbox.testbed import Deadline, wait_until
+from netwatch.sandbox.testbed import wait_until
 
 from .world import World
 
@@ -221,17 +222,53 @@ def describe_new_fds(pid: int, before: list[str]) -> str:
     return "new fds: " + "; ".join(lines)
 
 
-def test_chaos(world: World) -> None:
-    rng = random.Random(SEED)
-    chaos = Chaos(world, rng)
-    chaos.build()
+def run(chaos: Chaos, seed: int, faults: int) -> None:
+    """Build, then ``faults`` faults each followed by a settle; any failure names the seed and the faults so far."""
+    def replay() -> str:
+        return (f"chaos seed {seed} failed after {len(chaos.history)} faults "
+                f"(replay: NETWATCH_CHAOS_SEED={seed} NETWATCH_CHAOS_FAULTS={faults}):\n"
+                + "\n".join(chaos.history[-15:]))
     try:
+        chaos.build()
         chaos.settle_and_check()
-        for _ in range(FAULTS):
+        for _ in range(faults):
             chaos.history.append(chaos.fault())
             chaos.settle_and_check()
-    except (AssertionError, Deadline, subprocess.CalledProcessError) as exc:
-        raise AssertionError(f"chaos seed {SEED} failed after {len(chaos.history)} faults "
-                             f"(replay: NETWATCH_CHAOS_SEED={SEED} NETWATCH_CHAOS_FAULTS={FAULTS}):\n"
-                             + "\n".join(chaos.history[-15:]) + f"\n{exc}") from exc
-    print(f"chaos seed {SEED}: {FAULTS} faults, 0 violations; {chaos.history}")
+    except Exception as exc:  # any failure at all (a RuntimeError from `ip` too) must say how to replay it
+        raise AssertionError(f"{replay()}\n{type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        # The per-test timeout or ^C: not netwatch's failure, but the run must still be replayable.
+        print(replay(), file=sys.stderr, flush=True)
+        raise
+    print(f"chaos seed {seed}: {faults} faults, 0 violations; {chaos.history}")
+
+
+# About 0.3 s a fault here (40 in 11 s): 10 s each leaves room for a slow machine and the long form.
+@pytest.mark.timeout(max(300, 10 * FAULTS))
+def test_chaos(world: World) -> None:
+    run(Chaos(world, random.Random(SEED)), SEED, FAULTS)
+
+
+class Unlucky(Chaos):
+    """A run whose third fault raises what no check expects (``ip`` fails: RuntimeError)."""
+
+    def build(self) -> None:
+        pass
+
+    def settle_and_check(self) -> None:
+        pass
+
+    def fault(self) -> str:
+        if len(self.history) == 2:
+            raise RuntimeError("ip link del sh0: Cannot find device")
+        return self.rng.choice(["flap sh0", "reload", "recreate br0"])
+
+
+def test_any_failure_names_the_seed_and_the_faults() -> None:
+    chaos = Unlucky(None, random.Random(5))  # type: ignore[arg-type]
+    with pytest.raises(AssertionError) as failure:
+        run(chaos, 5, 40)
+    text = str(failure.value)
+    assert text.startswith("chaos seed 5 failed after 2 faults (replay: NETWATCH_CHAOS_SEED=5 "
+                           "NETWATCH_CHAOS_FAULTS=40)"), text
+    assert "\n".join(chaos.history) in text and "RuntimeError: ip link del sh0: Cannot find device" in text, text

@@ -12,7 +12,8 @@ import pytest
 
 from .world import run_netwatch
 
-pytestmark = pytest.mark.integration
+# Each demo run may take up to its own 300 s (the first also builds the test guest).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 def _residue() -> list[str]:

@@ -3,7 +3,9 @@ misbehaviour costs only its own VM, and a real VM beside it keeps working."""
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -25,16 +27,58 @@ ROOT = Path(__file__).parent.parent
 GOOD_MAC, BAD_MAC = "52:54:00:aa:00:01", "52:54:00:aa:00:02"
 
 
+class PeerOutput:
+    """A hostile peer's stdout, read without ever blocking: every wait on it ends at its deadline."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self._fd = proc.stdout.fileno()
+        os.set_blocking(self._fd, False)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        self._partial = b""
+        self._unread: list[str] = []
+        self.lines: list[str] = []  # every line read so far
+        self.ended = False  # the peer closed its stdout (it exited)
+
+    def next_line(self, deadline: float) -> str | None:
+        """The next line; None once the deadline passed or the peer exited."""
+        while not self._unread:
+            left = deadline - time.monotonic()
+            if self.ended or left <= 0:
+                return None
+            if not self._poll.poll(left * 1000):
+                continue
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self.ended = True
+                chunk = b"\n" if self._partial else b""
+            *complete, self._partial = (self._partial + chunk).split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace").strip()
+                self.lines.append(line)
+                self._unread.append(line)
+        return self._unread.pop(0)
+
+
 @contextmanager
-def hostile(mode: str, path: str) -> Iterator[subprocess.Popen[str]]:
-    peer = subprocess.Popen([sys.executable, "-m", "tests.hostile_peer", mode, path], cwd=ROOT, text=True,
+def hostile(mode: str, path: str) -> Iterator[PeerOutput]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.hostile_peer", mode, path], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        assert peer.stdout is not None and peer.stdout.readline().strip() == "listening"
+        peer = PeerOutput(proc)
+        first = peer.next_line(time.monotonic() + 20)
+        assert first == "listening", f"the hostile peer said {first!r}"
         yield peer
     finally:
-        peer.kill()
-        peer.wait(10)
+        proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def two_vms(world: World) -> str:
@@ -57,13 +101,15 @@ def good_vm_still_swaps(world: World) -> None:
     world.frame_reaches_guest("good", "net0", "wi0")
 
 
-def lines_of(peer: subprocess.Popen[str], text: str, at_least: int) -> int:
-    """Read the peer's output until it printed ``text`` ``at_least`` times."""
-    assert peer.stdout is not None
+def lines_of(peer: PeerOutput, text: str, at_least: int, timeout: float = 20) -> int:
+    """Read the peer's output until it printed ``text`` ``at_least`` times, it exited, or ``timeout`` passed.
+
+    Returns how many times it was seen (never more than ``at_least``): the caller asserts what it needs.
+    """
     seen = 0
-    deadline = time.monotonic() + 20
-    while seen < at_least and time.monotonic() < deadline:
-        seen += peer.stdout.readline().strip() == text
+    deadline = time.monotonic() + timeout
+    while seen < at_least and (line := peer.next_line(deadline)) is not None:
+        seen += line == text
     return seen
 
 
@@ -81,7 +127,7 @@ def test_an_impostor_on_the_socket_gets_nothing_after_a_restart(world: World) ->
     before = world.wait_state("bad", "net0", "attached")
     world.wait_state("good", "net0", "attached")
     netwatch.kill()
-    with hostile("impostor", str(world.vm_dict("bad")["qmp"])):
+    with hostile("impostor", str(world.vm_dict("bad")["qmp"])) as peer:
         netwatch = world.start_netwatch()
         nic = world.wait_state("bad", "net0", "failed")
         assert nic["cause"] == f"QMP peer refused: the QEMU recorded for this VM (pid {qemu.pid}) still runs"
@@ -91,6 +137,19 @@ def test_an_impostor_on_the_socket_gets_nothing_after_a_restart(world: World) ->
         assert world.backend_netdevs("bad") == [before["netdev"], before["hub_netdev"]]
         world.frame_reaches_guest("bad", "net0", "wi1")  # through the real QEMU's own backend, untouched
         good_vm_still_swaps(world)
+        # A squatter stays: netwatch tries it again and again and refuses it each time.
+        assert lines_of(peer, "accepted", 4) == 4, f"netwatch tried the impostor {peer.lines.count('accepted')} times"
+        assert world.nic("bad", "net0")["state"] == "failed"
+        netwatch.kill()
+        # Every connection it had, read to its end: only the handshake and queries, never an fd.
+        deadline = time.monotonic() + 20
+        while peer.lines.count("closed") < peer.lines.count("accepted"):
+            assert peer.next_line(deadline) is not None, f"the impostor's connections did not end: {peer.lines}"
+        commands = {line.split(" ", 1)[1] for line in peer.lines if line.startswith("command ")}
+        assert not [line for line in peer.lines if line.startswith("fds ")], peer.lines
+        assert commands <= {"qmp_capabilities"} | {c for c in commands if c.startswith("query-")}, commands
+        assert sorted(world.macvtaps()) == ["nw-bad-net0", "nw-good-net0"]
+        assert world.ns.ip("-o", "link", "show", "nw-bad-net0").split(":")[0] == str(before["ifindex"])
 
 
 def test_a_peer_hanging_up_after_its_greeting_is_retried_until_qemu_comes(world: World) -> None:
@@ -112,14 +171,25 @@ def test_a_peer_that_accepts_and_drops_meets_a_growing_delay(world: World) -> No
     path = two_vms(world)
     with hostile("accept-drop", path) as peer:
         netwatch = world.start_netwatch()
-        good_vm_still_swaps(world)
-        lines_of(peer, "accepted", 5)
+        assert lines_of(peer, "accepted", 5) == 5, "netwatch keeps trying"
         lines_before = len(netwatch.log().splitlines())
-        started = time.monotonic()
-        wait_until(lambda: time.monotonic() - started >= 4, 5, "a 4 s window")
+        # Then ever more slowly: after 5 short sessions the next come 1.6 s and
+        # 4.8 s later, so the next 4 s hold at most 2 (and few log lines).
+        # Before: a new session at once after each, 92 log lines a second.
+        sessions = lines_of(peer, "accepted", 3, timeout=4)
         lines = len(netwatch.log().splitlines()) - lines_before
-    # Before: a new session at once after each, 92 log lines a second.
-    assert lines <= 10, netwatch.log()[-3000:]
+        assert sessions <= 2, f"{sessions} more sessions within 4 s of the 5th"
+        assert lines <= 10, netwatch.log()[-3000:]
+        good_vm_still_swaps(world)
+        assert lines_of(peer, "accepted", 1, timeout=30) == 1, "netwatch still tries"
+
+
+@pytest.mark.timeout(60)
+def test_reading_a_silent_peer_ends_at_its_deadline(short_tmp: Path) -> None:
+    # Before: readline() blocked on a peer that printed nothing more, and the test with it.
+    with hostile("impostor", str(short_tmp / "silent.qmp")) as peer:
+        assert lines_of(peer, "accepted", 1, timeout=1) == 0
+        assert peer.proc.poll() is None and not peer.ended
 
 
 @pytest.mark.parametrize("mode", ["giant-lines", "event-flood"])

@@ -28,5 +28,15 @@ def test_an_ambiguous_mac_spec_is_refused_with_the_candidates(world: World) -> N
     # A second match appearing under an attached NIC leaves it where it is.
     world.ns.add_veth("lo2", "wi2")
     world.ns.ip("link", "set", "lo2", "address", SHARED)
+    # Proof that netwatch has looked since lo2 matched: both lowers lose
+    # their carrier after lo2's MAC changed, and only a pass of the NIC's own
+    # (seeing lo0 and lo2 both) tells the guest, whichever lower it is on.
+    world.ns.ip("link", "set", "wi0", "down")
+    world.ns.ip("link", "set", "wi2", "down")
+    down = world.wait_state("vm1", "net0", "attached", guest_link=False)
+    assert (down["lower"], down["swaps"]) == ("lo0", 1), down
+    world.ns.ip("link", "set", "wi0", "up")
+    up = world.wait_state("vm1", "net0", "attached", guest_link=True)
+    assert (up["lower"], up["swaps"]) == ("lo0", 1), up
     world.frame_reaches_guest("vm1", "net0", "wi0")
-    assert world.wait_state("vm1", "net0", "attached", lower="lo0")["swaps"] == 1
+    assert world.macvtaps() == ["nw-vm1-net0"]

@@ -13,7 +13,8 @@ both ways; lower flaps each reattach (lower-up to frames-through time is
 printed); ``systemctl reload``; ``systemctl restart`` adopts the backend; the
 watchdog kills a SIGSTOPped netwatch and the restarted one adopts the
 backend; journal catalog text and fields; ``control_group``;
-``systemd-analyze security`` (exposure printed, at most 2.0).
+``systemd-analyze security`` (exposure printed, at most MAX_EXPOSURE, the
+bound tests/test_systemd.py checks offline).
 
     .venv/bin/pytest -s tests/test_real_systemd.py
 
@@ -48,6 +49,7 @@ from netwatch.qemu.qmp import parse_info_network
 from netwatch.sandbox.testbed import wait_until
 
 from .systemd_host import CGROUP_HIERARCHIES, HostError, SystemdHost, build_tree, missing_tools, wheelhouse
+from .test_systemd import MAX_EXPOSURE
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = Path(os.environ.get("NETWATCH_SYSTEMD_SRC", REPO)).resolve()
@@ -273,6 +275,7 @@ def _environment() -> tuple[Path, Path]:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1800)  # the first run builds the Debian tree with debootstrap (minutes on a slow mirror)
 def test_netwatch_under_real_systemd() -> None:
     tree, wheels = _environment()
     commands = readme_service_commands((SOURCE / "README.md").read_text())
@@ -438,7 +441,7 @@ def _exercise(run: Run, commands: list[str], start_at: int, catalog: str) -> Non
         score = re.search(r"Overall exposure level for netwatch.service: ([0-9.]+)", out)
         assert score, out
         print(f"  exposure level {score.group(1)}")
-        assert float(score.group(1)) <= 2.0, out
+        assert float(score.group(1)) <= MAX_EXPOSURE, out
 
 
 def _acl_grants(acl_hex: str, gid: int) -> bool:

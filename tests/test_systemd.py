@@ -24,6 +24,9 @@ UNITS = Path(__file__).parent.parent / "units"
 JOURNALD = next((p for p in ("/lib/systemd/systemd-journald", "/usr/lib/systemd/systemd-journald")
                  if os.path.exists(p)), None)
 needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+# The most `systemd-analyze security` may score the unit, offline here and on
+# a booted systemd in tests/test_real_systemd.py (1.8 offline when set).
+MAX_EXPOSURE = 2.0
 
 
 def installed_unit(tmp_path: Path) -> Path:
@@ -53,12 +56,12 @@ def test_unit_verifies(tmp_path: Path, analyze: None) -> None:
 
 
 @needs_systemd
-def test_unit_security_exposure_is_at_most_2_8(tmp_path: Path, analyze: None) -> None:
+def test_unit_security_exposure_is_within_the_bound(tmp_path: Path, analyze: None) -> None:
     result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(installed_unit(tmp_path))],
                             capture_output=True, text=True)
     match = re.search(r"Overall exposure level for netwatch.service: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
-    assert float(match.group(1)) <= 2.8, result.stdout
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
     unit = (UNITS / "netwatch.service").read_text()
     for needed in ("Type=notify", "WatchdogSec=", "ExecReload=/usr/local/bin/netwatch reload",
                    "Restart=on-failure"):

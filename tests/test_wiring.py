@@ -13,6 +13,7 @@ import pytest
 
 from netwatch import config
 from netwatch.config import GuestPci, NicConfig, VmConfig
+from netwatch.errors import QmpError
 from netwatch.qemu import wiring
 from netwatch.qemu.args import vm_args
 from netwatch.qemu.direct import DirectWiring
@@ -71,13 +72,21 @@ def test_default_slots_stay_with_running_nics() -> None:
 
 
 class RecordingVm:
-    """The parts of VmSession a wiring uses, recording every command."""
+    """The parts of VmSession a wiring uses, recording every command.
+
+    Like QEMU with a guest: device_del only asks; the guest lets go a moment
+    later, and only then does DEVICE_DELETED come and the id become free
+    (it is recorded among the commands, where it came). A device_add of an
+    id still in use is refused, as QEMU refuses it.
+    """
 
     machine = "pc"
+    RELEASE_DELAY = 0.05  # the guest's own time to let go
 
     def __init__(self) -> None:
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self.passed: list[tuple[str, int]] = []
+        self.devices: set[str] = set()
         self._deleted: dict[str, asyncio.Future[None]] = {}
 
     async def pass_fd(self, fd: int, fdname: str) -> None:
@@ -85,10 +94,22 @@ class RecordingVm:
         self.passed.append((fdname, fd))
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        self.commands.append((command, arguments or {}))
-        if command == "device_del":
-            self._deleted[arguments["id"]].set_result(None)  # type: ignore[index]
+        arguments = arguments or {}
+        self.commands.append((command, arguments))
+        if command == "device_add":
+            if arguments["id"] in self.devices:
+                raise QmpError(f"Duplicate device ID '{arguments['id']}' for device")
+            self.devices.add(arguments["id"])
+        elif command == "device_del":
+            asyncio.get_running_loop().call_later(self.RELEASE_DELAY, self._released, arguments["id"])
         return {}
+
+    def _released(self, device: str) -> None:
+        self.devices.discard(device)
+        self.commands.append(("DEVICE_DELETED", {"id": device}))
+        waiter = self._deleted.get(device)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def expect_deleted(self, device: str) -> asyncio.Future[None]:
         self._deleted[device] = asyncio.get_running_loop().create_future()
@@ -151,6 +172,6 @@ def test_a_replug_deletes_the_device_and_waits_before_adding_it_back() -> None:
     assert [(c, a.get("id"), a.get("netdev")) for c, a in vm.commands] == [
         ("netdev_add", "nw-net0-tap1", None), ("device_add", "net0", "nw-net0-tap1"),
         ("netdev_add", "nw-net0-tap2", None),
-        ("device_del", "net0", None), ("device_add", "net0", "nw-net0-tap2"),
+        ("device_del", "net0", None), ("DEVICE_DELETED", "net0", None), ("device_add", "net0", "nw-net0-tap2"),
         ("netdev_del", "nw-net0-tap1", None),
     ]

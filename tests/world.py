@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from netwatch import config as config_mod
+from netwatch.errors import NetwatchError, ServiceNotRunning
 from netwatch.sandbox.testbed import (
     Deadline,
     Netns,
@@ -30,6 +31,12 @@ from netwatch.sandbox.testbed import (
 from netwatch.service import control
 
 PEER_MAC = "02:00:00:00:00:01"
+# How long a netwatch just started may take to open its control socket.
+STARTUP = 30.0
+
+
+class NotAnswering(AssertionError):
+    """netwatch gave no status: it exited, hangs, or answered with an error."""
 
 
 class World:
@@ -138,23 +145,51 @@ class World:
 
     # -- looking -------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        try:
-            return dict(control.request(self.state, "status", timeout=5))
-        except Exception as exc:  # noqa: BLE001 - shown in dumps only
-            return {"error": str(exc)}
+    def status(self, startup: float = STARTUP) -> dict[str, Any]:
+        """netwatch's answer to ``status``; NotAnswering if there is none.
+
+        Only an answer counts: a netwatch that exited, hangs (no answer
+        within 5 s) or answers with an error raises, so that "no such NIC"
+        can never be read out of a dead service. A netwatch this world
+        started that is still running but has not opened its control socket
+        yet (starting) is waited for, up to ``startup`` seconds.
+        """
+        end = time.monotonic() + startup
+        while True:
+            try:
+                return dict(control.request(self.state, "status", timeout=5))
+            except ServiceNotRunning as exc:
+                if not self._netwatch_running() or time.monotonic() >= end:
+                    raise NotAnswering(f"status: {exc}; {self._netwatch_fate()}") from exc
+            except NetwatchError as exc:  # it hangs, or answered with an error
+                raise NotAnswering(f"status: {exc}; {self._netwatch_fate()}") from exc
+            time.sleep(0.05)
 
     def nic(self, vm: str, nic: str) -> dict[str, Any]:
-        for vm_status in self.status().get("vms", []):
+        """The NIC's status; {} only when a netwatch that answered shows no such NIC."""
+        for vm_status in self.status()["vms"]:
             if vm_status["name"] == vm:
                 for nic_status in vm_status["nics"]:
                     if nic_status["id"] == nic:
                         return dict(nic_status)
         return {}
 
+    def _netwatch_running(self) -> bool:
+        return self.netwatch is not None and self.netwatch.proc is not None and self.netwatch.proc.poll() is None
+
+    def _netwatch_fate(self) -> str:
+        if self.netwatch is None or self.netwatch.proc is None:
+            return "no netwatch is running in this world"
+        code = self.netwatch.proc.poll()
+        state = f"running (pid {self.netwatch.pid})" if code is None else f"exited with {code}"
+        return f"netwatch {state}; its log ends:\n{self.netwatch.log()[-2000:]}"
+
     def dump(self) -> str:
-        parts = ["== status", json.dumps(self.status(), indent=1), "== ip -d link",
-                 self.ns.ip("-d", "link", check=False)]
+        try:
+            status = json.dumps(self.status(startup=0), indent=1)
+        except NotAnswering as exc:  # a dump shows what is, whatever it is (the log follows)
+            status = str(exc).split("; its log ends", 1)[0]
+        parts = ["== status", status, "== ip -d link", self.ns.ip("-d", "link", check=False)]
         if self.netwatch is not None:
             parts += ["== netwatch log (tail)", self.netwatch.log()[-4000:]]
         for name, qemu in self.qemus.items():
