@@ -13,10 +13,21 @@ import json
 import logging
 import os
 import re
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-from netwatch.config import ifname_problem
+from netwatch.config import (
+    BACKENDS,
+    MACVTAP_MODES,
+    MAX_QUEUES,
+    TAP_MODES,
+    WIRINGS,
+    ifname_problem,
+    mac_problem,
+    parse_guest_pci,
+    pci_problem,
+)
 from netwatch.errors import NetwatchError
 from netwatch.untrusted import clean
 
@@ -54,7 +65,12 @@ class NicRecord:
 
 
 class RecordError(NetwatchError):
-    """A record could not be read for a reason that may pass (EMFILE, EIO): retry, do not assume none."""
+    """A record could not be read or written for a reason that may pass (EMFILE, EIO), or its directory is not
+    netwatch's own: retry, do not assume none."""
+
+
+class _Unusable(Exception):
+    """A directory or file on a record's path is not one netwatch made (a symlink, others may write it)."""
 
 
 # The shapes of VM names and NIC ids that config accepts: a record's path
@@ -69,87 +85,259 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 _FIELD_NAMES = tuple(field.name for field in fields(NicRecord))
 assert set(_FIELD_NAMES) == set(_FIELD_TYPES), "every record field has a checked type"
+# Where each int field lies: ifindexes and generations are the kernel's and QEMU's
+# positive ints, a pid at most the kernel's PID_MAX_LIMIT, a start time (clock ticks) a u64.
+_INT32 = 2**31 - 1
+_INT_RANGES = {"ifindex": (1, _INT32), "lower_ifindex": (0, _INT32), "generation": (1, _INT32),
+               "swaps": (0, _INT32), "qemu_pid": (1, 4 * 1024 * 1024), "qemu_start": (0, 2**64 - 1),
+               "queues": (1, MAX_QUEUES)}
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted at a record's name must not block the event loop in open().
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class RecordStore:
     """``state_dir/nics/<vm>/<nic>.json``, one per attached NIC.
 
     Records are read back by a later netwatch and acted on (a recorded link
-    may be deleted), so nothing in one is believed that its path does not
-    confirm, symlinks are never followed, and a read that fails for a
-    passing reason is an error, not an absent record.
+    may be deleted, its fields reach hooks), so nothing in one is believed
+    that its path does not confirm, every field is checked as config input
+    is, and a read that fails for a passing reason is an error, not an
+    absent record. Below state_dir nothing is followed: each directory is
+    opened with O_NOFOLLOW and worked in by its fd, and it, like each
+    record, must be netwatch's own and writable by it alone.
     """
 
     def __init__(self, state_dir: str) -> None:
-        self.root = Path(state_dir) / "nics"
+        self.state_dir = state_dir
+        self.root = os.path.join(state_dir, "nics")
+        # Each refusal is said once (per path and reason), not at every read.
+        self._said: dict[str, str] = {}
 
-    def _path(self, vm: str, nic: str) -> Path:
-        if not (_NAME.match(vm) and _NAME.match(nic)):
-            raise RecordError(f"refusing a runtime record path for {vm!r}/{nic!r}")
-        return self.root / vm / f"{nic}.json"
+    # -- reading ------------------------------------------------------------
 
     def load(self, vm: str, nic: str) -> NicRecord | None:
-        path = self._path(vm, nic)
+        _check_names(vm, nic)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+            with self._dir(vm) as fd:
+                return None if fd is None else self._load_at(fd, vm, nic)
+        except _Unusable as exc:
+            self._refuse(f"{self.root}/{vm}/{nic}.json", str(exc))
+            return None
+
+    def all(self) -> list[NicRecord]:
+        found = []
+        try:
+            with self._dir(None) as root:
+                if root is None:
+                    return []
+                vms = sorted(_listdir(root, self.root))
+                for vm in vms:
+                    found += self._all_of(root, vm)
+        except _Unusable as exc:
+            self._refuse(self.root, str(exc))
+        return found
+
+    def _all_of(self, root: int, vm: str) -> list[NicRecord]:
+        where = f"{self.root}/{vm}"
+        if not _NAME.match(vm):
+            self._refuse(where, "not a runtime record netwatch writes")
+            return []
+        try:
+            fd = _open_dir(root, vm, where)
+        except _Unusable as exc:
+            self._refuse(where, str(exc))
+            return []
+        except FileNotFoundError:  # removed meanwhile
+            return []
+        except OSError as exc:
+            raise RecordError(f"cannot open {where}: {exc.strerror or exc}") from exc
+        found = []
+        try:
+            for name in sorted(_listdir(fd, where)):
+                if not name.endswith(".json"):
+                    continue  # a temporary file of a save cut short
+                nic = name[:-len(".json")]
+                if not _NAME.match(nic):
+                    self._refuse(f"{where}/{name}", "not a runtime record netwatch writes")
+                    continue
+                record = self._load_at(fd, vm, nic)
+                if record is not None:
+                    found.append(record)
+        finally:
+            os.close(fd)
+        return found
+
+    def _load_at(self, fd: int, vm: str, nic: str) -> NicRecord | None:
+        path = f"{self.root}/{vm}/{nic}.json"
+        try:
+            file = os.open(f"{nic}.json", _READ_FLAGS, dir_fd=fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
-                log.warning("ignoring runtime record %s: not a plain file", path)
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENXIO):
+                self._refuse(path, "not a plain file")
                 return None
             raise RecordError(f"cannot read the runtime record {path}: {exc.strerror or exc}") from exc
         try:
-            with os.fdopen(fd, "rb") as file:
-                raw = file.read(MAX_RECORD + 1)
+            info = os.fstat(file)
+            if not stat.S_ISREG(info.st_mode):
+                self._refuse(path, "not a plain file")
+                return None
+            why = _not_own(info)
+            if why:
+                self._refuse(path, why)
+                return None
+            raw = os.read(file, MAX_RECORD + 1)
         except OSError as exc:
             raise RecordError(f"cannot read the runtime record {path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(file)
         try:
             return _parse(raw, vm, nic)
         except ValueError as exc:
             # A damaged or planted record only costs a fresh attach.
-            log.warning("ignoring runtime record %s: %s", path, clean(exc))
+            self._refuse(path, clean(exc))
             return None
 
+    # -- writing ------------------------------------------------------------
+
     def save(self, record: NicRecord) -> None:
-        path = self._path(record.vm, record.nic)
-        tmp = f"{path}.tmp"
-        # Write and rename: a crash of netwatch never leaves half a record. No
-        # fsync: records describe the running host, which a reboot resets.
-        # O_EXCL|O_NOFOLLOW: a file planted at the temporary name is never
-        # written through; a stale one is removed first.
+        vm, nic = record.vm, record.nic
+        _check_names(vm, nic)
         # Not asdict(): it deep-copies every field, a third of a save's cost.
         data = json.dumps({name: getattr(record, name) for name in _FIELD_NAMES}).encode()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+        name, tmp = f"{nic}.json", f"{nic}.json.tmp"
         try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileExistsError:  # left by a netwatch that died mid-save, or planted
-            os.unlink(tmp)
-            fd = os.open(tmp, flags, 0o600)
-        except FileNotFoundError:  # the VM's first record (the common case skips the mkdir calls)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, flags, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            with self._dir(vm, create=True) as fd:
+                assert fd is not None
+                # Write and rename: a crash of netwatch never leaves half a
+                # record. No fsync: records describe the running host, which a
+                # reboot resets. O_EXCL|O_NOFOLLOW: a file planted at the
+                # temporary name is never written through; a stale one is removed first.
+                try:
+                    file = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=fd)
+                except FileExistsError:  # left by a netwatch that died mid-save, or planted
+                    os.unlink(tmp, dir_fd=fd)
+                    file = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=fd)
+                try:
+                    os.write(file, data)
+                finally:
+                    os.close(file)
+                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except _Unusable as exc:
+            raise RecordError(f"cannot write the runtime record {self.root}/{vm}/{name}: {exc}") from exc
+        except OSError as exc:
+            raise RecordError(f"cannot write the runtime record {self.root}/{vm}/{name}: "
+                              f"{exc.strerror or exc}") from exc
+        self._said.pop(f"{self.root}/{vm}/{name}", None)
 
     def remove(self, vm: str, nic: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(vm, nic).unlink()
+        _check_names(vm, nic)
+        try:
+            with self._dir(vm) as fd:
+                if fd is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{nic}.json", dir_fd=fd)
+        except _Unusable as exc:
+            self._refuse(f"{self.root}/{vm}/{nic}.json", str(exc), "not removing")
 
-    def all(self) -> list[NicRecord]:
-        found = []
-        for path in sorted(self.root.glob("*/*.json")):
-            vm, nic = path.parent.name, path.stem
-            if not (_NAME.match(vm) and _NAME.match(nic)) or path.parent.is_symlink():
-                log.warning("ignoring %s: not a runtime record netwatch writes", path)
-                continue
-            record = self.load(vm, nic)
-            if record is not None:
-                found.append(record)
-        return found
+    # -- the directories ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _dir(self, vm: str | None, create: bool = False) -> Iterator[int | None]:
+        """An fd of ``nics/<vm>`` (``nics`` for None), each step opened without following; None if not there."""
+        fds: list[int] = []
+        try:
+            yield self._open(vm, create, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _open(self, vm: str | None, create: bool, fds: list[int]) -> int | None:
+        # state_dir is the admin's (the service checks it is its own at start): followed.
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            try:
+                fds.append(os.open(self.state_dir, flags))
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+                fds.append(os.open(self.state_dir, flags))
+            fds.append(_open_dir(fds[-1], "nics", self.root, create))
+            if vm is not None:
+                fds.append(_open_dir(fds[-1], vm, f"{self.root}/{vm}", create))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RecordError(f"cannot use {self.root}: {exc.strerror or exc}") from exc
+        return fds[-1]
+
+    def _refuse(self, path: str, why: str, doing: str = "ignoring") -> None:
+        text = f"{doing} runtime record {path}: {why}"
+        if self._said.get(path) != text:
+            self._said[path] = text
+            log.warning("%s", text)
+
+
+def _check_names(vm: str, nic: str) -> None:
+    if not (_NAME.match(vm) and _NAME.match(nic)):
+        raise RecordError(f"refusing a runtime record path for {vm!r}/{nic!r}")
+
+
+def _not_own(info: os.stat_result) -> str | None:
+    """Why a file or directory with ``info`` may not be netwatch's alone, or None."""
+    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"not netwatch's own and writable by it alone (owner uid {info.st_uid}, "
+                f"mode {stat.S_IMODE(info.st_mode):04o})")
+    return None
+
+
+def _open_dir(parent: int, name: str, where: str, create: bool = False) -> int:
+    """``name`` in ``parent``, a directory netwatch owns alone, opened without following a symlink.
+
+    ``create``: made if missing (0700); a symlink or other file in its place
+    (in netwatch's own directory) is removed first: the link itself, never
+    what it points to.
+    """
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        what = "a symlink" if exc.errno == errno.ELOOP else "not a directory"
+        if not create:
+            raise _Unusable(f"{where} is {what}") from None
+        os.unlink(name, dir_fd=parent)
+        log.warning("replaced %s with a directory of netwatch's own: it was %s, which is never followed",
+                    where, what)
+        os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    try:
+        why = _not_own(os.fstat(fd))
+    except OSError:
+        os.close(fd)
+        raise
+    if why:
+        os.close(fd)
+        raise _Unusable(f"{where} is {why}")
+    return fd
+
+
+def _listdir(fd: int, where: str) -> list[str]:
+    try:
+        return os.listdir(fd)
+    except OSError as exc:
+        raise RecordError(f"cannot list {where}: {exc.strerror or exc}") from exc
 
 
 MAX_RECORD = 64 * 1024
@@ -158,7 +346,12 @@ MAX_RECORD = 64 * 1024
 def _parse(raw: bytes, vm: str, nic: str) -> NicRecord:
     if len(raw) > MAX_RECORD:
         raise ValueError("larger than any record netwatch writes")
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        # Nesting (60,000 '[' fit in the size limit) exhausts the parser's
+        # stack: a flat object is all netwatch writes.
+        raise ValueError("nested deeper than any record netwatch writes") from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     unknown = set(data) - set(_FIELD_TYPES)
@@ -174,8 +367,60 @@ def _parse(raw: bytes, vm: str, nic: str) -> NicRecord:
         raise ValueError("fields are missing") from exc
     if (record.vm, record.nic) != (vm, nic):
         raise ValueError(f"it names {record.vm!r}/{record.nic!r}, not the VM and NIC of its path")
-    if ifname_problem(record.ifname) or record.backend not in ("macvtap", "tap") or record.ifindex <= 0:
+    if record.backend not in BACKENDS:
         raise ValueError("it does not describe a netwatch backend")
-    if record.phase not in ("", "in", "out"):
-        raise ValueError(f"unknown migration phase {clean(record.phase, 20)}")
+    why = _field_problem(record)
+    if why:
+        raise ValueError(why)
     return record
+
+
+def _field_problem(record: NicRecord) -> str | None:
+    """What in ``record`` no config and no kernel could have given it (every field reaches a hook or a link), or None.
+
+    The checks are the config's own (netwatch/config.py): a record is input too.
+    """
+    for key, (low, high) in _INT_RANGES.items():
+        value = getattr(record, key)
+        if value is not None and not low <= value <= high:
+            return f"field {key!r}: {value} is not between {low} and {high}"
+    modes = TAP_MODES if record.backend == "tap" else MACVTAP_MODES
+    choices: dict[str, tuple[str, ...]] = {"mode": modes, "wiring": WIRINGS, "phase": ("", "in", "out")}
+    for key, allowed in choices.items():
+        if getattr(record, key) not in allowed:
+            return f"field {key!r}: {clean(getattr(record, key), 20)} is not one of {', '.join(allowed)}"
+    # The lower as the NIC's lower spec describes it: a name, a MAC or a PCI address ("" for none yet).
+    checks: list[tuple[str, str | None, Callable[[str], str | None]]] = [
+        ("ifname", record.ifname, ifname_problem), ("bridge", record.bridge, ifname_problem),
+        ("mac", record.mac, _guest_mac_problem),
+        ("lower", record.lower, _lower_problem),
+        ("guest_pci", record.guest_pci, _guest_pci_problem),
+        # QEMU ids as the wiring names them (netwatch/qemu/hub.py, direct.py).
+        ("tap_netdev", record.tap_netdev, _expect(f"nw-{record.nic}-tap{record.generation}")),
+        ("hub_netdev", record.hub_netdev,
+         _expect(f"nw-{record.nic}-up{record.generation}" if record.wiring == "hub" else "")),
+    ]
+    for key, value, check in checks:
+        why = check(value) if value is not None else None
+        if why:
+            return f"field {key!r}: {clean(value, 40)} {why}"
+    return None
+
+
+def _guest_mac_problem(value: str) -> str | None:
+    return mac_problem(value) or (None if value == value.lower() else "is not written as netwatch writes it")
+
+
+def _lower_problem(value: str) -> str | None:
+    if not value or ifname_problem(value) is None or mac_problem(value) is None or pci_problem(value) is None:
+        return None
+    return "is not an interface name, a MAC or a PCI address"
+
+
+def _guest_pci_problem(value: str) -> str | None:
+    slot = parse_guest_pci(value)
+    return None if slot is not None and slot.slot <= 0x1F else "is not a PCI slot netwatch gives"
+
+
+def _expect(wanted: str) -> Callable[[str], str | None]:
+    return lambda value: None if value == wanted else f"is not {wanted!r}, as its NIC and generation say"

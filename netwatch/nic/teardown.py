@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Container
 from typing import TYPE_CHECKING
 
 from netwatch import events
+from netwatch.host.backends import tap_mac
+from netwatch.host.links import Link
 from netwatch.nic import migration
+from netwatch.nic.records import NicRecord
 from netwatch.nic.wirings import make_wiring, pair_of
 from netwatch.qemu.peer import still_runs
 
@@ -18,6 +22,39 @@ log = logging.getLogger(__name__)
 
 # Seconds a NIC's removal waits for QEMU before it removes the kernel side anyway.
 REMOVE_DEADLINE = 2.0
+
+
+def provably_ours(link: Link, record: NicRecord, names: Container[str]) -> bool:
+    """Whether ``link`` itself says it is the backend ``record`` describes: the NIC's own name, kind and MAC.
+
+    A record is only a file: a link it names is deleted only when the link
+    is the recorded name, one of the NIC's backend names, and the kind of
+    link netwatch makes with the MAC it gives it (a macvtap with the guest's
+    MAC, a tap with that MAC's fe: form).
+    """
+    if link.name != record.ifname or record.ifname not in names:
+        return False
+    if record.backend == "macvtap":
+        return link.kind == "macvtap" and link.mac == record.mac
+    return link.kind == "tun" and link.mac == tap_mac(record.mac)
+
+
+async def delete_backend(life: BackendLife, backend: NicRecord) -> bool:
+    """Delete the link ``backend`` names if it is provably the NIC's; whether the record describes what is there.
+
+    False: a link of that name at that ifindex is not netwatch's: it is
+    left alone, said once (its record is dropped by the caller).
+    """
+    link = life.env.links.get(backend.ifindex)
+    if link is None or link.name != backend.ifname:
+        return True  # gone already (a macvtap dies with its lower, a tap with its QEMU)
+    if not provably_ours(link, backend, life.nic.backend_names):
+        log.warning("%s/%s: not removing %s (ifindex %d): the record names it, but it is not the %s netwatch "
+                    "made for this NIC (%s, MAC %s)", life.vm_name, life.nic.id, link.name, link.index,
+                    backend.backend, link.kind or "no kind", link.mac or "none")
+        return False
+    await life.best_effort(life.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+    return True
 
 
 async def vm_gone(life: BackendLife) -> None:
@@ -37,10 +74,10 @@ async def vm_gone(life: BackendLife) -> None:
                                and still_runs(backend.qemu_pid, backend.qemu_start)):
             return
     life.backend = None
-    link = life.env.links.get(backend.ifindex)
-    if link is not None and link.name == backend.ifname:
-        await life.best_effort(life.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+    ours = await delete_backend(life, backend)
     life.env.records.remove(life.vm_name, life.nic.id)
+    if not ours:
+        return  # not what netwatch attached: no if-up ran for it, none is owed
     life.hooks_down(migration.down_context(life.phase_for(backend.qemu_pid, backend)), backend)
     events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=life.vm_name, nic=life.nic.id,
                 lower=backend.lower)
@@ -64,11 +101,10 @@ async def hot_remove(life: BackendLife) -> None:
     backend, life.backend = life.backend, None
     if backend is not None:
         await life.best_effort(life.wiring.unplug(pair_of(backend)), "removing the backend from QEMU")
-        link = life.env.links.get(backend.ifindex)
-        if link is not None and link.name == backend.ifname:
-            await life.best_effort(life.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+        ours = await delete_backend(life, backend)
         life.env.records.remove(life.vm_name, life.nic.id)
-        life.hooks_down("hot-remove", backend)
+        if ours:
+            life.hooks_down("hot-remove", backend)
     events.emit("hot-remove", f"NIC {life.nic.id} removed from the running guest: it is no longer configured",
                 vm=life.vm_name, nic=life.nic.id, lower=backend.lower if backend else None)
 
@@ -90,10 +126,10 @@ async def remove(life: BackendLife) -> None:
         except TimeoutError:
             log.warning("%s/%s: QEMU did not answer within %g s while the NIC was removed; its netdevs stay "
                         "in QEMU, the backend link goes", life.vm_name, life.nic.id, REMOVE_DEADLINE)
-    link = life.env.links.get(backend.ifindex)
-    if link is not None and link.name == backend.ifname:
-        await life.best_effort(life.env.ops.delete(backend.ifindex), f"removing {backend.ifname}")
+    ours = await delete_backend(life, backend)
     life.env.records.remove(life.vm_name, life.nic.id)
+    if not ours:
+        return
     # A VM dropped from a source's config after it migrated away: migrate-out, not stop.
     life.hooks_down(migration.down_context(life.phase_for(backend.qemu_pid, backend)), backend)
     events.emit("detached", f"{backend.tap_netdev} removed: the NIC is no longer configured",
