@@ -130,5 +130,8 @@ def setup(verbose: bool = False) -> None:
     root.handlers[:] = [_buffer]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Library chatter (qemu.qmp logs every disconnect at ERROR) is not ours.
-    for name in ("qemu", "pyroute2", "asyncio"):
+    for name in ("qemu", "pyroute2"):
         logging.getLogger(name).setLevel(logging.CRITICAL if not verbose else logging.DEBUG)
+    # asyncio logs at ERROR only what no code caught (an exception in a callback
+    # or in a control connection's task): a bug, which must not pass in silence.
+    logging.getLogger("asyncio").setLevel(logging.ERROR if not verbose else logging.DEBUG)

@@ -57,8 +57,10 @@ class Link:
 
     @classmethod
     def from_msg(cls, msg: Any) -> Link:
-        """From a pyroute2 message (dumps)."""
-        return cls(index=msg["index"], name=msg.get("ifname") or "", kind=msg.get(("linkinfo", "kind")),
+        """From a pyroute2 message (dumps), which gives a name that is not UTF-8 as bytes."""
+        kind = msg.get(("linkinfo", "kind"))
+        return cls(index=msg["index"], name=rtnl.name_of(msg.get("ifname") or ""),
+                   kind=rtnl.name_of(kind) if kind is not None else None,
                    mac=(msg.get("address") or None), parent=msg.get("link") or None,
                    flags=msg["flags"] & FLAGS_READ,
                    master=msg.get("master") or None)

@@ -9,6 +9,7 @@ Dumps and every other change netwatch makes still go through pyroute2.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 
@@ -69,6 +70,16 @@ def _cstring(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def name_of(value: bytes | str) -> str:
+    """A link name (or kind) as netwatch holds it, from the kernel's bytes: os.fsdecode, which cannot fail.
+
+    Not UTF-8 is allowed (``m\\xff0``): the bytes that do not decode become
+    surrogate escapes, so dumps (pyroute2 gives such a name as bytes),
+    events and uevents agree on one str, and os.fsencode gives the bytes back.
+    """
+    return value if isinstance(value, str) else os.fsdecode(value.split(b"\0", 1)[0])
+
+
 def _messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
     """(type, flags, sequence number, body offset, end offset) of each netlink message in a datagram; a
     malformed length ends the walk."""
@@ -109,7 +120,7 @@ def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
                     break
                 kind &= NLA_TYPE_MASK
                 if kind == IFLA_IFNAME:
-                    fields["name"] = _cstring(data[pos + 4:pos + attr_len])
+                    fields["name"] = name_of(data[pos + 4:pos + attr_len])
                 elif kind == IFLA_ADDRESS and attr_len == 10:
                     fields["mac"] = data[pos + 4:pos + 10].hex(":")
                 elif kind == IFLA_LINK and attr_len >= 8:
@@ -120,7 +131,7 @@ def decode_links(data: bytes) -> Iterator[tuple[int, dict[str, object]]]:
                     value = data[pos + 4:pos + attr_len]
                     for sub, sub_value in _attrs(value, 0, len(value)):
                         if sub == IFLA_INFO_KIND:
-                            fields["kind"] = _cstring(sub_value)
+                            fields["kind"] = name_of(sub_value)
                 pos += (attr_len + 3) & ~3
             yield msg_type, fields
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pyudev
 
 from netwatch.errors import NetwatchError
+from netwatch.host import rtnl
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def parse_kernel_uevent(data: bytes) -> tuple[str, str, int | None] | None:
         ifindex: int | None = int(fields[b"IFINDEX"])
     except (KeyError, ValueError):
         ifindex = None
-    name = fields[b"INTERFACE"].decode("utf-8", "replace")
+    name = rtnl.name_of(fields[b"INTERFACE"])  # as the link table holds it
     return fields.get(b"ACTION", b"").decode("ascii", "replace"), name, ifindex
 
 
@@ -156,7 +157,11 @@ class UdevMonitor:
                 ifindex: int | None = int(device.properties["IFINDEX"])
             except (KeyError, ValueError):
                 ifindex = None
-            self.on_event(device.action or "", device.sys_name, ifindex)
+            try:
+                name = device.sys_name
+            except UnicodeDecodeError:  # pyudev decodes strictly; the ifindex names the link
+                name = ""
+            self.on_event(device.action or "", name, ifindex)
 
     def _overflowed(self, exc: OSError) -> None:
         if self._monitor is not None:

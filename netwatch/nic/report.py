@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from netwatch.config import NicConfig
 from netwatch.nic.state import NicState
 from netwatch.nic.wirings import guest_side
+from netwatch.untrusted import displayable
 
 if TYPE_CHECKING:
     from netwatch.nic.controller import NicController
@@ -89,4 +90,5 @@ def status(ctl: NicController) -> dict[str, Any]:
     if ctl.nic.bridge is not None:
         status["bridge"] = ctl.nic.bridge
         status["bridge_present"] = ctl.env.links.named(ctl.nic.bridge) is not None
-    return status
+    # A lower's name from the kernel need not be UTF-8 (its cause may quote it): shown escaped.
+    return dict(displayable(status))
