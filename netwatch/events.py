@@ -48,6 +48,7 @@ EVENT_KINDS: dict[str, EventKind] = {
     "migration-completed": EventKind("9777bb8953584ff9b27fc9f4cdcec774", logging.INFO),
     "migration-arrived": EventKind("3125c782f7b44038954f85ad55cb1314", logging.INFO),
     "migration-failed": EventKind("176448c20294472d8ded1e964cea2e9f", logging.WARNING),
+    "run-state-flood": EventKind("671eed9253294930bfdcabcc3191ec63", logging.WARNING),
     "service": EventKind("a90120ef32f54a34aabb5e9cd4d3f8de", logging.INFO),
 }
 
