@@ -18,10 +18,12 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
+from qemu.qmp.protocol import SocketAddrT
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
@@ -29,7 +31,7 @@ from netwatch import events, tasks
 from netwatch.errors import NetwatchError, QmpError
 from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.deletions import DeviceDeletions
-from netwatch.qemu.peer import Claims, Identity, Peer, peer_problem, start_time
+from netwatch.qemu.peer import Claims, Identity, Peer, QemuClaims, file_id, peer_problem, start_time
 from netwatch.qemu.runstate import POSTMIGRATE, RUN_EVENTS, RunStateWatch, parse_status
 from netwatch.qemu.sockwatch import SocketWatch
 from netwatch.untrusted import clean
@@ -106,10 +108,30 @@ READ_LIMIT = 256 * 1024
 BUDGET_WINDOW = 1.0
 BUDGET_MESSAGES = 400
 BUDGET_BYTES = 2 * 1024 * 1024
+# What netwatch keeps for a QEMU that does not read: past this many unsent
+# bytes the session ends (commands are a few hundred bytes; the kernel's
+# socket buffer holds about 280 of them before anything stays here).
+WRITE_LIMIT = 256 * 1024
+# Seconds a disconnect may wait for QEMU to read what is left to send:
+# then the connection is cut without it (a peer that stopped reading held
+# a reload, and the service's stop, for good).
+DISCONNECT_TIMEOUT = 1.0
 
 
 class PeerFlood(QmpError):
     """QEMU sent more than a QMP session may: the session is dropped."""
+
+
+class PeerStalled(QmpError):
+    """QEMU stopped reading what netwatch sends: the session is dropped."""
+
+
+class NoListener(QmpError):
+    """Nothing accepted a connection on the socket (absent, or nobody listening yet)."""
+
+
+class PeerFailed(QmpError):
+    """Something accepted the connection and then failed QMP's greeting or negotiation."""
 
 
 class LeanClient(QMPClient):
@@ -124,6 +146,19 @@ class LeanClient(QMPClient):
         self._window_start = time.monotonic()
         self._window_messages = 0
         self._window_bytes = 0
+        # Whether the socket accepted the connection: a failure after that is the peer's.
+        self.reached = False
+
+    async def _do_connect(self, address: SocketAddrT | socket.socket, ssl: SSLContext | None = None) -> None:
+        await super()._do_connect(address, ssl)
+        self.reached = True
+
+    def _do_send(self, msg: Message) -> None:
+        writer = self._writer
+        unsent = writer.transport.get_write_buffer_size() if writer is not None else 0
+        if unsent > WRITE_LIMIT:
+            raise PeerStalled(f"QEMU has not read the last {unsent} bytes netwatch sent")
+        super()._do_send(msg)
 
     async def _readline(self) -> bytes:
         # Checked before a message is parsed: past the budget nothing more is.
@@ -169,7 +204,7 @@ class VmSession:
 
     def __init__(self, name: str, path: str, on_change: Callable[[], None], timeout: float = 5.0,
                  connect_wait: wait_base | None = None, short_session_wait: wait_base | None = None,
-                 identity: Identity | None = None, peers: dict[int, str] | None = None,
+                 identity: Identity | None = None, peers: QemuClaims | None = None,
                  recorded: Callable[[], list[tuple[int, int | None]]] | None = None, machine: str = "pc",
                  announce_gate: AnnounceGate | None = None) -> None:
         self.name = name
@@ -179,8 +214,8 @@ class VmSession:
         self._own_gate = announce_gate is None
         self.announce_gate = announce_gate or AnnounceGate()
         self.identity = identity or Identity()
-        # pid -> VM name of every admitted peer, shared by all sessions: one QEMU serves one VM.
-        self.peers = peers if peers is not None else {}
+        # Which VM each QEMU process is, shared by all sessions: one QEMU serves one VM while it runs.
+        self.peers = peers if peers is not None else QemuClaims()
         # (pid, start time) of the QEMUs the runtime records say served this VM.
         self.recorded = recorded or list
         # Why the last peer was refused (None: it was not).
@@ -200,6 +235,9 @@ class VmSession:
         self._fd_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._pidfd: int | None = None
+        # Which file the socket last tried was (peer.file_id): a new QEMU's is another.
+        self._tried_socket: tuple[int, int, int] | None = None
+        self._connected_at = 0.0
         # device id -> futures told when QEMU reports it deleted (DEVICE_DELETED).
         self._deleted = DeviceDeletions()
         # Set once the first connection attempt is over, whatever its outcome.
@@ -269,37 +307,80 @@ class VmSession:
     async def _run(self) -> None:
         # Supervised: whatever ends a session (QEMU, qemu.qmp, or a bug here)
         # is reported and followed by a new attempt, never by silence. A peer
-        # that keeps hanging up soon after connecting meets a growing delay:
-        # only a session that lasted resets it.
-        short_sessions = 0
+        # that keeps failing (hanging up at its greeting, refused, or gone
+        # soon after connecting) meets a growing delay, which only a session
+        # that lasted resets and nothing but a new socket cuts short.
+        failures, delay = 0, 0.0
+        shortcut = True  # whether a new socket may still end this streak's delay early
         while True:
-            started, session = time.monotonic(), self.session
+            if failures:
+                shortcut = await self._back_off(delay, shortcut)
+            session = self.session
+            failed: Exception | None = None
             try:
-                await self._session(short_sessions)
+                await self._session()
             except Exception as exc:
+                failed = exc
                 self.errors += 1
                 log.debug("%s: QMP session failed", self.name, exc_info=True)
-                events.emit("error", f"QMP session on {self.path} failed: {clean(exc)}", vm=self.name)
                 await self._drop()
-                self.on_change()
+                self.first_attempt.set()
             # A QEMU that sent its guest away and was ended is no crash loop,
             # however short its life: the next one (the guest coming back,
             # as migrations ping-pong) is connected at once.
-            migrated = self.session != session and self.runstate.last == POSTMIGRATE
-            lasted = time.monotonic() - started >= STABLE_SESSION or migrated
-            short_sessions = 0 if lasted else short_sessions + 1
+            # Timed from the session's start, not the attempt's: a peer that
+            # accepts and never greets fails after the QMP timeout, and it
+            # had no session at all.
+            connected = self.session != session
+            migrated = connected and self.runstate.last == POSTMIGRATE
+            lasted = connected and (time.monotonic() - self._connected_at >= STABLE_SESSION or migrated)
+            failures = 0 if lasted else failures + 1
+            shortcut = shortcut or lasted
+            delay = self._delay(failures) if failures else 0.0
+            if failed is not None:
+                after = f"; next try in {delay:.3g} s" if failures else ""
+                events.emit("error", f"QMP session on {self.path} failed: {clean(failed)}{after}", vm=self.name)
+                self.on_change()
 
-    async def _session(self, short_sessions: int) -> None:
-        if short_sessions:
-            state = RetryCallState(AsyncRetrying(), None, (), {})
-            state.attempt_number = short_sessions
-            await asyncio.sleep(self.short_session_wait(state))
+    def _delay(self, failures: int) -> float:
+        state = RetryCallState(AsyncRetrying(), None, (), {})
+        state.attempt_number = failures
+        return float(self.short_session_wait(state))
+
+    async def _back_off(self, seconds: float, shortcut: bool) -> bool:
+        """Wait ``seconds`` before trying again; whether a new socket may still cut a later wait short.
+
+        Only a socket file other than the one last connected to (a new
+        QEMU) ends the wait early, and only once a streak: touching the
+        socket, or a peer that keeps making new ones and failing, meets the
+        growing delay in full (before, a peer touching its socket once a
+        second was tried 42 times a second).
+        """
+        if not shortcut:
+            await asyncio.sleep(seconds)
+            return False
+        deadline = time.monotonic() + seconds
+        appeared = self._socket_watch.appeared
+        while True:
+            appeared.clear()
+            now = file_id(self.path)
+            if now is not None and now != self._tried_socket:
+                log.info("%s: a new socket at %s: trying it now, not %.3g s later", self.name, self.path,
+                         deadline - time.monotonic())
+                return False
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await appeared.wait()
+            except TimeoutError:
+                return True
+
+    async def _session(self) -> None:
         client = await self._connect()
         peer = _peer(client)
         refusal = await self._refusal(client, peer)
-        if refusal is None and peer is not None and self.peers.get(peer.pid, self.name) != self.name:
-            # Claimed by another VM's session while this one waited for QEMU (query-uuid).
-            refusal = f"pid {peer.pid} is the QEMU of VM '{self.peers[peer.pid]}'"
+        if refusal is None and peer is not None and (other := self.peers.other_than(peer.pid, self.name)):
+            # Claimed for another VM while this one waited for QEMU (query-uuid).
+            refusal = f"pid {peer.pid} is the QEMU of VM '{other}'"
         if refusal is not None:
             await _quiet_disconnect(client)
             if refusal != self.refused:
@@ -313,8 +394,9 @@ class VmSession:
         assert peer is not None
         self.refused = None
         # Claimed in the same step as the check (no await between): two VMs'
-        # sessions to one QEMU must not both pass it.
-        self.peers[peer.pid] = self.name
+        # sessions to one QEMU must not both pass it. The claim outlives the
+        # session: it ends when the process does.
+        self.peers.claim(peer.pid, self.name)
         # Registered before the first query-status: a change after it is not missed.
         listener = EventListener(("DEVICE_DELETED", *RUN_EVENTS))
         client.register_listener(listener)
@@ -323,8 +405,6 @@ class VmSession:
             run_state = await self._ask_status(client)
         except BaseException:
             client.remove_listener(listener)
-            if self.peers.get(peer.pid) == self.name:
-                del self.peers[peer.pid]
             await _quiet_disconnect(client)
             self.first_attempt.set()  # NICs wait for a first outcome, not for a success
             raise
@@ -332,6 +412,7 @@ class VmSession:
         try:
             self._client = client
             self.session += 1
+            self._connected_at = time.monotonic()
             self.pid = peer.pid
             self.pid_start = start_time(peer.pid)
             self._watch_pid(self.pid)
@@ -411,8 +492,10 @@ class VmSession:
         return None
 
     async def _connect(self) -> QMPClient:
-        # Each delay ends early when the socket appears (a QEMU starting).
-        async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(QmpError),
+        # Retried here: nothing listening yet, each delay ending early when
+        # the socket appears (a QEMU starting). A peer that accepted and then
+        # failed is _run's to retry, after the growing delay.
+        async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(NoListener),
                                            sleep=self._socket_watch.sleep, reraise=True,
                                            before_sleep=lambda _state: self.first_attempt.set()):
             with attempt:
@@ -420,6 +503,7 @@ class VmSession:
         raise AssertionError("unreachable: retries never stop")
 
     async def _connect_once(self) -> QMPClient:
+        self._tried_socket = file_id(self.path)
         client = LeanClient(self.name)
         # The default listener keeps every event it accepts forever (and
         # cannot be removed); netwatch needs no events, so it accepts none.
@@ -432,14 +516,13 @@ class VmSession:
             # its greeting makes qemu.qmp's connect() raise AssertionError.
             await _quiet_disconnect(client)
             self.last_error = f"cannot connect to {self.path}: {clean(exc) or type(exc).__name__}"
-            raise QmpError(self.last_error) from exc
+            raise (PeerFailed if client.reached else NoListener)(self.last_error) from exc
         self.last_error = None
         return client
 
     async def _drop(self) -> BaseException | None:
+        # The QEMU's claim stays (peer.py's QemuClaims): it is this VM's until it exits.
         client, self._client = self._client, None
-        if client is not None and self.pid is not None and self.peers.get(self.pid) == self.name:
-            del self.peers[self.pid]
         return await _quiet_disconnect(client) if client is not None else None
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -493,13 +576,56 @@ async def _until_closed(client: QMPClient) -> None:
 
 
 async def _quiet_disconnect(client: QMPClient) -> Exception | None:
-    """Disconnect; return what ended the session (EOFError when QEMU went away), if anything did."""
+    """Disconnect, within bounds; return what ended the session (EOFError when QEMU went away), if anything did.
+
+    qemu.qmp's disconnect waits until QEMU has read everything sent, with
+    no bound: a peer that stops reading held it (and with it a reload, and
+    the service's stop) for good. Nobody waits for those bytes any more, so
+    what QEMU has not read is dropped with the connection.
+    """
+    if _unsent(client):
+        _abort(client)
+    # A task of its own, never cancelled halfway through qemu.qmp's teardown:
+    # once the connection is cut it ends by itself.
+    closing = asyncio.ensure_future(client.disconnect())
+    closing.add_done_callback(_retrieved)
     try:
-        await client.disconnect()
-    except Exception as exc:  # noqa: BLE001 - whatever ended it is the caller's to report
+        done, _ = await asyncio.wait([closing], timeout=DISCONNECT_TIMEOUT)
+        if not done:
+            _abort(client)  # written meanwhile and not read: the close no longer waits for QEMU
+            done, _ = await asyncio.wait([closing], timeout=DISCONNECT_TIMEOUT)
+    except asyncio.CancelledError:
+        _abort(client)  # nothing of the connection outlives its owner's task
+        raise
+    if not done:
+        closing.cancel()
+        return QmpError(f"the QMP connection did not close within {2 * DISCONNECT_TIMEOUT:g} s")
+    exc = None if closing.cancelled() else closing.exception()
+    if exc is not None:
         log.debug("QMP disconnect: %r", exc)
-        return exc
-    return None
+    return exc if isinstance(exc, Exception) else None
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    # Reported by _quiet_disconnect when it still waits; not again at garbage collection.
+    if not task.cancelled():
+        task.exception()
+
+
+def _transport(client: QMPClient) -> asyncio.WriteTransport | None:
+    writer = getattr(client, "_writer", None)
+    return writer.transport if isinstance(writer, asyncio.StreamWriter) else None
+
+
+def _unsent(client: QMPClient) -> int:
+    transport = _transport(client)
+    return transport.get_write_buffer_size() if transport is not None else 0
+
+
+def _abort(client: QMPClient) -> None:
+    transport = _transport(client)
+    if transport is not None:
+        transport.abort()
 
 
 def _peer(client: QMPClient) -> Peer | None:

@@ -21,6 +21,7 @@ from netwatch.nic import migration
 from netwatch.nic.controller import NicController, NicEnv
 from netwatch.nic.records import NicRecord
 from netwatch.qemu.announce import AnnounceGate
+from netwatch.qemu.peer import QemuClaims
 from netwatch.qemu.qmp import VmSession
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,18 @@ class Reconciler:
         self._interest: dict[tuple[str, object], set[NicController]] = {}
         self._keys: dict[NicController, set[tuple[str, object]]] = {}
         self._own_links: set[str] | None = None
-        # pid -> VM of every admitted QMP peer: one QEMU never serves two VMs.
-        self._peers: dict[int, str] = {}
+        # Which VM each running QEMU is (admitted, or in the records): one QEMU never serves two VMs.
+        self._peers = QemuClaims()
         self._announce_gate = AnnounceGate()
         env.own_links = self.own_links
         env.on_interest_change = self.update_interest
 
     async def __aenter__(self) -> Reconciler:
+        # Before any session, and before orphans' records go: a QEMU an
+        # earlier run served to a VM is that VM's while it runs.
+        for record in self.env.records.all():
+            if record.qemu_pid is not None:
+                self._peers.recorded(record.qemu_pid, record.qemu_start, record.vm)
         await self._remove_orphans()
         for vm_config in self.config.vms:
             await self._add_vm(vm_config)
