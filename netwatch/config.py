@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from netwatch.errors import ConfigError
-from netwatch.qemu.peer import Identity
+from netwatch.qemu.peer import Identity, libvirt_machine_name
 
 DEFAULT_PATH = "/etc/netwatch/netwatch.toml"
 
@@ -149,10 +149,12 @@ class VmConfig:
     cgroup: str | None = None
     machine: str = "pc"
     spare_ports: int = 0
+    libvirt_domain: str | None = None
 
     @property
     def identity(self) -> Identity:
-        return Identity(uuid=self.uuid, qemu_user=self.qemu_user, cgroup=self.cgroup)
+        return Identity(uuid=self.uuid, qemu_user=self.qemu_user, cgroup=self.cgroup,
+                        libvirt_domain=self.libvirt_domain)
 
 
 @dataclass(frozen=True)
@@ -252,14 +254,38 @@ def assign_slots(nics: list[NicConfig], kept: Mapping[str, GuestPci]) -> tuple[l
 
 
 def ifname_problem(value: str) -> str | None:
-    """Why the kernel would refuse ``value`` as an interface name, or None."""
+    """Why the kernel would refuse ``value`` as an interface name, or None.
+
+    A name the kernel gave in bytes that are not UTF-8 is a str with
+    surrogate escapes (os.fsdecode): it is measured in those bytes.
+    """
     if not value:
         return "is empty"
-    if len(value.encode()) > IFNAME_MAX:
+    try:
+        size = len(os.fsencode(value))
+    except UnicodeError:  # a lone surrogate no kernel name decodes to
+        return "is not a valid interface name"
+    if size > IFNAME_MAX:
         return f"is longer than {IFNAME_MAX} bytes"
-    if value in (".", "..") or any(c in value for c in "/:") or any(c.isspace() for c in value):
+    if value in (".", "..") or any(c in value for c in "/:\0") or any(c.isspace() for c in value):
         return "is not a valid interface name"
     return None
+
+
+def mac_problem(value: str) -> str | None:
+    """Why ``value`` is not a unicast MAC address a guest can have, or None."""
+    if not _MAC.match(value):
+        return "is not a MAC address like 52:54:00:12:34:56"
+    if int(value[:2], 16) & 1:
+        return "is a multicast address"
+    if int(value.replace(":", ""), 16) == 0:
+        return "is the all-zero address"
+    return None
+
+
+def pci_problem(value: str) -> str | None:
+    """Why ``value`` is not a PCI address, or None."""
+    return None if _PCI.match(value) else "is not a PCI address like 0000:03:00.0"
 
 
 def load(path: str) -> Config:
@@ -413,7 +439,8 @@ class _Validator:
         count = len(self.problems)
         name = self.string(raw, "name", f"vm #{index + 1}", required=True)
         where = f"vm '{name}'" if name else f"vm #{index + 1}"
-        self.unknown_keys(raw, ("name", "qmp", "nic", "uuid", "qemu_user", "cgroup", "machine", "spare_ports"), where)
+        self.unknown_keys(raw, ("name", "qmp", "nic", "uuid", "qemu_user", "cgroup", "libvirt_domain", "machine",
+                                "spare_ports"), where)
         if name is not None and (len(name) > VM_NAME_MAX or not _VM_NAME.match(name)):
             self.problem(where, "name", f"'{name}' must be 1-{VM_NAME_MAX} of A-Z a-z 0-9 . _ -,"
                          " starting with a letter or digit")
@@ -465,11 +492,16 @@ class _Validator:
         cgroup = self.string(raw, "cgroup", where)
         if cgroup is not None and not cgroup.startswith("/"):
             self.problem(where, "cgroup", f"'{cgroup}' must be a cgroup path (a glob) starting with /")
+        libvirt_domain = self.string(raw, "libvirt_domain", where)
+        if libvirt_domain is not None and libvirt_machine_name(1, libvirt_domain) == "qemu-1":
+            self.problem(where, "libvirt_domain", f"'{libvirt_domain}' has no letter or digit, which "
+                         "libvirt's machine name is made of")
         if len(self.problems) != count or name is None or qmp is None:
             return None
         assert machine is not None
         return VmConfig(name=name, qmp=qmp, nics=tuple(nics), uuid=uuid.lower() if uuid else None,
-                        qemu_user=qemu_user, cgroup=cgroup, machine=machine, spare_ports=spare)
+                        qemu_user=qemu_user, cgroup=cgroup, machine=machine, spare_ports=spare,
+                        libvirt_domain=libvirt_domain)
 
     def guest_slots(self, nics: list[NicConfig], where: str) -> list[NicConfig]:
         """Give every NIC without guest_pci a default slot; refuse two NICs on one slot."""
@@ -602,23 +634,16 @@ class _Validator:
         return why is None
 
     def check_mac(self, value: str, where: str, key: str) -> bool:
-        if not _MAC.match(value):
-            self.problem(where, key, f"'{value}' is not a MAC address like 52:54:00:12:34:56")
-            return False
-        first = int(value[:2], 16)
-        if first & 1:
-            self.problem(where, key, f"'{value}' is a multicast address")
-            return False
-        if int(value.replace(":", ""), 16) == 0:
-            self.problem(where, key, f"'{value}' is the all-zero address")
-            return False
-        return True
+        why = mac_problem(value)
+        if why:
+            self.problem(where, key, f"'{value}' {why}")
+        return why is None
 
     def check_pci(self, value: str, where: str, key: str) -> bool:
-        if not _PCI.match(value):
-            self.problem(where, key, f"'{value}' is not a PCI address like 0000:03:00.0")
-            return False
-        return True
+        why = pci_problem(value)
+        if why:
+            self.problem(where, key, f"'{value}' {why}")
+        return why is None
 
 
 def _normalise(key: str, value: str) -> str:
