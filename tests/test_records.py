@@ -199,7 +199,7 @@ def test_a_fifo_at_a_record_path_does_not_block(tmp_path: Path) -> None:
 
 def test_only_netwatchs_own_backend_is_deleted_for_a_record() -> None:
     """The link a record names must itself say it is the NIC's backend: its name, kind and MAC."""
-    from netwatch.nic.teardown import provably_ours
+    from netwatch.host.backends import provably_ours
 
     names = ("nw-vm1-net0", "nw-vm1-net0-r")
     mac = "52:54:00:12:34:56"
@@ -304,3 +304,18 @@ def test_a_flap_writes_nothing_through_a_symlinked_vm_directory(world: World) ->
     assert (target / "other").read_text() == "also precious"
     assert not vm_dir.is_symlink()
     assert json.loads((vm_dir / "net0.json").read_text())["generation"] > first["generation"]
+
+
+@pytest.mark.integration
+def test_a_link_that_only_has_a_backends_name_is_left_alone(world: World) -> None:
+    """A veth an admin named like a NIC's backend was deleted to make room for the macvtap (by name alone)."""
+    world.ns.add_veth("nw-vm1-net0", "squat1")
+    world.vm("vm1", {"id": "net0", "backend": "macvtap", "lower": "lo0", "mac": "52:54:00:ee:00:0d"})
+    world.lower("lo0", "wi0")
+    world.start_qemu("vm1")
+    world.start_netwatch()
+    wait_until(lambda: "left alone" in world.nic("vm1", "net0").get("cause", ""), 15,
+               "the NIC to say its backend name is taken", world.dump)
+    assert world.ns.link_exists("nw-vm1-net0")
+    # Its other name is free: the NIC gets there on a rebind's swap, never by taking the veth.
+    assert world.nic("vm1", "net0")["state"] == "failed"

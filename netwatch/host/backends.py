@@ -276,6 +276,25 @@ def refuse_router_advertisements(name: str) -> None:
         raise LinkError(f"cannot refuse router advertisements on {name}: {exc.strerror or exc}", exc.errno) from exc
 
 
+def made_by_netwatch(link: Link, backend: str, guest_mac: str) -> bool:
+    """Whether ``link`` is the kind of link netwatch makes for a ``backend`` NIC, with the MAC it gives it.
+
+    A record is only a file and a name only a name: before netwatch deletes
+    or reuses a link, the link itself must say it is netwatch's (a macvtap
+    with the guest's MAC, or a tap with the guest MAC's fe: form).
+    """
+    if backend == "macvtap":
+        return link.kind == "macvtap" and link.mac == guest_mac
+    return link.kind == "tun" and link.mac == tap_mac(guest_mac)
+
+
+def provably_ours(link: Link, record: NicRecord, names: Container[str]) -> bool:
+    """Whether ``link`` itself says it is the backend ``record`` describes: the NIC's own name, kind and MAC."""
+    if link.name != record.ifname or record.ifname not in names:
+        return False
+    return made_by_netwatch(link, record.backend, record.mac)
+
+
 def tap_mac(guest_mac: str) -> str:
     """The tap's own address: the guest MAC with 0xfe first.
 

@@ -8,6 +8,7 @@ side and the driver (netwatch/host/backends.py) the kernel's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from netwatch import events
 from netwatch.config import NicConfig
 from netwatch.errors import LinkError, QmpError
-from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement
+from netwatch.host.backends import DRIVERS, Created, LinkVanished, Placement, made_by_netwatch, provably_ours
 from netwatch.nic import migration
 from netwatch.nic.records import NicRecord
 from netwatch.nic.wirings import guest_side, make_wiring, pair_of
@@ -29,6 +30,10 @@ if TYPE_CHECKING:  # NicEnv lives with the controller, which imports this module
     from netwatch.nic.controller import NicEnv
 
 log = logging.getLogger(__name__)
+
+
+class ForeignLink(LinkError):
+    """A link has a NIC's backend name but is not netwatch's: nothing is done to it."""
 
 
 class BackendLife:
@@ -113,16 +118,15 @@ class BackendLife:
                 self.started_for = self.vm.pid
                 self.up_context = "rebind" if context == "rebind" else "reattach"
         for name in self.nic.backend_names:
-            stale = self.env.links.named(name)
-            if stale is not None:
-                await self.env.ops.delete(stale.index)
+            with contextlib.suppress(ForeignLink):  # said when the NIC next makes a backend under that name
+                await self.clear_name(name)
         self.env.records.remove(self.vm_name, self.nic.id)
         self.backend = None
 
     def _adoptable(self, record: NicRecord, survey: Survey) -> bool:
         link = self.env.links.get(record.ifindex)
         return (record.qemu_pid == self.vm.pid and self.wiring.holds(pair_of(record), survey) and link is not None
-                and link.name == record.ifname and self.matches_config(record))
+                and self.matches_config(record) and provably_ours(link, record, self.nic.backend_names))
 
     def matches_config(self, record: NicRecord) -> bool:
         nic = self.nic
@@ -136,6 +140,23 @@ class BackendLife:
             # That QEMU is gone; this one is new.
             return migration.down_context(self.phase_for(record.qemu_pid, record))
         return "lower-lost" if self.matches_config(record) else "rebind"
+
+    def made(self, record: NicRecord) -> bool:
+        """Whether the link ``record`` (this run's, or adopted) names is still the backend netwatch made."""
+        link = self.env.links.get(record.ifindex)
+        return (link is not None and link.name == record.ifname
+                and made_by_netwatch(link, record.backend, record.mac))
+
+    async def clear_name(self, name: str) -> None:
+        """Make room for a backend called ``name``: a stale one of netwatch's goes, any other link stays."""
+        stale = self.env.links.named(name)
+        if stale is None:
+            return
+        if not made_by_netwatch(stale, self.nic.backend, self.nic.mac):
+            # A name is only a name: the admin's or another tool's link is never taken for netwatch's.
+            raise ForeignLink(f"{name} (ifindex {stale.index}, {stale.kind or 'no kind'}, MAC {stale.mac or 'none'}) "
+                              f"is not a backend netwatch made for this NIC: it is left alone", errno.EEXIST)
+        await self.env.ops.delete(stale.index)
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
         if not self.wiring.guest_present:
@@ -156,9 +177,7 @@ class BackendLife:
         """
         nic, ops = self.nic, self.env.ops
         gen = self.generation + 1
-        stale = self.env.links.named(name)
-        if stale is not None:
-            await ops.delete(stale.index)
+        await self.clear_name(name)
         self.making = (name, placement.lower.index if placement.lower else 0)
         try:
             try:
@@ -240,8 +259,7 @@ class BackendLife:
         self.env.records.save(new)
         await self.best_effort(self._announce(), "announce-self")
         await self.best_effort(self.wiring.unplug(pair_of(old)), f"removing {old.tap_netdev}")
-        link = self.env.links.get(old.ifindex)
-        if link is not None and link.name == old.ifname:
+        if self.made(old):
             await self.best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
         self.hooks_down("rebind", old)
         self.hooks_up("rebind", new)
@@ -279,8 +297,7 @@ class BackendLife:
         assert backend is not None
         await self.set_guest_link(False, cause)
         await self.wiring.unplug(pair_of(backend))
-        link = self.env.links.get(backend.ifindex)
-        if link is not None and link.name == backend.ifname:
+        if self.made(backend):
             await self.env.ops.delete(backend.ifindex)
         self.env.records.remove(self.vm_name, self.nic.id)
         self.backend = None

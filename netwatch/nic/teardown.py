@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Container
 from typing import TYPE_CHECKING
 
 from netwatch import events
-from netwatch.host.backends import tap_mac
-from netwatch.host.links import Link
+from netwatch.host.backends import provably_ours
 from netwatch.nic import migration
 from netwatch.nic.records import NicRecord
 from netwatch.nic.wirings import make_wiring, pair_of
@@ -22,21 +20,6 @@ log = logging.getLogger(__name__)
 
 # Seconds a NIC's removal waits for QEMU before it removes the kernel side anyway.
 REMOVE_DEADLINE = 2.0
-
-
-def provably_ours(link: Link, record: NicRecord, names: Container[str]) -> bool:
-    """Whether ``link`` itself says it is the backend ``record`` describes: the NIC's own name, kind and MAC.
-
-    A record is only a file: a link it names is deleted only when the link
-    is the recorded name, one of the NIC's backend names, and the kind of
-    link netwatch makes with the MAC it gives it (a macvtap with the guest's
-    MAC, a tap with that MAC's fe: form).
-    """
-    if link.name != record.ifname or record.ifname not in names:
-        return False
-    if record.backend == "macvtap":
-        return link.kind == "macvtap" and link.mac == record.mac
-    return link.kind == "tun" and link.mac == tap_mac(record.mac)
 
 
 async def delete_backend(life: BackendLife, backend: NicRecord) -> bool:

@@ -15,11 +15,10 @@ from tenacity.wait import wait_base
 from netwatch import events, tasks
 from netwatch.config import Config, GuestPci, VmConfig, assign_slots, parse_guest_pci
 from netwatch.errors import BadRequest, ConfigError
-from netwatch.host.backends import tap_mac
+from netwatch.host.backends import made_by_netwatch
 from netwatch.host.links import Link
 from netwatch.nic import migration
 from netwatch.nic.controller import NicController, NicEnv
-from netwatch.nic.records import NicRecord
 from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.peer import QemuClaims
 from netwatch.qemu.qmp import VmSession
@@ -77,7 +76,7 @@ class Reconciler:
             if (record.vm, record.nic) in configured:
                 continue
             link = self.env.links.get(record.ifindex)
-            if link is not None and link.name == record.ifname and _made_by_netwatch(link, record):
+            if link is not None and link.name == record.ifname and made_by_netwatch(link, record.backend, record.mac):
                 log.info("removing %s left for %s/%s, which is no longer configured",
                          record.ifname, record.vm, record.nic)
                 await self.env.ops.delete(record.ifindex)
@@ -348,15 +347,3 @@ class Reconciler:
         waiting = states["waiting-vm"] + states["waiting-lower"] + states["attaching"]
         return (f"{len(self.vms)} VMs ({connected} connected), {sum(states.values())} NICs: "
                 f"{states['attached']} attached, {waiting} waiting, {states['failed']} failed")
-
-
-def _made_by_netwatch(link: Link, record: NicRecord) -> bool:
-    """Whether ``link`` is the kind of link the record's backend is, with the MAC netwatch gave it.
-
-    A record is only a file: before a link it names is deleted, the link
-    itself must say it is netwatch's (a macvtap with the guest's MAC, or a
-    tap with the guest MAC's fe: form).
-    """
-    if record.backend == "macvtap":
-        return link.kind == "macvtap" and link.mac == record.mac
-    return link.kind == "tun" and link.mac == tap_mac(record.mac)
