@@ -82,3 +82,38 @@ def test_a_missing_directory_takes_no_instance(tmp_path: Path) -> None:
             watch.close()
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_touching_a_socket_wakes_nobody(tmp_path: Path) -> None:
+    """Issue 21 item 9: a socket's attributes changing (touch, chmod) ended a VM's connect backoff at once."""
+    path = tmp_path / "vm.qmp"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+
+    async def main() -> None:
+        watch = SocketWatch(str(path))
+        watch.start()
+        try:
+            sleeper = asyncio.create_task(watch.sleep(60))
+            await asyncio.sleep(0)
+            for _ in range(3):
+                os.utime(path)
+                os.chmod(path, 0o600)
+            # A new name in the directory is an event the watch reads: it is read after the touches.
+            marker = tmp_path / "marker.qmp"
+            marker_watch = SocketWatch(str(marker))
+            marker_watch.start()
+            marker_sleeper = asyncio.create_task(marker_watch.sleep(60))
+            await asyncio.sleep(0)
+            marker.touch()
+            await until(marker_sleeper.done, "the marker's watch to wake", timeout=10)
+            assert not sleeper.done(), "touching the socket ended the sleep"
+            sleeper.cancel()
+            marker_watch.close()
+        finally:
+            watch.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.close()

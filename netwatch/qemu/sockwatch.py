@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 FRESH = 2.0
 FRESH_RETRY = 0.02
 
-IN_CREATE, IN_MOVED_TO, IN_ATTRIB = 0x100, 0x80, 0x4
+IN_CREATE, IN_MOVED_TO = 0x100, 0x80
 IN_Q_OVERFLOW, IN_IGNORED = 0x4000, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
-MASK = IN_CREATE | IN_MOVED_TO | IN_ATTRIB
+# Not IN_ATTRIB: whoever may touch the socket would otherwise end every backoff at will.
+MASK = IN_CREATE | IN_MOVED_TO
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padded
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
