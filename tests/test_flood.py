@@ -224,6 +224,10 @@ def test_a_flipping_qemu_costs_a_bounded_number_of_entries_and_hooks(world: Worl
         cpu = _cpu_seconds(netwatch.pid)
         peer.signal(signal.SIGUSR1)
         peer.wait_for("flooding")
+
+        def flood_shown() -> bool:
+            return any(vm["name"] == "flood" and vm.get("run_state_flood") for vm in world.status()["vms"])
+        wait_until(flood_shown, 10, "status to show the flood", world.dump)
         # Meanwhile the calm VM's lower flaps and an admin pauses and resumes it: all of it must be logged.
         world.delete_link("lo0")
         world.wait_state("calm", "net0", "waiting-lower")

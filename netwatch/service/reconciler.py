@@ -336,7 +336,7 @@ class Reconciler:
             vms.append({"name": name, "qmp": session.path, "connected": session.connected,
                         "qemu_pid": session.pid if session.connected else None, "refused": session.refused,
                         "run_state": session.run_state, "incoming": session.runstate.incoming,
-                        "qmp_errors": session.errors,
+                        "qmp_errors": session.errors, "run_state_flood": session.runstate.flooding,
                         "nics": [nic.status() for nic in self.nics.get(name, {}).values()]})
         return {"vms": vms}
 
