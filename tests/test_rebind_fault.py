@@ -4,7 +4,7 @@ Both pairs hang off the guest's hub during a swap; QEMU's hub forwards
 between every open port, so two open pairs join the old and the new
 lower's networks. The swap's two set_link commands go out together and
 QEMU runs the second whatever became of the first. Here the NIC's real
-BackendLife and HubWiring run against a stand-in for QEMU that models the
+SwappedBackend and HubWiring run against a stand-in for QEMU that models the
 hub (which netdevs exist, their links, which hubports join them) and
 refuses or leaves unanswered a command once; every command after which
 two pairs were open is recorded.
@@ -24,7 +24,9 @@ from netwatch.config import GuestPci, NicConfig
 from netwatch.errors import QmpError
 from netwatch.host.backends import Created, Placement
 from netwatch.host.links import Link
-from netwatch.nic.lifecycle import BackendLife
+from netwatch.nic.hookplan import HookPlan
+from netwatch.nic.swapped import SwappedBackend
+from netwatch.qemu.wiring import Pair
 
 NIC = NicConfig(id="net0", backend="macvtap", mac="52:54:00:00:00:01", hub=0, model="virtio-net-pci",
                 ifname="nw-v-net0", guest_pci=GuestPci(0x19), wiring="hub")
@@ -94,7 +96,7 @@ def lower(name: str, index: int) -> Placement:
                           flags=1), None, True, "")
 
 
-def swap_with(faults: list[tuple[str, dict[str, Any], str]]) -> tuple[HubQemu, BackendLife, list[int],
+def swap_with(faults: list[tuple[str, dict[str, Any], str]]) -> tuple[HubQemu, SwappedBackend, list[int],
                                                                         QmpError | None]:
     """Attach on lower lo0, then swap to lo1 with ``faults``: QEMU, the NIC, the links deleted, the error."""
     qemu = HubQemu()
@@ -107,21 +109,21 @@ def swap_with(faults: list[tuple[str, dict[str, Any], str]]) -> tuple[HubQemu, B
     env = SimpleNamespace(unplug_timeout=1.0, node_dir="/nonexistent", records=SimpleNamespace(save=lambda r: None),
                           links=SimpleNamespace(get=made.get, named=lambda name: None),
                           ops=SimpleNamespace(delete=delete), hooks=SimpleNamespace(submit=lambda *a: None))
-    life = BackendLife("v", NIC, qemu, env, lambda: None)  # type: ignore[arg-type]
+    life = SwappedBackend("v", NIC, qemu, env, HookPlan(NIC, qemu, env), lambda: None)  # type: ignore[arg-type]
     error: QmpError | None = None
 
-    async def create(name: str, placement: Placement, inert: bool = False) -> tuple[Created, str, str, int]:
+    async def create(name: str, placement: Placement, inert: bool = False) -> tuple[Created, Pair, int]:
         # The kernel's side stands in; QEMU's is the real wiring's.
         gen = life.generation + 1
-        pair = life.wiring.pair(gen)
+        pair = life.qemu.pair(gen)
         fd = os.open("/dev/null", os.O_RDWR)
         try:
-            await life.wiring.plug((fd,), pair, inert)
+            await life.qemu.plug((fd,), pair, inert)
         finally:
             os.close(fd)
         life.generation, life.swaps = gen, life.swaps + 1
         made[100 + gen] = Link(index=100 + gen, name=name, kind="macvtap", mac=NIC.mac, parent=None, flags=1)
-        return Created(100 + gen, ()), pair.tap, pair.port, gen
+        return Created(100 + gen, ()), pair, gen
 
     async def main() -> None:
         nonlocal error

@@ -10,29 +10,41 @@ from pathlib import Path
 import pytest
 
 from netwatch.errors import ControlError, NetwatchError
-from netwatch.nic.state import TRANSITIONS, IllegalTransition, NicState, NicStateMachine
+from netwatch.nic.state import TRANSITIONS, IllegalTransition, NicEvent, NicState, NicStateMachine
 from netwatch.qemu.qmp import HubPort, parse_info_network
 from netwatch.service import control
 
 
 def test_every_state_can_be_left_and_reached() -> None:
     assert set(TRANSITIONS) == set(NicState)
-    reachable = {target for targets in TRANSITIONS.values() for target in targets}
+    reachable = {target for moves in TRANSITIONS.values() for target in moves.values()}
     assert reachable == set(NicState)
-    for state, targets in TRANSITIONS.items():
-        assert state not in targets, "a state does not transition to itself"
+    for state, moves in TRANSITIONS.items():
+        assert any(target is not state for target in moves.values()), f"{state} cannot be left"
+
+
+def test_the_table_forbids_what_it_documents() -> None:
+    allowed = {(state, event) for state, moves in TRANSITIONS.items() for event in moves}
+    # 26 of the 40 (state, event) pairs: a table that allows nearly every pair documents nothing.
+    assert len(allowed) <= len(NicState) * len(NicEvent) * 2 // 3, len(allowed)
+    # Only an attach makes a NIC attached anew, and only the attach's outcome (or a failure) ends it.
+    assert {state for state, moves in TRANSITIONS.items() if NicEvent.ATTACHED in moves} == {NicState.ATTACHING}
+    assert set(TRANSITIONS[NicState.ATTACHING]) == {NicEvent.ATTACHED, NicEvent.LOWER_VANISHED, NicEvent.ERROR}
+    # A NIC waiting for its lower is never attached without being made.
+    assert NicEvent.KEPT not in TRANSITIONS[NicState.WAITING_LOWER]
+    assert NicState.ATTACHED not in TRANSITIONS[NicState.WAITING_LOWER].values()
 
 
 def test_state_machine_logs_once_and_refuses_illegal_moves(caplog: pytest.LogCaptureFixture) -> None:
     fsm = NicStateMachine("vm", "net0")
     assert fsm.state is NicState.WAITING_VM
     with caplog.at_level("INFO", logger="netwatch"):
-        assert fsm.to(NicState.WAITING_LOWER, "lower eth1 is not present")
-        assert not fsm.to(NicState.WAITING_LOWER, "again")
+        assert fsm.on(NicEvent.LOWER_MISSING, "lower eth1 is not present")
+        assert not fsm.on(NicEvent.LOWER_MISSING, "again")
     assert [r.getMessage() for r in caplog.records] == ["waiting-vm -> waiting-lower: lower eth1 is not present"]
     assert caplog.records[0].nw_event == "state"  # type: ignore[attr-defined]
     with pytest.raises(IllegalTransition):
-        fsm.to(NicState.ATTACHED, "skipping attaching")
+        fsm.on(NicEvent.ATTACHED, "skipping attaching")
 
 
 INFO = """hub 0
@@ -110,7 +122,7 @@ def test_link_events_reach_only_the_nics_they_concern(tmp_path: Path) -> None:
     """Routing is by lookup: with hundreds of NICs, each event must not ask every NIC."""
     from netwatch.config import load
     from netwatch.host.links import Link, LinkTable
-    from netwatch.nic.controller import NicEnv
+    from netwatch.nic.env import NicEnv
     from netwatch.nic.records import RecordStore
     from netwatch.service.hooks import HookRunner
     from netwatch.service.reconciler import Reconciler
@@ -147,7 +159,8 @@ def test_a_nics_own_macvtap_shown_as_made_costs_no_pass(tmp_path: Path) -> None:
     """Events that only show the NIC's macvtap as made or recorded kick nothing; any real change does."""
     from netwatch.config import load
     from netwatch.host.links import Link, LinkTable
-    from netwatch.nic.controller import NicController, NicEnv
+    from netwatch.nic.controller import NicController
+    from netwatch.nic.env import NicEnv
     from netwatch.nic.records import NicRecord, RecordStore
     from netwatch.service.hooks import HookRunner
     from netwatch.service.reconciler import Reconciler
@@ -174,11 +187,11 @@ def test_a_nics_own_macvtap_shown_as_made_costs_no_pass(tmp_path: Path) -> None:
             reconciler.on_link_change(old, new)
             outcomes.append("kick" if nic.kicked else "none")
 
-        nic.life.making = ("nw-v-n1", 7)  # being made on ifindex 7
+        nic.wiring.links.making = ("nw-v-n1", 7)  # being made on ifindex 7
         kicked_by(None, macvtap())  # its creation, before the kernel's answer is read
         kicked_by(None, macvtap(parent=8))  # the same name on another lower: not the one being made
-        nic.life.making = None
-        nic.life.backend = NicRecord(vm="v", nic="n1", backend="macvtap", ifname="nw-v-n1", ifindex=50,
+        nic.wiring.links.making = None
+        nic.wiring.backend = NicRecord(vm="v", nic="n1", backend="macvtap", ifname="nw-v-n1", ifindex=50,
                                      lower="eth1", lower_ifindex=7, tap_netdev="nw-n1-tap1", hub_netdev="nw-n1-up1",
                                      generation=1, mac="52:54:00:00:00:01", mode="bridge", bridge=None, qemu_pid=1)
         kicked_by(macvtap(), macvtap(flags=0x41))  # up and running: flags only

@@ -1,17 +1,19 @@
-"""The reconciler for one NIC: compare what is with what should be, and act.
+"""The reconciler for one NIC: compare what is with what should be, decide, and have its wiring act.
 
 Level-triggered: events only *kick* a NIC; every pass re-reads the link
 table and the VM session, so a lost or duplicated event never leaves a NIC
 wrong. One task per NIC serialises its operations (reconcile passes and
-admin requests such as rebind); NICs run in parallel.
+admin requests such as rebind); NICs run in parallel. What the wiring may
+be asked is netwatch/nic/wiring.py; how the NIC's state moves,
+netwatch/nic/state.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Container
-from dataclasses import dataclass, field, replace
+from collections.abc import Container
+from dataclasses import replace
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential
@@ -19,17 +21,18 @@ from tenacity.wait import wait_base
 
 from netwatch.config import LowerSpec, NicConfig, ifname_problem
 from netwatch.errors import BadRequest, NetwatchError
-from netwatch.host.backends import DRIVERS, LinkVanished, Placement, ambiguity, find_lower, matching_lowers
-from netwatch.host.linkops import LinkOps
-from netwatch.host.links import IFF_LOOPBACK, Link, LinkTable
-from netwatch.host.linkstats import LinkCounters
+from netwatch.host.backends import LinkVanished, Placement, ambiguity, find_lower, matching_lowers
+from netwatch.host.links import IFF_LOOPBACK, Link
 from netwatch.host.udev import udev_initialized
-from netwatch.nic import interest, report, teardown
-from netwatch.nic.lifecycle import BackendLife
-from netwatch.nic.records import NicRecord, RecordStore
-from netwatch.nic.state import NicState, NicStateMachine
+from netwatch.nic import interest, report
+from netwatch.nic.env import NicEnv
+from netwatch.nic.hookplan import HookPlan
+from netwatch.nic.records import NicRecord
+from netwatch.nic.state import NicEvent, NicState, NicStateMachine
+from netwatch.nic.wiring import NicWiring
+from netwatch.nic.wirings import make_wiring
 from netwatch.qemu.qmp import VmSession
-from netwatch.service.hooks import HookRunner
+from netwatch.untrusted import displayable
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +47,6 @@ class BadRebind(RebindError, BadRequest):
 
 def default_retry_wait() -> wait_base:
     return wait_exponential(multiplier=0.2, min=0.2, max=30.0)
-
-
-@dataclass
-class NicEnv:
-    """What every NIC controller shares: the host view and the tools to act."""
-
-    links: LinkTable
-    ops: LinkOps
-    records: RecordStore
-    hooks: HookRunner
-    node_dir: str
-    udev_gate: bool = False
-    retry_wait: wait_base | None = None
-    unplug_timeout: float = 15.0
-    migration_handover: float = 0.25
-    # ifindex -> the kernel's traffic counters, as last read (status, metrics).
-    counters: dict[int, LinkCounters] = field(default_factory=dict)
-    on_state_change: Callable[[], None] | None = None
-    # Every backend name of every configured NIC: never a lower.
-    own_links: Callable[[], set[str]] = set
-    # Told when a NIC's interest() may have changed.
-    on_interest_change: Callable[[NicController], None] = lambda nic: None
 
 
 class NicController:
@@ -84,18 +65,20 @@ class NicController:
         self.pending_config: NicConfig | None = None
         self._kick = asyncio.Event()
         self._kick.set()
+        # Which hooks the NIC's backends get, with which context (its VM's migration phase too).
+        self.hooks = HookPlan(nic, vm, env, hot_added)
         # The backend itself: what is attached, and how to make, swap and drop it.
-        self.life = BackendLife(vm_name, nic, vm, env, self._lower_name, hot_added)
+        self.wiring: NicWiring = make_wiring(vm_name, nic, vm, env, self.hooks, self._lower_name)
         # Set when the NIC left the config of a running VM: the loop hot-removes it and ends.
         self.retiring = False
 
     @property
     def backend(self) -> NicRecord | None:
-        return self.life.backend
+        return self.wiring.backend
 
     @property
     def driver(self) -> Any:
-        return DRIVERS[self.nic.backend]
+        return self.wiring.driver
 
     # -- events in ----------------------------------------------------------
 
@@ -109,11 +92,12 @@ class NicController:
 
     def interest(self) -> set[tuple[str, object]]:
         """The link names, MACs and ifindexes whose changes concern this NIC (netwatch/nic/interest.py)."""
-        return interest.keys(self)
+        specs = (self.nic.lower, self.override, self.pending_config.lower if self.pending_config else None)
+        return interest.keys(self.wiring.names(), self.nic.bridge, specs, self.backend, self.lower)
 
     def expected(self, old: Link | None, new: Link | None) -> bool:
-        """Whether a link change only shows this NIC's own macvtap as made or recorded (no pass needed)."""
-        return interest.expected(self, old, new)
+        """Whether a link change only shows this NIC's own backend as made or recorded (no pass needed)."""
+        return self.wiring.expected(old, new)
 
     def retire(self) -> None:
         """A reload dropped the NIC: hot-remove it from the running guest, then stop."""
@@ -148,7 +132,8 @@ class NicController:
             if self.pending_config is not None:
                 # Between passes, never in the middle of one.
                 self.nic, self.override, self.pending_config = self.pending_config, None, None
-                self.life.configure(self.nic)
+                self.hooks.nic = self.nic
+                self.wiring.configure(self.nic)
             while self._requests:
                 spec, future = self._requests.pop(0)
                 if self.retiring:
@@ -159,7 +144,7 @@ class NicController:
                 await self._reconcile_or_fail()
             except Exception:  # noqa: BLE001 - reported by _reconcile_or_fail; not BaseException: cancellation ends the loop
                 await self._retry(wait)
-            if self.retiring and self.backend is None and not (self.vm.connected and self.life.wiring.guest_present):
+            if self.retiring and self.backend is None and not (self.vm.connected and self.wiring.guest_present):
                 return
 
     async def _retry(self, wait: wait_base) -> None:
@@ -192,46 +177,45 @@ class NicController:
         try:
             if self.retiring:
                 # Still deconfigured in its phase while it waits to leave the guest.
-                self.life.observe_run_state()
-                await self.life.follow_migration()
-                await teardown.hot_remove(self.life)
+                self.hooks.observe(self.backend)
+                await self.wiring.follow_migration()
+                await self.wiring.hot_remove()
             else:
                 await self.reconcile()
         except NetwatchError as exc:
             # QEMU's view is unknown after a failed or timed-out command.
-            self.life.synced_session = 0
-            self.fsm.to(NicState.FAILED, f"{exc} (will retry)", lower=self._lower_name())
+            self.wiring.synced_session = 0
+            self.fsm.on(NicEvent.ERROR, f"{exc} (will retry)", lower=self._lower_name())
             log.debug("%s/%s failed", self.vm_name, self.nic.id, exc_info=exc)
             raise
         except Exception as exc:
             # A bug must not take the other NICs down: report it in full, retry.
-            self.life.synced_session = 0
+            self.wiring.synced_session = 0
             log.exception("%s/%s: internal error", self.vm_name, self.nic.id)
-            self.fsm.to(NicState.FAILED, f"internal error: {exc!r} (will retry)", lower=self._lower_name())
+            self.fsm.on(NicEvent.ERROR, f"internal error: {exc!r} (will retry)", lower=self._lower_name())
             raise
         finally:
             self.first_pass.set()
             self.env.on_interest_change(self)
 
     async def reconcile(self) -> None:
-        self.life.observe_run_state()
+        wiring = self.wiring
+        self.hooks.observe(self.backend)
         if not self.vm.connected and self.vm.refused is not None:
             # Not provably this VM's QEMU: nothing of the VM's is touched,
             # not even a backend its own QEMU may still be using.
-            self.fsm.to(NicState.FAILED, f"QMP peer refused: {self.vm.refused}")
+            self.fsm.on(NicEvent.PEER_REFUSED, f"QMP peer refused: {self.vm.refused}")
             return
         if not self.vm.connected:
-            await teardown.vm_gone(self.life)
-            self.fsm.to(NicState.WAITING_VM, "QEMU is not connected")
+            await wiring.vm_gone()
+            self.fsm.on(NicEvent.QEMU_GONE, "QEMU is not connected")
             return
         # First, before any QMP command that may fail or wait: a source
         # deconfigures its routed taps the moment its guest stops for good.
-        await self.life.follow_migration()
-        if self.life.synced_session != self.vm.session:
-            session = self.vm.session
-            await self.life.sync_with_qemu()
-            self.life.synced_session = session
-            await self.life.follow_migration()
+        await wiring.follow_migration()
+        if wiring.synced_session != self.vm.session:
+            await wiring.sync()
+            await wiring.follow_migration()
         matches = self._matching_lowers()
         lower = self._pick(matches)
         self.lower = lower or self.lower
@@ -244,27 +228,28 @@ class NicController:
             await self._check_backend(placement)
         if self.backend is None:
             if not placement.ready:
-                await self.life.set_guest_link(False, placement.missing)
-                self.fsm.to(NicState.WAITING_LOWER, placement.missing)
+                await wiring.set_guest_link(False, placement.missing)
+                self.fsm.on(NicEvent.LOWER_MISSING, placement.missing)
                 return
-            self.fsm.to(NicState.ATTACHING, placement.describe())
+            self.fsm.on(NicEvent.ATTACH, placement.describe())
             try:
-                await self.life.attach(placement)
+                await wiring.attach(placement)
             except LinkVanished:
                 # Its removal event is on its way; that is not a failure.
-                await self.life.set_guest_link(False, "no lower")
-                self.fsm.to(NicState.WAITING_LOWER, f"lower {self.spec_name()} vanished while attaching")
+                await wiring.set_guest_link(False, "no lower")
+                self.fsm.on(NicEvent.LOWER_VANISHED, f"lower {self.spec_name()} vanished while attaching")
                 return
+            event = NicEvent.ATTACHED
         else:
             try:
-                await self.driver.maintain(self.backend, placement, self.env.links, self.env.ops)
+                await wiring.maintain(placement)
             except LinkVanished as exc:
                 log.debug("%s/%s: %s; waiting for the link's events", self.vm_name, self.nic.id, exc)
                 return
-            self.life.follow_uplink(placement)
-        await self.life.set_guest_link(self.driver.carrier(placement), "lower carrier")
-        self.fsm.to(NicState.ATTACHED, f"backend {self.backend.ifname if self.backend else '?'}: "
-                    f"{placement.describe()}", lower=lower.name if lower else None)
+            event = NicEvent.KEPT
+        await wiring.set_guest_link(self.driver.carrier(placement), "lower carrier")
+        self.fsm.on(event, f"backend {self.backend.ifname if self.backend else '?'}: {placement.describe()}",
+                    lower=lower.name if lower else None)
 
     async def _check_backend(self, placement: Placement) -> None:
         """Detach a dead or outdated backend; move a live one make-before-break."""
@@ -272,15 +257,15 @@ class NicController:
         assert backend is not None
         broken = self.driver.broken(backend, self.env.links)
         if broken:
-            await self.life.detach(broken, "lower-lost")
-        elif not self.life.matches_config(backend):
-            self.life.up_context = "rebind"
-            await self.life.detach("the configuration changed", "rebind")
+            await self.wiring.detach(broken, "lower-lost")
+        elif not self.wiring.matches_config(backend):
+            self.hooks.up_context = "rebind"
+            await self.wiring.detach("the configuration changed", "rebind")
         elif (misplaced := self.driver.misplaced(backend, placement)) is not None:
             if placement.ready and self.driver.moves_by_swap:
-                await self.life.swap(placement, f"rebind: {misplaced}")
+                await self.wiring.swap(placement, f"rebind: {misplaced}")
             else:
-                await self.life.detach(misplaced, "lower-lost")
+                await self.wiring.detach(misplaced, "lower-lost")
 
     def find_lower(self) -> Link | None:
         return self._pick(self._matching_lowers())
@@ -304,7 +289,7 @@ class NicController:
 
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""
-        await teardown.remove(self.life)
+        await self.wiring.remove()
 
     async def _serve_rebind(self, spec: LowerSpec, future: asyncio.Future[dict[str, Any]]) -> None:
         name = spec.name or "?"
@@ -338,22 +323,50 @@ class NicController:
                 return  # the next pass attaches it there, or it is there already
             placement = self.driver.place(self.nic, target, self.env.links)
             if self.driver.moves_by_swap:
-                await self.life.swap(placement, f"rebind to {target.name} requested")
+                await self.wiring.swap(placement, f"rebind to {target.name} requested")
             else:
-                await self.driver.maintain(backend, placement, self.env.links, self.env.ops)
-                self.life.follow_uplink(placement)
+                await self.wiring.maintain(placement)
         except BaseException:
             self.override = previous
             raise
 
-    # -- what it reports (netwatch/nic/report.py) -------------------------------
+    # -- what it reports --------------------------------------------------------
 
     def plan(self, nic: NicConfig) -> dict[str, str] | None:
         """What applying ``nic`` would do to this NIC (reload --dry-run), or None for nothing."""
-        return report.plan(self, nic)
+        return report.plan(self.nic, nic, self.override, self.retiring)
 
     def status(self) -> dict[str, Any]:
-        return report.status(self)
+        lower = self.find_lower()
+        nic = self.nic
+        cause = self.fsm.cause
+        if self.fsm.state is NicState.WAITING_VM and self.vm.last_error:
+            cause = f"QEMU is not connected: {self.vm.last_error}"  # attempts fail without a transition
+        status: dict[str, Any] = {
+            "id": nic.id, "backend": nic.backend, "state": self.fsm.state.value, "cause": cause,
+            "lower": lower.name if lower else self.spec_name(), "lower_ifindex": lower.index if lower else None,
+            "lower_present": lower is not None, "mac": nic.mac, "mode": nic.mode,
+            "guest_pci": str(nic.guest_pci) if nic.guest_pci else None, "wiring": nic.wiring, "queues": nic.queues,
+            **self.wiring.report(),
+            "migration": self.hooks.phase or None,
+            "hook_failures": self.env.hooks.failures.get((self.vm_name, nic.id), 0),
+            "last_change": self.fsm.last_change,
+        }
+        backend = self.backend
+        counters = self.env.counters.get(backend.ifindex) if backend else None
+        for key in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+            status[key] = getattr(counters, key) if counters else None
+        if self.retiring:
+            status["removing"] = True
+        if self.override is not None:
+            status["rebound"] = {"lower": self.override.describe(),
+                                 "config_lower": nic.lower.describe() if nic.lower else None,
+                                 "until": "the next reload or restart, which returns to the config"}
+        if nic.bridge is not None:
+            status["bridge"] = nic.bridge
+            status["bridge_present"] = self.env.links.named(nic.bridge) is not None
+        # A lower's name from the kernel need not be UTF-8 (its cause may quote it): shown escaped.
+        return dict(displayable(status))
 
     # -- names for messages -----------------------------------------------------
 

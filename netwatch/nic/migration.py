@@ -14,20 +14,15 @@ Ganeti's rules, per NIC, from the VM's run state on this host:
 
 The phase is kept in the NIC's runtime record, so a restarted netwatch
 knows that a target paused after receiving the guest (``-S``) has not run it.
+These are the rules alone; netwatch/nic/hookplan.py applies them to a NIC.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
-
 from netwatch.config import NicConfig
 from netwatch.qemu.runstate import IN, NONE, OUT, phase
 
-if TYPE_CHECKING:  # the backend's life applies these rules through follow()
-    from netwatch.nic.lifecycle import BackendLife
-
-__all__ = ["IN", "NONE", "OUT", "down_context", "follow", "phase", "routed", "up_context", "wants_configured"]
+__all__ = ["IN", "NONE", "OUT", "down_context", "phase", "routed", "up_context", "wants_configured"]
 
 
 def routed(nic: NicConfig) -> bool:
@@ -51,27 +46,3 @@ def up_context(now: str, before: str) -> str | None:
 def down_context(now: str) -> str:
     """The if-down context when a configured NIC's QEMU goes away in phase ``now``."""
     return {IN: "migrate-failed", OUT: "migrate-out"}.get(now, "stop")
-
-
-async def follow(life: BackendLife) -> None:
-    """Configure or deconfigure ``life``'s attached backend as its phase asks (hooks, record, announce)."""
-    backend = life.backend
-    if backend is None:
-        return
-    before, now = backend.phase, life.phase
-    want = wants_configured(life.nic, now)
-    if before == now and backend.configured == want:
-        return
-    record = replace(backend, phase=now, configured=want)
-    if backend.configured and not want:
-        life.env.hooks.submit("down", down_context(now), backend)
-    elif want and not backend.configured:
-        context = up_context(now, before) or "reattach"
-        # The source deconfigures when its guest stops; give it that long before this host routes too.
-        delay = life.env.migration_handover if context == "migrate-in" and now == NONE else 0.0
-        life.env.hooks.submit("up", context, record, delay)
-    life.backend = record
-    life.env.records.save(record)
-    if before == IN and now == NONE:
-        # The guest runs here now: switches learn where its MACs are.
-        life.vm.announce(life.nic.id)

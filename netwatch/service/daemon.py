@@ -23,7 +23,7 @@ from netwatch.host.linkops import LinkOps
 from netwatch.host.links import LinkMonitor, LinkTable
 from netwatch.host.linkstats import dump_counters
 from netwatch.host.udev import UdevMonitor, resolve_source
-from netwatch.nic.controller import NicEnv
+from netwatch.nic.env import NicEnv
 from netwatch.nic.records import RecordStore
 from netwatch.service.control import ControlServer
 from netwatch.service.hooks import HookRunner

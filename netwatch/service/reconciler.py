@@ -18,7 +18,8 @@ from netwatch.errors import BadRequest, ConfigError
 from netwatch.host.backends import made_by_netwatch
 from netwatch.host.links import Link
 from netwatch.nic import migration
-from netwatch.nic.controller import NicController, NicEnv
+from netwatch.nic.controller import NicController
+from netwatch.nic.env import NicEnv
 from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.peer import QemuClaims
 from netwatch.qemu.qmp import VmSession

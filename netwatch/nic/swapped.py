@@ -1,0 +1,391 @@
+"""Hub and direct wirings: a backend that dies with its lower and is made
+anew under the running QEMU.
+
+Each backend is a kernel link (netwatch/nic/backendlinks.py) plus its pair
+in QEMU, handed over as fds (netwatch/qemu/hub.py: the guest never sees a
+swap; netwatch/qemu/direct.py: a swap is a replug). The NIC controller
+decides when one is made, moved, detached or removed; this does it, keeps
+the runtime record, and asks the hook plan which context each hook gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+from netwatch import events
+from netwatch.config import NicConfig
+from netwatch.errors import LinkError, QmpError
+from netwatch.host.backends import Created, Placement
+from netwatch.host.links import Link
+from netwatch.nic.backendlinks import BackendLinks, ForeignLink
+from netwatch.nic.env import NicEnv
+from netwatch.nic.hookplan import HookPlan
+from netwatch.nic.records import NicRecord
+from netwatch.nic.wiring import guest_side
+from netwatch.qemu.direct import DirectWiring
+from netwatch.qemu.hub import HubWiring
+from netwatch.qemu.peer import still_runs
+from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.wiring import Pair, Survey, Wiring
+
+log = logging.getLogger(__name__)
+
+# Seconds a NIC's removal waits for QEMU before it removes the kernel side anyway.
+REMOVE_DEADLINE = 2.0
+
+
+def qemu_side(vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float) -> Wiring:
+    if nic.wiring == "direct":
+        return DirectWiring(vm_name, nic, vm, unplug_timeout)
+    return HubWiring(vm_name, nic, vm, unplug_timeout)
+
+
+def pair_of(record: NicRecord) -> Pair:
+    return Pair(tap=record.tap_netdev, port=record.hub_netdev)
+
+
+class SwappedBackend:
+    """One NIC's backend under the hub or direct wiring: made, adopted, swapped, detached, removed."""
+
+    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv, hooks: HookPlan,
+                 lower_name: Callable[[], str | None]) -> None:
+        self.vm_name = vm_name
+        self.nic = nic
+        self.vm = vm
+        self.env = env
+        self.hooks = hooks
+        self.lower_name = lower_name
+        self.links = BackendLinks(vm_name, nic, env)
+        # How the backend reaches the guest, on QEMU's side.
+        self.qemu: Wiring = qemu_side(vm_name, nic, vm, env.unplug_timeout)
+        self.backend: NicRecord | None = None
+        self.generation = 0
+        self.swaps = 0
+        self.guest_link: bool | None = None
+        self.synced_session = 0  # the VM session whose QEMU view was last read
+        self.lost_lower: str | None = None
+        self.last_attach_seconds: float | None = None
+
+    # -- what the controller asks -------------------------------------------
+
+    def configure(self, nic: NicConfig) -> None:
+        old, self.nic = self.nic, nic
+        self.links.nic = nic
+        if guest_side(old) != guest_side(nic):
+            # The guest's side changes: QEMU's view is read again and what
+            # no longer agrees is replaced (a replug the guest sees).
+            self.qemu = qemu_side(self.vm_name, nic, self.vm, self.env.unplug_timeout)
+            self.synced_session = 0
+        self.qemu.nic = nic
+        self.qemu.unplug_timeout = self.env.unplug_timeout
+
+    @property
+    def driver(self) -> Any:
+        return self.links.driver
+
+    @property
+    def guest_present(self) -> bool:
+        return self.qemu.guest_present
+
+    def names(self) -> tuple[str, ...]:
+        """The kernel links of this NIC's backends may have these names, and no other link may."""
+        return self.nic.backend_names
+
+    def expected(self, old: Link | None, new: Link | None) -> bool:
+        return self.links.expected(self.backend, old, new)
+
+    def matches_config(self, record: NicRecord) -> bool:
+        nic = self.nic
+        return (record.ifname in nic.backend_names and record.backend == nic.backend and record.mac == nic.mac
+                and record.mode == nic.mode and record.bridge == nic.bridge and record.wiring == nic.wiring
+                and record.queues == nic.queues)
+
+    async def sync(self) -> None:
+        """QEMU's view read again: adopt the backend an earlier run left, if all agree on it; clean the rest."""
+        session = self.vm.session
+        survey = await self.qemu.survey()
+        record = self.backend or self.env.records.load(self.vm_name, self.nic.id)
+        gens = list(survey.generations)
+        if record is not None:
+            gens.append(record.generation)
+            self.swaps = max(self.swaps, record.swaps)
+        self.generation = max([self.generation, *gens])
+        self.guest_link = None
+        keep = record if record is not None and self._adoptable(record, survey) else None
+        await self.qemu.clean(survey, pair_of(keep) if keep is not None else None)
+        if await self.qemu.add_guest():
+            events.emit("hot-add", f"added NIC {self.nic.id} to the running guest at {self.nic.guest_pci}",
+                        vm=self.vm_name, nic=self.nic.id)
+        if keep is not None:
+            if self.backend is None:
+                events.emit("attached", f"adopted {keep.ifname} on {keep.lower or 'no lower'} from an earlier run",
+                            vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
+            self.hooks.adopted(keep, first=self.backend is None)
+            self.backend, self.swaps = keep, keep.swaps
+            # Made by a netwatch before backends were silent, it may not be.
+            await self.best_effort(self.driver.silence(keep, self.env.links, self.env.ops), f"silencing {keep.ifname}")
+            # Cut short mid-rebind, the kept pair may have been left quiet.
+            await self.best_effort(self.qemu.reopen(pair_of(keep)), f"opening {keep.tap_netdev}")
+        else:
+            if record is not None:
+                self.hooks.replaced(record, self.matches_config(record))
+            for name in self.nic.backend_names:
+                with contextlib.suppress(ForeignLink):  # said when the NIC next makes a backend under that name
+                    await self.links.clear_name(name)
+            self.env.records.remove(self.vm_name, self.nic.id)
+            self.backend = None
+        self.synced_session = session
+
+    def _adoptable(self, record: NicRecord, survey: Survey) -> bool:
+        return (record.qemu_pid == self.vm.pid and self.qemu.holds(pair_of(record), survey)
+                and self.matches_config(record) and self.links.proven(record))
+
+    async def set_guest_link(self, up: bool, cause: str) -> None:
+        if not self.qemu.guest_present:
+            self.guest_link = None  # no device in the guest (yet): nothing to set
+            return
+        if self.guest_link is up:
+            return
+        await self.vm.execute("set_link", {"name": self.nic.id, "up": up})
+        self.guest_link = up
+        events.emit("link-up" if up else "link-down", f"guest link {'up' if up else 'down'}: {cause}",
+                    vm=self.vm_name, nic=self.nic.id, lower=self.lower_name())
+
+    async def follow_migration(self) -> None:
+        """Configure or deconfigure the attached backend as its VM's migration phase asks."""
+        if self.backend is not None:
+            self.backend = self.hooks.follow(self.backend)
+
+    # -- making and replacing -------------------------------------------------
+
+    async def _create(self, name: str, placement: Placement, inert: bool = False) -> tuple[Created, Pair, int]:
+        """A new backend link plus its QEMU pair, and its generation.
+
+        ``inert``: the pair joins the hub with its link down, passing nothing
+        until it is switched on.
+        """
+        gen = self.generation + 1
+        try:
+            created = await self.links.create(name, placement)
+            pair = self.qemu.pair(gen)
+            try:
+                await self.qemu.plug(created.fds, pair, inert)
+            except BaseException:
+                await self.best_effort(self.env.ops.delete(created.index), f"removing {name} after a failed attach")
+                raise
+            finally:
+                created.close()
+        finally:
+            # attach() records it before it next awaits (a swap after its switch: one more pass at worst).
+            self.links.making = None
+        self.generation, self.swaps = gen, self.swaps + 1
+        return created, pair, gen
+
+    def _record(self, name: str, created: Created, placement: Placement, pair: Pair, gen: int) -> NicRecord:
+        nic, lower = self.nic, placement.lower
+        return NicRecord(
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=name, ifindex=created.index,
+            lower=lower.name if lower else (nic.lower.describe() if nic.lower else ""),
+            lower_ifindex=lower.index if lower else 0, tap_netdev=pair.tap, hub_netdev=pair.port, generation=gen,
+            mac=nic.mac, mode=nic.mode, bridge=nic.bridge, qemu_pid=self.vm.pid, swaps=self.swaps,
+            guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start,
+            wiring=nic.wiring, queues=nic.queues, configured=self.hooks.configured(), phase=self.hooks.phase)
+
+    async def attach(self, placement: Placement) -> None:
+        name = self.nic.ifname
+        started = time.monotonic()
+        created, pair, gen = await self._create(name, placement)
+        self.last_attach_seconds = round(time.monotonic() - started, 6)
+        self.backend = self._record(name, created, placement, pair, gen)
+        self.env.records.save(self.backend)
+        back = self.lost_lower is not None
+        self.lost_lower = None
+        lower = placement.lower
+        events.emit("lower-back" if back else "attached",
+                    f"{name} (ifindex {created.index}) is now {pair.tap}: {placement.describe()}",
+                    vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=pair.tap,
+                    ifindex=created.index)
+        self.hooks.up(self.hooks.attach_context(), self.backend)
+        # Switches relearn where the guest MAC lives now.
+        self.vm.announce(self.nic.id)
+
+    async def swap(self, placement: Placement, cause: str) -> None:
+        """Make-before-break: the new backend joins the hub before the old one leaves."""
+        old = self.backend
+        assert old is not None and placement.lower is not None
+        name = next(n for n in self.nic.backend_names if n != old.ifname)
+        # Both pairs hang off the guest's hub for a moment, and QEMU's hub
+        # forwards between all its ports: the new pair joins with its link
+        # down, the old one goes quiet, then the new one opens. Never both
+        # at once (4-21 broadcasts per rebind crossed between the two
+        # lowers' networks before).
+        started = time.monotonic()
+        created, pair, gen = await self._create(name, placement, inert=True)
+        self.last_attach_seconds = round(time.monotonic() - started, 6)
+        new = self._record(name, created, placement, pair, gen)
+        try:
+            await self.qemu.switch(pair_of(old), pair)
+        except BaseException:
+            await self.best_effort(self.qemu.unplug(pair), f"removing {pair.tap}")
+            await self.best_effort(self.env.ops.delete(created.index), f"removing {name}")
+            raise
+        self.backend = new
+        self.env.records.save(new)
+        self.vm.announce(self.nic.id)
+        await self.best_effort(self.qemu.unplug(pair_of(old)), f"removing {old.tap_netdev}")
+        if self.links.made(old):
+            await self.best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
+        self.hooks.down("rebind", old)
+        self.hooks.up("rebind", new)
+        events.emit("rebind", f"{cause}: {old.tap_netdev} on {old.lower} -> {pair.tap} on {new.lower}",
+                    vm=self.vm_name, nic=self.nic.id, lower=new.lower, netdev=pair.tap, previous=old.lower)
+
+    async def maintain(self, placement: Placement) -> None:
+        """Keep the attached backend wired where ``placement`` says (a tap's bridge and uplink)."""
+        assert self.backend is not None
+        await self.driver.maintain(self.backend, placement, self.env.links, self.env.ops)
+        self._follow_uplink(placement)
+
+    def _follow_uplink(self, placement: Placement) -> None:
+        """A tap's uplink left, came back or changed: record it and tell the hooks."""
+        backend = self.backend
+        assert backend is not None
+        uplink = placement.lower
+        now = uplink.index if uplink else 0
+        if now == backend.lower_ifindex:
+            return
+        if uplink is None:
+            self.hooks.down("lower-lost", backend)
+            self.backend = replace(backend, lower_ifindex=0)
+        else:
+            renamed = backend.lower != uplink.name
+            if renamed and backend.lower_ifindex:
+                self.hooks.down("rebind", backend)
+            self.backend = replace(backend, lower=uplink.name, lower_ifindex=uplink.index)
+            self.hooks.up("rebind" if renamed else "reattach", self.backend)
+            if renamed:
+                events.emit("rebind", f"uplink {backend.lower} -> {uplink.name}", vm=self.vm_name, nic=self.nic.id,
+                            lower=uplink.name, previous=backend.lower)
+        self.env.records.save(self.backend)
+
+    async def detach(self, cause: str, context: str) -> None:
+        backend = self.backend
+        assert backend is not None
+        await self.set_guest_link(False, cause)
+        await self.qemu.unplug(pair_of(backend))
+        if self.links.made(backend):
+            await self.env.ops.delete(backend.ifindex)
+        self.env.records.remove(self.vm_name, self.nic.id)
+        self.backend = None
+        if context == "lower-lost":
+            self.lost_lower = backend.lower
+        self.hooks.down(context, backend)
+        events.emit("lower-lost" if context == "lower-lost" else "detached",
+                    f"{backend.tap_netdev} removed: {cause}", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    # -- taken away ------------------------------------------------------------
+
+    async def vm_gone(self) -> None:
+        """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
+        self.guest_link = None
+        self.synced_session = 0
+        # What was known of QEMU's side is read again from the next QEMU.
+        self.qemu = qemu_side(self.vm_name, self.nic, self.vm, self.env.unplug_timeout)
+        backend = self.backend
+        if self.vm.qemu_alive():
+            return
+        if backend is None:
+            # After a restart: a backend recorded for a QEMU that is gone is
+            # cleaned now, not when (if ever) this VM's next QEMU connects.
+            backend = self.env.records.load(self.vm_name, self.nic.id)
+            if backend is None or (backend.qemu_pid is not None
+                                   and still_runs(backend.qemu_pid, backend.qemu_start)):
+                return
+        self.backend = None
+        ours = await self.links.delete_recorded(backend)
+        self.env.records.remove(self.vm_name, self.nic.id)
+        if not ours:
+            return  # not what netwatch attached: no if-up ran for it, none is owed
+        self.hooks.gone(backend)
+        events.emit("detached", f"{backend.ifname} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
+                    lower=backend.lower)
+
+    async def hot_remove(self) -> None:
+        """The NIC left the config of a running VM: its device leaves the guest, then its backend goes.
+
+        A guest that does not release the device raises UnplugTimeout: the
+        NIC fails with that reason and keeps its backend (QEMU still feeds it).
+        """
+        if not self.vm.connected:
+            await self.remove()
+            return
+        if self.synced_session != self.vm.session:
+            await self.sync()
+        if self.qemu.guest_present:
+            await self.qemu.remove_guest()
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            await self.best_effort(self.qemu.unplug(pair_of(backend)), "removing the backend from QEMU")
+            ours = await self.links.delete_recorded(backend)
+            self.env.records.remove(self.vm_name, self.nic.id)
+            if ours:
+                self.hooks.down("hot-remove", backend)
+        events.emit("hot-remove", f"NIC {self.nic.id} removed from the running guest: it is no longer configured",
+                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower if backend else None)
+
+    async def remove(self) -> None:
+        """The NIC left the config: take its backend out of QEMU and the kernel."""
+        backend = self.backend
+        if backend is None:
+            return
+        self.backend = None
+        if self.vm.connected:
+            # Best effort, briefly: a QEMU that does not answer must not hold
+            # up a reload (each command would wait out qmp_timeout).
+            try:
+                async with asyncio.timeout(REMOVE_DEADLINE):
+                    await self.best_effort(self.qemu.unplug(pair_of(backend)), "removing the backend from QEMU")
+                    await self.best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}),
+                                           "set_link")
+            except TimeoutError:
+                log.warning("%s/%s: QEMU did not answer within %g s while the NIC was removed; its netdevs stay "
+                            "in QEMU, the backend link goes", self.vm_name, self.nic.id, REMOVE_DEADLINE)
+        ours = await self.links.delete_recorded(backend)
+        self.env.records.remove(self.vm_name, self.nic.id)
+        if not ours:
+            return
+        self.hooks.gone(backend)
+        events.emit("detached", f"{backend.tap_netdev} removed: the NIC is no longer configured",
+                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    # -- what it reports ---------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        backend = self.backend
+        hub = self.qemu.hub
+        return {
+            "ifname": backend.ifname if backend else self.nic.ifname,
+            "ifindex": backend.ifindex if backend else None,
+            "netdev": backend.tap_netdev if backend else None,
+            "hub_netdev": backend.hub_netdev if backend else None,
+            "hub": self.nic.hub if hub is None else hub,
+            "guest_present": self.qemu.guest_present,
+            "guest_link": self.guest_link,
+            # Whether its if-up ran (a routed tap waits while its guest migrates).
+            "configured": backend.configured if backend else False,
+            "swaps": self.swaps,
+            "last_attach_seconds": self.last_attach_seconds,
+            "generation": self.generation,
+        }
+
+    async def best_effort(self, action: Awaitable[Any], what: str) -> None:
+        try:
+            await action
+        except (LinkError, QmpError) as exc:
+            log.warning("%s/%s: %s failed: %s", self.vm_name, self.nic.id, what, exc)
