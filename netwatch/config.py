@@ -26,7 +26,7 @@ DEFAULT_PATH = "/etc/netwatch/netwatch.toml"
 MACVTAP_MODES = ("bridge", "vepa", "private", "passthru")
 TAP_MODES = ("bridged", "routed")
 BACKENDS = ("macvtap", "tap")
-WIRINGS = ("hub", "direct")
+WIRINGS = ("hub", "direct", "redirect")
 MACHINES = ("pc", "q35")
 # virtio-net takes up to 1024 queue pairs; past a few dozen a guest gains nothing.
 MAX_QUEUES = 64
@@ -134,8 +134,33 @@ class NicConfig:
 
     @functools.cached_property
     def backend_names(self) -> tuple[str, str]:
-        """The two names this NIC's backend link may have."""
+        """The two names this NIC's backend link may have (redirect: the persistent tap is ``ifname``)."""
         return self.ifname, alt_ifname(self.ifname)
+
+    @functools.cached_property
+    def macvlan_names(self) -> tuple[str, ...]:
+        """Redirect wiring: the two names the macvlan on the lower may have (make-before-break
+        needs both at once); no names for the other wirings."""
+        if self.wiring != "redirect":
+            return ()
+        first = macvlan_ifname(self.ifname)
+        return first, alt_ifname(first)
+
+    @property
+    def link_names(self) -> tuple[str, ...]:
+        """Every host link name this NIC may own: its backend's two, then its macvlan's."""
+        return self.backend_names + self.macvlan_names
+
+    @property
+    def netdev_id(self) -> str:
+        """Redirect wiring: the id of the tap netdev QEMU opens ``ifname`` with.
+
+        Not ``guest_port``: hub and direct wirings delete a netdev of that
+        name as a stale hubport. "nwr-" starts no other netdev netwatch names
+        ("nw-<id>", "nw-<id>-tapN", "nw-<id>-upN"), and NIC ids are unique
+        per VM, so it is unique too; 19 chars at most, a letter first.
+        """
+        return f"nwr-{self.id}"
 
 
 @dataclass(frozen=True)
@@ -209,6 +234,21 @@ def alt_ifname(ifname: str) -> str:
     # would share a second name: a digest of the whole name keeps them apart.
     digest = hashlib.blake2s(ifname.encode(), digest_size=3).hexdigest()
     return f"{ifname.encode()[:7].decode(errors='ignore')}{digest}{suffix}"
+
+
+def macvlan_ifname(ifname: str) -> str:
+    """The first name of a redirect NIC's macvlan, from its tap's (unique) name.
+
+    Readable ("nw-web1-net0" -> "nwm-web1-net0") when the tap's name is a
+    netwatch one of 13 bytes or less; else "nwm-" and 11 hex digits of a
+    digest, 15 bytes, so the two forms never meet (14 bytes at most against
+    exactly 15 with no "-" after the prefix). Either way it starts "nwm-",
+    which no derived tap name ("nw-...") does.
+    """
+    if ifname.startswith("nw-") and len(ifname.encode()) <= IFNAME_MAX - 2:
+        return "nwm-" + ifname[3:]
+    digest = hashlib.blake2s(ifname.encode(), digest_size=6, person=b"macvlan").hexdigest()
+    return f"nwm-{digest[:11]}"
 
 
 def parse_guest_pci(value: str | None) -> GuestPci | None:
@@ -464,10 +504,16 @@ class _Validator:
             if nic.hub in seen_hubs:
                 self.problem(nic_where, "hub", f"{nic.hub} is used by NIC '{seen_hubs[nic.hub]}' too")
             owner = f"{name}/{nic.id}"
-            for backend_name in (nic.ifname, alt_ifname(nic.ifname)):
+            for backend_name in nic.backend_names:
                 if backend_name in seen_ifnames:
                     self.problem(nic_where, "ifname", f"'{backend_name}' is used by {seen_ifnames[backend_name]} too")
                 seen_ifnames.setdefault(backend_name, owner)
+            # The macvlan's names come from ifname: changing it is the fix.
+            for macvlan_name in nic.macvlan_names:
+                if macvlan_name in seen_ifnames:
+                    self.problem(nic_where, "ifname", f"its macvlan's name '{macvlan_name}' is used by "
+                                 f"{seen_ifnames[macvlan_name]} too")
+                seen_ifnames.setdefault(macvlan_name, f"{owner}'s macvlan")
             seen_ids.add(nic.id)
             seen_hubs.setdefault(nic.hub, nic.id)
             nics.append(nic)
@@ -563,12 +609,16 @@ class _Validator:
             if mode == "routed" and "bridge" in raw:
                 self.problem(where, "bridge", "is only for tap NICs in bridged mode")
         wiring = self.choice(raw, "wiring", where, WIRINGS, default_wiring(backend or "macvtap"))
+        if wiring == "redirect" and backend == "tap":
+            # A tap's fd outlives its bridge and uplink: there is no macvlan to remake.
+            self.problem(where, "wiring", "\"redirect\" is only for macvtap NICs (a tap NIC's own tap never "
+                         "dies with its lower: use \"direct\")")
         queues = self._get(raw, "queues", where, int, "a number of queues", False)
         if queues is not None and not 1 <= queues <= MAX_QUEUES:
             self.problem(where, "queues", f"{queues} is not between 1 and {MAX_QUEUES}")
         elif queues is not None and queues > 1 and wiring == "hub":
-            self.problem(where, "queues", "needs wiring = \"direct\": a NIC wired through a hub has one queue "
-                         "(the hubport's)")
+            self.problem(where, "queues", "needs wiring = \"direct\" or \"redirect\": a NIC wired through a hub "
+                         "has one queue (the hubport's)")
         elif queues is not None and queues > 1 and model is not None and not model.startswith("virtio-net"):
             self.problem(where, "queues", f"needs a virtio-net model: {model} has one queue")
         if len(self.problems) != count:

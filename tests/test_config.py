@@ -74,6 +74,37 @@ def test_example_config_is_accepted() -> None:
     assert not [problem for vm in cfg.vms for problem in libvirt_problems(vm)], "the example must suit libvirt"
 
 
+def test_redirect_nic_and_what_the_service_needs(tmp_path: Path) -> None:
+    text = NIC + MACVTAP + 'wiring = "redirect"\nmode = "vepa"\nqueues = 4\n'
+    nic = load(tmp_path, text).vms[0].nics[0]
+    assert (nic.wiring, nic.mode, nic.queues, nic.ifname) == ("redirect", "vepa", 4, "nw-v-net0")
+    assert nic.macvlan_names == ("nwm-v-net0", "nwm-v-net0-r")
+    assert nic.backend_names == ("nw-v-net0", "nw-v-net0-r")
+    assert nic.link_names == ("nw-v-net0", "nw-v-net0-r", "nwm-v-net0", "nwm-v-net0-r")
+    assert nic.netdev_id == "nwr-net0"
+    hub = load(tmp_path, NIC + MACVTAP).vms[0].nics[0]
+    assert hub.macvlan_names == () and hub.link_names == hub.backend_names
+    assert config.default_wiring("macvtap") == "hub", "the default stays until the figures decide it"
+
+
+def test_macvlan_names_are_short_apart_and_never_a_tap_name() -> None:
+    # Tap names are unique (the config refuses two NICs with one); some derived ones meet ("web1"/"ua-net0"
+    # and "web1-ua"/"net0"): once each.
+    taps = list(dict.fromkeys([config.derived_ifname(vm, nic) for vm in ("v", "web1", "web1-ua", "a" * 12, "a" * 40,
+                                                                         "ä" * 5)
+                               for nic in ("net0", "net1", "ua-net0", "ua-net1", "n")]
+                              + ["mv-web1", "nwm-x", "x" * 15, "nw-" + "9" * 11]))
+    names = {tap: config.macvlan_ifname(tap) for tap in taps}
+    seconds = {tap: config.alt_ifname(name) for tap, name in names.items()}
+    every = [*taps, *names.values(), *seconds.values()]
+    assert len(set(every)) == len(every), "no name is used twice"
+    assert all(config.ifname_problem(name) is None for name in every)
+    assert all(name.startswith("nwm-") for name in [*names.values(), *seconds.values()])
+    assert names["nw-web1-net0"] == "nwm-web1-net0", "readable when it fits"
+    assert names[config.derived_ifname("web1", "ua-net0")] != names[config.derived_ifname("web1", "ua-net1")]
+    assert len(names["nw-web1-ua-net0"].encode()) == 15
+
+
 def test_lower_as_table_is_normalised(tmp_path: Path) -> None:
     text = NIC + MACVTAP.replace('lower = "eth1"', 'lower = { mac = "AA:BB:CC:00:11:22", pci = "03:00.0" }')
     nic = load(tmp_path, text).vms[0].nics[0]
@@ -143,8 +174,20 @@ BAD_CASES = [
     (NIC + MACVTAP + 'guest_pci = "0x10"\n[[vm.nic]]\n' + MACVTAP.replace("net0", "net1").replace("56", "57")
      + "guest_pci = 16\n", "nic 'net1': key 'guest_pci': 0x10 is used by NIC 'net0' too"),
     ("[netwatch]\ndevice_dir = \"dev\"\n", "key 'device_dir': 'dev' must be an absolute path"),
-    (NIC + MACVTAP + 'wiring = "straight"\n', "key 'wiring': 'straight' is not one of hub, direct"),
-    (NIC + MACVTAP + "queues = 4\n", "key 'queues': needs wiring = \"direct\": a NIC wired through a hub has one"),
+    (NIC + MACVTAP + 'wiring = "straight"\n', "key 'wiring': 'straight' is not one of hub, direct, redirect"),
+    (NIC + MACVTAP + "queues = 4\n",
+     "key 'queues': needs wiring = \"direct\" or \"redirect\": a NIC wired through a hub has one"),
+    (NIC + 'id = "t0"\nbackend = "tap"\nmode = "routed"\nmac = "52:54:00:00:00:01"\nwiring = "redirect"\n',
+     "vm 'v' nic 't0': key 'wiring': \"redirect\" is only for macvtap NICs"),
+    (NIC + MACVTAP + 'wiring = "redirect"\nmode = "routed"\n',
+     "key 'mode': 'routed' is not one of bridge, vepa, private, passthru"),
+    (NIC + MACVTAP + 'wiring = "redirect"\nqueues = 2\nmodel = "rtl8139"\n', "key 'queues': needs a virtio-net model"),
+    (NIC + MACVTAP + 'wiring = "redirect"\nbridge = "br0"\n', "key 'bridge': is only for tap NICs"),
+    # Another NIC's tap named like this redirect NIC's macvlan, either order.
+    (NIC + MACVTAP + 'wiring = "redirect"\n[[vm.nic]]\n' + MACVTAP.replace("net0", "net1").replace("56", "57")
+     + 'ifname = "nwm-v-net0"\n', "nic 'net1': key 'ifname': 'nwm-v-net0' is used by v/net0's macvlan too"),
+    (NIC + MACVTAP + 'ifname = "nwm-v-net1-r"\n[[vm.nic]]\n' + MACVTAP.replace("net0", "net1").replace("56", "57")
+     + 'wiring = "redirect"\n', "nic 'net1': key 'ifname': its macvlan's name 'nwm-v-net1-r' is used by v/net0 too"),
     (NIC + MACVTAP + 'wiring = "direct"\nqueues = 0\n', "key 'queues': 0 is not between 1 and 64"),
     (NIC + MACVTAP + 'wiring = "direct"\nqueues = 2\nmodel = "e1000"\n', "key 'queues': needs a virtio-net model"),
     (NIC + MACVTAP + "queues = true\n", "key 'queues': must be a number of queues, not a boolean"),
