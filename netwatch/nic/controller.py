@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Container
 from dataclasses import replace
 from typing import Any
 
@@ -21,12 +20,12 @@ from tenacity.wait import wait_base
 
 from netwatch.config import LowerSpec, NicConfig, ifname_problem
 from netwatch.errors import BadRequest, NetwatchError
-from netwatch.host.backends import LinkVanished, Placement, ambiguity, find_lower, matching_lowers
+from netwatch.host.backends import LinkVanished, Placement, ambiguity
 from netwatch.host.links import IFF_LOOPBACK, Link
-from netwatch.host.udev import udev_initialized
 from netwatch.nic import interest, report
 from netwatch.nic.env import NicEnv
 from netwatch.nic.hookplan import HookPlan
+from netwatch.nic.lowers import LowerChoice
 from netwatch.nic.records import NicRecord
 from netwatch.nic.state import NicEvent, NicState, NicStateMachine
 from netwatch.nic.wiring import NicWiring
@@ -58,8 +57,8 @@ class NicController:
         self.vm = vm
         self.env = env
         self.fsm = NicStateMachine(vm_name, nic.id, on_change=env.on_state_change)
-        self.lower: Link | None = None
-        self.override: LowerSpec | None = None  # set by rebind until the next reload/restart
+        # Which link is its lower (the config's, or a rebind's until the next reload).
+        self.lowers = LowerChoice(nic, env)
         self.first_pass = asyncio.Event()
         self._requests: list[tuple[LowerSpec, asyncio.Future[dict[str, Any]]]] = []
         self.pending_config: NicConfig | None = None
@@ -92,8 +91,8 @@ class NicController:
 
     def interest(self) -> set[tuple[str, object]]:
         """The link names, MACs and ifindexes whose changes concern this NIC (netwatch/nic/interest.py)."""
-        specs = (self.nic.lower, self.override, self.pending_config.lower if self.pending_config else None)
-        return interest.keys(self.wiring.names(), self.nic.bridge, specs, self.backend, self.lower)
+        specs = (self.nic.lower, self.lowers.override, self.pending_config.lower if self.pending_config else None)
+        return interest.keys(self.wiring.names(), self.nic.bridge, specs, self.backend, self.lowers.last)
 
     def expected(self, old: Link | None, new: Link | None) -> bool:
         """Whether a link change only shows this NIC's own backend as made or recorded (no pass needed)."""
@@ -131,7 +130,8 @@ class NicController:
             self._kick.clear()
             if self.pending_config is not None:
                 # Between passes, never in the middle of one.
-                self.nic, self.override, self.pending_config = self.pending_config, None, None
+                self.nic, self.pending_config = self.pending_config, None
+                self.lowers.configure(self.nic)
                 self.hooks.nic = self.nic
                 self.wiring.configure(self.nic)
             while self._requests:
@@ -216,12 +216,12 @@ class NicController:
         if wiring.synced_session != self.vm.session:
             await wiring.sync()
             await wiring.follow_migration()
-        matches = self._matching_lowers()
-        lower = self._pick(matches)
-        self.lower = lower or self.lower
+        matches = self.lowers.matching(self.nic.backend_names)
+        lower = self.lowers.pick(matches, self.backend)
+        self.lowers.last = lower or self.lowers.last
         placement = self.driver.place(self.nic, lower, self.env.links)
         if lower is None and len(matches) > 1:
-            spec = self.override or self.nic.lower
+            spec = self.lowers.spec
             assert spec is not None
             placement = replace(placement, ready=False, missing=ambiguity(spec, matches))
         if self.backend is not None:
@@ -268,24 +268,7 @@ class NicController:
                 await self.wiring.detach(misplaced, "lower-lost")
 
     def find_lower(self) -> Link | None:
-        return self._pick(self._matching_lowers())
-
-    def _matching_lowers(self) -> list[Link]:
-        return matching_lowers(self.override or self.nic.lower, _Either(self.env.own_links(), self.nic.backend_names),
-                               self.env.links, self._ready)
-
-    def _pick(self, matches: list[Link]) -> Link | None:
-        if len(matches) == 1:
-            return matches[0]
-        # A second match appearing under an attached NIC (a VLAN made on its
-        # lower, say) must not tear the NIC down: it stays where it is.
-        backend = self.backend
-        current = [link for link in matches if backend is not None and link.index == backend.lower_ifindex]
-        return current[0] if current else None
-
-    def _ready(self, link: Link) -> bool:
-        # With udevd, a link is used only once udev is done with it (renames).
-        return not self.env.udev_gate or udev_initialized(link.index)
+        return self.lowers.find(self.nic.backend_names, self.backend)
 
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""
@@ -308,7 +291,7 @@ class NicController:
     async def _rebind_now(self, spec: LowerSpec) -> None:
         if not self.vm.connected:
             raise RebindError(f"QEMU of {self.vm_name} is not connected")
-        target = find_lower(spec, set(), self.env.links, self._ready)
+        target = self.lowers.target(spec)
         if target is None:
             raise BadRebind(f"there is no link named {spec.name}")
         if target.name in self.env.own_links() | set(self.nic.backend_names):
@@ -316,7 +299,7 @@ class NicController:
         if target.flags & IFF_LOOPBACK:
             raise BadRebind(f"{target.name} is a loopback device")
         backend = self.backend
-        previous, self.override = self.override, spec
+        previous, self.lowers.override = self.lowers.override, spec
         self.env.on_interest_change(self)
         try:
             if backend is None or backend.lower_ifindex == target.index:
@@ -327,14 +310,14 @@ class NicController:
             else:
                 await self.wiring.maintain(placement)
         except BaseException:
-            self.override = previous
+            self.lowers.override = previous
             raise
 
     # -- what it reports --------------------------------------------------------
 
     def plan(self, nic: NicConfig) -> dict[str, str] | None:
         """What applying ``nic`` would do to this NIC (reload --dry-run), or None for nothing."""
-        return report.plan(self.nic, nic, self.override, self.retiring)
+        return report.plan(self.nic, nic, self.lowers.override, self.retiring)
 
     def status(self) -> dict[str, Any]:
         lower = self.find_lower()
@@ -358,8 +341,8 @@ class NicController:
             status[key] = getattr(counters, key) if counters else None
         if self.retiring:
             status["removing"] = True
-        if self.override is not None:
-            status["rebound"] = {"lower": self.override.describe(),
+        if self.lowers.override is not None:
+            status["rebound"] = {"lower": self.lowers.override.describe(),
                                  "config_lower": nic.lower.describe() if nic.lower else None,
                                  "until": "the next reload or restart, which returns to the config"}
         if nic.bridge is not None:
@@ -371,18 +354,7 @@ class NicController:
     # -- names for messages -----------------------------------------------------
 
     def spec_name(self) -> str:
-        spec = self.override or self.nic.lower
-        return spec.describe() if spec else "-"
+        return self.lowers.spec_name()
 
     def _lower_name(self) -> str | None:
-        return self.lower.name if self.lower else (self.nic.lower.describe() if self.nic.lower else None)
-
-
-class _Either:
-    """Names in either collection, without building their union (every NIC's pass asks: that was O(NICs))."""
-
-    def __init__(self, first: Container[str], second: Container[str]) -> None:
-        self.first, self.second = first, second
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.first or name in self.second
+        return self.lowers.name()

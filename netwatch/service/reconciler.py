@@ -209,7 +209,7 @@ class Reconciler:
                     self._add_nic(name, NicController(name, nic, session, self.env, hot_added=session.connected))
                     summary["NICs hot-added"] += 1
                 else:
-                    if controller.nic != nic or controller.override is not None or controller.retiring:
+                    if controller.nic != nic or controller.lowers.override is not None or controller.retiring:
                         summary["NICs changed"] += 1
                     controller.update_config(nic)
         self._own_links = None

@@ -1,0 +1,73 @@
+"""Which link is a NIC's lower: its config's spec, or a rebind's until the
+next reload or restart, matched on the host's links as they are now."""
+
+from __future__ import annotations
+
+from collections.abc import Container
+
+from netwatch.config import LowerSpec, NicConfig
+from netwatch.host.backends import find_lower, matching_lowers
+from netwatch.host.links import Link
+from netwatch.host.udev import udev_initialized
+from netwatch.nic.env import NicEnv
+from netwatch.nic.records import NicRecord
+
+
+class LowerChoice:
+    """One NIC's lower: what it is asked to follow, and the link that was last that."""
+
+    def __init__(self, nic: NicConfig, env: NicEnv) -> None:
+        self.nic = nic
+        self.env = env
+        self.override: LowerSpec | None = None  # set by rebind until the next reload/restart
+        self.last: Link | None = None  # the lower last found
+
+    @property
+    def spec(self) -> LowerSpec | None:
+        return self.override or self.nic.lower
+
+    def configure(self, nic: NicConfig) -> None:
+        """A reload: the config's lower applies again (a rebind ends here)."""
+        self.nic, self.override = nic, None
+
+    def matching(self, names: Container[str]) -> list[Link]:
+        """Every link the spec matches now, never one of netwatch's backends (``names``: this NIC's)."""
+        return matching_lowers(self.spec, _Either(self.env.own_links(), names), self.env.links, self.ready)
+
+    def pick(self, matches: list[Link], backend: NicRecord | None) -> Link | None:
+        """The one lower among ``matches``: the only one, or the one the backend is on now."""
+        if len(matches) == 1:
+            return matches[0]
+        # A second match appearing under an attached NIC (a VLAN made on its
+        # lower, say) must not tear the NIC down: it stays where it is.
+        current = [link for link in matches if backend is not None and link.index == backend.lower_ifindex]
+        return current[0] if current else None
+
+    def find(self, names: Container[str], backend: NicRecord | None) -> Link | None:
+        return self.pick(self.matching(names), backend)
+
+    def target(self, spec: LowerSpec) -> Link | None:
+        """The link a rebind to ``spec`` would go to."""
+        return find_lower(spec, set(), self.env.links, self.ready)
+
+    def ready(self, link: Link) -> bool:
+        # With udevd, a link is used only once udev is done with it (renames).
+        return not self.env.udev_gate or udev_initialized(link.index)
+
+    def spec_name(self) -> str:
+        spec = self.spec
+        return spec.describe() if spec else "-"
+
+    def name(self) -> str | None:
+        """The lower's name for messages: the one last found, else the config's spec."""
+        return self.last.name if self.last else (self.nic.lower.describe() if self.nic.lower else None)
+
+
+class _Either:
+    """Names in either collection, without building their union (every NIC's pass asks: that was O(NICs))."""
+
+    def __init__(self, first: Container[str], second: Container[str]) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.first or name in self.second
