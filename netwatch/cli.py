@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     form = qemu_args.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="a JSON array instead of a shell line")
     form.add_argument("--libvirt", action="store_true",
-                      help="a <qemu:commandline> block to paste into a libvirt domain")
+                      help="libvirt domain XML: an <interface> element per redirect-wired NIC, and a "
+                           "<qemu:commandline> block for the other NICs")
     qemu_args.add_argument("vm", help="VM name")
     status = command("status", "show every VM and NIC as the running service sees it")
     status.add_argument("--json", action="store_true", help="machine-readable output")

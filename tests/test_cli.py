@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +130,59 @@ qmp = "/run/nw-qmp/web&1.qmp"
     assert args == as_json
     assert args[1] == "unix:/run/nw-qmp/web&1.qmp,server=on,wait=off"
     assert args[5].endswith(",addr=0x19") and args[9].endswith(",bus=pci.1,addr=0x05")
+
+
+REDIRECT = """
+[[vm]]
+name = "web1"
+qmp = "/run/nw-qmp/web1.qmp"
+  [[vm.nic]]
+  id = "net0"
+  backend = "macvtap"
+  wiring = "redirect"
+  lower = "eth1"
+  mac = "52:54:00:12:34:56"
+  queues = 2
+"""
+
+
+def test_check_and_qemu_args_of_a_redirect_nic(tmp_path: Path) -> None:
+    path = tmp_path / "rd.toml"
+    path.write_text(REDIRECT)
+    assert run_netwatch("check", "-c", str(path)).stdout.strip() == f"{path}: OK (1 VMs, 1 NICs)"
+    line = run_netwatch("qemu-args", "-c", str(path), "web1")
+    assert line.returncode == 0, line.stderr
+    vhost = ",vhost=on" if Path("/dev/vhost-net").exists() else ""
+    assert shlex.split(line.stdout) == [
+        "-qmp", "unix:/run/nw-qmp/web1.qmp,server=on,wait=off",
+        "-netdev", f"tap,id=nwr-net0,ifname=nw-web1-net0,script=no,downscript=no,vnet_hdr=on{vhost},queues=2",
+        "-device", "virtio-net-pci,id=net0,netdev=nwr-net0,mac=52:54:00:12:34:56,addr=0x19,mq=on,vectors=6",
+    ]
+    libvirt = run_netwatch("qemu-args", "-c", str(path), "--libvirt", "web1")
+    assert libvirt.returncode == 0, libvirt.stderr
+    assert "qemu:commandline" not in libvirt.stdout and "-qmp" not in libvirt.stdout
+    [interface] = ET.fromstring(f"<devices>{libvirt.stdout}</devices>")
+    assert interface.attrib == {"type": "ethernet"}
+    assert [(child.tag, child.attrib) for child in interface] == [
+        ("mac", {"address": "52:54:00:12:34:56"}), ("target", {"dev": "nw-web1-net0", "managed": "no"}),
+        ("model", {"type": "virtio"}), ("driver", {"queues": "2"}),
+        ("address", {"type": "pci", "domain": "0x0000", "bus": "0x00", "slot": "0x19", "function": "0x0"})]
+
+
+def test_check_refuses_a_redirect_tap_nic_and_libvirt_an_unknown_model(tmp_path: Path) -> None:
+    path = tmp_path / "rd.toml"
+    path.write_text(REDIRECT.replace('backend = "macvtap"', 'backend = "tap"\n  mode = "routed"')
+                    .replace('  lower = "eth1"\n', ""))
+    result = run_netwatch("check", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"{path}: vm 'web1' nic 'net0': key 'wiring': \"redirect\" is only for macvtap "
+                                     "NICs (a tap NIC's own tap never dies with its lower: use \"direct\")")
+    path.write_text(REDIRECT.replace("queues = 2", 'model = "i82559er"'))
+    result = run_netwatch("qemu-args", "-c", str(path), "--libvirt", "web1")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("netwatch: VM 'web1' NIC 'net0': libvirt has no <model type> for i82559er; "
+                                     "under libvirt a redirect NIC's model is one of virtio-net-pci, e1000, e1000e, "
+                                     "rtl8139")
 
 
 @pytest.mark.parametrize("nic_id", ["net0", "hostnet3", "video0", "pci.1", "sata0-0-0", "virtio-disk2"])
