@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -204,4 +205,12 @@ def _status_text(result: dict[str, Any]) -> str:
 
 
 def entry() -> NoReturn:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`netwatch status | head`): nothing more to say, and no
+        # traceback; stdout is pointed at /dev/null so the interpreter's own flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_RUNTIME
+    sys.exit(code)

@@ -270,3 +270,19 @@ def test_run_refuses_a_state_directory_others_can_write(tmp_path: Path) -> None:
         f"netwatch: the state directory {state} must be netwatch's own and writable by it alone (owner uid 0, "
         "mode 0777)")
     assert "Traceback" not in result.stderr
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback(good: str) -> None:
+    """`netwatch qemu-args VM | head -c1` ended in a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before netwatch writes
+    try:
+        done = subprocess.run([sys.executable, "-m", "netwatch", "qemu-args", "-c", good, "web1"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode != 0
