@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from netwatch.config import LowerSpec, NicConfig
 from netwatch.errors import DeviceError, LinkError, NetwatchError
 from netwatch.host.chardev import open_macvtap
-from netwatch.host.linkops import LinkOps
+from netwatch.host.linkops import LinkOps, refuse_router_advertisements
 from netwatch.host.links import Link, LinkTable
+from netwatch.host.ptap import tap_mac
 from netwatch.nic.records import NicRecord
 
 TUNSETIFF = 0x400454CA
@@ -258,24 +259,6 @@ async def _replaced(ops: LinkOps, link: Link) -> bool:
         return True
 
 
-def refuse_router_advertisements(name: str) -> None:
-    """accept_ra 0 on tap ``name``.
-
-    A routed tap hands the guest's frames to the host's own stack, and with
-    the kernel's default (accept_ra 1 where the host does not forward) a
-    router advertisement the guest sends gave the host an address on the
-    tap (SLAAC, address generation off or not) and a default route through
-    the guest.
-    """
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w") as handle:
-            handle.write("0")
-    except FileNotFoundError:
-        return  # no IPv6 on this link: nothing to refuse
-    except OSError as exc:
-        raise LinkError(f"cannot refuse router advertisements on {name}: {exc.strerror or exc}", exc.errno) from exc
-
-
 def made_by_netwatch(link: Link, backend: str, guest_mac: str) -> bool:
     """Whether ``link`` is the kind of link netwatch makes for a ``backend`` NIC, with the MAC it gives it.
 
@@ -293,16 +276,6 @@ def provably_ours(link: Link, record: NicRecord, names: Container[str]) -> bool:
     if link.name != record.ifname or record.ifname not in names:
         return False
     return made_by_netwatch(link, record.backend, record.mac)
-
-
-def tap_mac(guest_mac: str) -> str:
-    """The tap's own address: the guest MAC with 0xfe first.
-
-    Never the guest's own MAC (the bridge would take frames for the guest
-    as its own), and high enough that the bridge never adopts it as its
-    address: the usual libvirt convention.
-    """
-    return "fe" + guest_mac[2:]
 
 
 def open_tap(name: str, queues: int = 1) -> tuple[int, ...]:

@@ -1,8 +1,10 @@
 """Actions out: changes to host links, over netlink.
 
-Macvtaps, made on every reattach, go out as requests netwatch encodes
-itself (netwatch/host/rtnl.py) on a socket of their own; everything else
-through pyroute2.
+What a reattach does (macvtaps; for the redirect wiring macvlans, ingress
+qdiscs and u32 + mirred filters, persistent taps) goes out as requests
+netwatch encodes itself (netwatch/host/rtnl.py, tc.py) on a socket of its
+own, every answer (ack, error, dump) matched to its request by sequence
+number; everything else through pyroute2.
 """
 
 from __future__ import annotations
@@ -15,19 +17,28 @@ import itertools
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netwatch.errors import LinkError
-from netwatch.host import rtnl
+from netwatch.errors import DeviceError, LinkError
+from netwatch.host import ptap, rtnl, tc
 
 SOL_NETLINK = 270
 NETLINK_EXT_ACK = 11  # the kernel says why a request failed, not just the errno
 ACK_TIMEOUT = 10.0
 ACK_BUFFER = 4 * 1024 * 1024
 SO_RCVBUFFORCE = 33
+
+
+@dataclass
+class _Pending:
+    """A request sent on LinkOps' socket: what the kernel answered so far, and its outcome."""
+
+    outcome: asyncio.Future[list[bytes]]
+    replies: list[bytes] = field(default_factory=list)
 
 
 class LinkOps:
@@ -37,7 +48,9 @@ class LinkOps:
         self._ipr: AsyncIPRoute | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._acks: dict[int, asyncio.Future[None]] = {}  # sequence number -> its request's outcome
+        self._pending: dict[int, _Pending] = {}  # sequence number -> its request
+        # The kernel runs one dump per socket at a time (EBUSY for a second until the first's end is read).
+        self._dumping = asyncio.Lock()
         self._seq = itertools.count(1)
 
     async def __aenter__(self) -> LinkOps:
@@ -143,17 +156,195 @@ class LinkOps:
                 if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
                     raise LinkError(f"cannot remove {address} from link {index}: {exc}", exc.code) from exc
 
+    async def add_macvlan(self, name: str, lower: int, mac: str, mode: str, *, up: bool = True) -> int:
+        """Create macvlan ``name`` on ifindex ``lower`` with ``mac`` in macvlan ``mode``; return its ifindex.
+
+        For the redirect wiring: it takes the guest's frames off the lower
+        as the NIC's macvtap would. Silent as a macvtap (:meth:`silence`) and
+        deaf to router advertisements (SLAAC makes an address whatever the
+        address generation mode, and the guest's router speaks on this
+        link); allmulticast, or it would filter multicast by its own list
+        (the guest's IPv6 neighbour discovery, mDNS, VRRP). Its MTU is the
+        lower's, from the kernel. ``up=False`` leaves it down for
+        :meth:`bring_up`: its filters can be in place before any frame
+        arrives.
+        """
+        try:
+            # One datagram: the link, then the link read back (its ifindex, from this namespace).
+            made, found = await self._transact(lambda seq: rtnl.newlink_macvlan(seq, name, lower, mac, mode),
+                                               lambda seq: rtnl.getlink(seq, name))
+            if isinstance(made, LinkError):
+                raise made
+            index = _index(found, name)
+        except LinkError as exc:
+            raise LinkError(f"cannot create macvlan {name}: {exc}", exc.errno) from exc
+        try:
+            refuse_router_advertisements(name)
+            # The kernel runs the two in order: up only once it makes no address of its own.
+            silenced, rest = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
+                                                  lambda seq: rtnl.setlink(seq, index, allmulti=True, up=up))
+            if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
+                raise silenced
+            if rest is not None:
+                raise rest
+        except BaseException as exc:
+            with contextlib.suppress(LinkError):
+                await self._dellink(index)
+            if isinstance(exc, LinkError):
+                raise LinkError(f"cannot create macvlan {name}: {exc}", exc.errno) from exc
+            raise
+        return index
+
+    async def bring_up(self, index: int) -> None:
+        """Set link ``index`` up (its other flags stay)."""
+        outcome, = await self._exchange(lambda seq: rtnl.setlink(seq, index, up=True))
+        if outcome is not None:
+            raise LinkError(f"cannot set link {index} up: {outcome}", outcome.errno)
+
+    async def ensure_ingress(self, index: int) -> None:
+        """An ingress qdisc on link ``index``: added, or already there (ingress or clsact, both take the filters)."""
+        outcome, = await self._exchange(lambda seq: tc.add_ingress(seq, index))
+        if outcome is not None and outcome.errno != errno.EEXIST:
+            raise LinkError(f"cannot add an ingress qdisc to link {index}: {outcome}", outcome.errno)
+
+    async def redirect(self, index: int, target: int, replace: bool) -> None:
+        """Every frame arriving on link ``index`` leaves on link ``target`` (tc.redirect_filter).
+
+        ``replace``: in place of the first u32 filter there, made if there is
+        none; the only way to re-aim a filter whose target is gone.
+        """
+        outcome, = await self._exchange(lambda seq: tc.redirect_filter(seq, index, target, replace=replace))
+        if outcome is not None:
+            raise LinkError(f"cannot redirect link {index} to link {target}: {outcome}", outcome.errno)
+
+    async def redirects(self, index: int) -> list[tuple[int, int]]:
+        """(filter handle, target ifindex) of each redirect filter on link ``index`` (tc.redirect_targets).
+
+        A target that unregistered reads 0. A link without an ingress qdisc,
+        or no link at all, has none.
+        """
+        async with self._dumping:
+            dump, = await self._transact(lambda seq: tc.dump_filters(seq, index))
+        if isinstance(dump, LinkError):
+            raise LinkError(f"cannot read the filters of link {index}: {dump}", dump.errno)
+        return [(handle, target) for reply in dump for _index_, handle, target in tc.redirect_targets(reply)]
+
+    async def ensure_tap(self, name: str, queues: int, owner: int | None, guest_mac: str) -> int:
+        """The redirect wiring's persistent tap ``name``, up and silent; its ifindex.
+
+        Made when no link has that name (``queues`` > 1: multi-queue; owned
+        by uid ``owner``, None: any), with the tap form of ``guest_mac``
+        (ptap.tap_mac) from the start. A link of that name is adopted only
+        when it is such a tap already (flags, owner and MAC): then it is
+        silenced and set up, and nothing else changes (QEMU may hold it).
+        Anything else is refused, and left as it is.
+        """
+        mac = ptap.tap_mac(guest_mac)
+        existing = await self.link(name)
+        made = existing is None
+        if existing is None:
+            try:
+                ptap.make_persistent_tap(name, queues, owner, mac)
+            except DeviceError as exc:
+                cause = exc.__cause__
+                raise LinkError(str(exc), cause.errno if isinstance(cause, OSError) else None) from exc
+            existing = await self.link(name)
+            if existing is None:
+                raise LinkError(f"tap {name} was deleted as it was made", errno.ENODEV)
+        reply = existing
+        fields = _fields(reply)
+        index = int(str(fields["index"]))
+        why = _not_netwatchs_tap(reply, fields, queues, owner, mac)
+        if why is not None:
+            raise LinkError(f"tap {name} exists and is not netwatch's ({why})", errno.EEXIST)
+        try:
+            refuse_router_advertisements(name)
+            if not made:
+                # Adopted: as one made now, without the link-local address a kernel default gave it.
+                await self.silence(index, generated_from=mac)
+                if not int(str(fields["flags"])) & rtnl.IFF_UP:
+                    await self.bring_up(index)
+                return index
+            silenced, up = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
+                                                lambda seq: rtnl.setlink(seq, index, up=True))
+            if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
+                raise silenced
+            if up is not None:
+                raise up
+        except BaseException as exc:
+            if made:
+                with contextlib.suppress(LinkError):
+                    await self._dellink(index)
+            if isinstance(exc, LinkError):
+                raise LinkError(f"cannot set up tap {name}: {exc}", exc.errno) from exc
+            raise
+        return index
+
+    async def delete_tap(self, name: str, guest_mac: str) -> bool:
+        """Delete the persistent tap ``name`` netwatch made for ``guest_mac``; False if there is none.
+
+        Only a link that proves itself netwatch's tap (a persistent tap with
+        the tap form of ``guest_mac``) goes; anything else is refused, and so
+        is a tap some process (QEMU) still holds: deleting it would cut a
+        running guest's NIC for good.
+        """
+        reply = await self.link(name)
+        if reply is None:
+            return False
+        fields = _fields(reply)
+        info = ptap.tap_info(reply)
+        mac = ptap.tap_mac(guest_mac)
+        why = None
+        if info is None:
+            why = f"it is a {fields['kind'] or 'link of no kind'}, not a tap"
+        elif not info.flags & ptap.IFF_PERSIST:
+            why = "it is not persistent"
+        elif fields["mac"] != mac:
+            why = f"its MAC is {fields['mac']}, not {mac}"
+        if why is not None:
+            raise LinkError(f"tap {name} exists and is not netwatch's ({why}): left in place", errno.EEXIST)
+        if info is not None and info.attached:
+            raise LinkError(f"tap {name} is still open ({info.attached} queues attached): left in place",
+                            errno.EBUSY)
+        return await self._dellink(int(str(fields["index"])))
+
+    async def link(self, name: str) -> bytes | None:
+        """The kernel's RTM_NEWLINK message for link ``name``; None when there is none.
+
+        Over netlink, in the socket's namespace (/sys shows the links of the
+        namespace it was mounted in).
+        """
+        reply, = await self._transact(lambda seq: rtnl.getlink(seq, name))
+        if isinstance(reply, LinkError):
+            if reply.errno == errno.ENODEV:
+                return None
+            raise LinkError(f"cannot read link {name}: {reply}", reply.errno)
+        return reply[0] if reply else None
+
+    async def _dellink(self, index: int) -> bool:
+        outcome, = await self._exchange(lambda seq: rtnl.dellink(seq, index))
+        if outcome is not None:
+            if outcome.errno == errno.ENODEV:
+                return False
+            raise LinkError(f"cannot delete link {index}: {outcome}", outcome.errno)
+        return True
+
     async def _exchange(self, *requests: Callable[[int], bytes]) -> list[LinkError | None]:
         """Send requests (each built for its sequence number) in one datagram; each one's outcome.
 
         The kernel runs them in order, a refused one not stopping the next.
         """
+        return [result if isinstance(result, LinkError) else None for result in await self._transact(*requests)]
+
+    async def _transact(self, *requests: Callable[[int], bytes]) -> list[list[bytes] | LinkError]:
+        """As :meth:`_exchange`, with what the kernel sent back for each: its replies (a dump's, a get's;
+        none for a change) or why it refused."""
         assert self._sock is not None and self._loop is not None, "LinkOps used outside its context"
         seqs = [next(self._seq) % 0xFFFFFFFF + 1 for _ in requests]
-        outcomes: list[asyncio.Future[None]] = []
+        outcomes: list[asyncio.Future[list[bytes]]] = []
         for seq in seqs:
             outcomes.append(self._loop.create_future())
-            self._acks[seq] = outcomes[-1]
+            self._pending[seq] = _Pending(outcomes[-1])
         try:
             self._sock.send(b"".join(request(seq) for request, seq in zip(requests, seqs, strict=True)))
             async with asyncio.timeout(ACK_TIMEOUT):
@@ -164,11 +355,13 @@ class LinkOps:
             raise LinkError(f"the kernel did not answer within {ACK_TIMEOUT:g} s", errno.ETIMEDOUT) from exc
         finally:
             for seq in seqs:
-                self._acks.pop(seq, None)
+                self._pending.pop(seq, None)
+        answers: list[list[bytes] | LinkError] = []
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, LinkError):
                 raise result
-        return [result if isinstance(result, LinkError) else None for result in results]
+            answers.append(result)
+        return answers
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -178,23 +371,31 @@ class LinkOps:
             except BlockingIOError:
                 return
             except OSError as exc:
-                # Acks were lost (ENOBUFS): whoever waits is told, and retries.
+                # Answers were lost (ENOBUFS): whoever waits is told, and retries.
                 self._fail_pending(LinkError(f"netlink: {exc.strerror or exc}", exc.errno))
                 return
-            for seq, error, message in rtnl.acks(data):
-                outcome = self._acks.pop(seq, None)
-                if outcome is None or outcome.done():
+            for answer in rtnl.answers(data):
+                pending = self._pending.get(answer.seq)
+                if pending is None:
                     continue
-                if error:
-                    outcome.set_exception(LinkError(message or os.strerror(error), error))
+                if answer.data is not None:
+                    pending.replies.append(answer.data)
+                if not answer.final:
+                    continue
+                del self._pending[answer.seq]
+                if pending.outcome.done():
+                    continue
+                if answer.error:
+                    pending.outcome.set_exception(LinkError(answer.message or os.strerror(answer.error),
+                                                            answer.error))
                 else:
-                    outcome.set_result(None)
+                    pending.outcome.set_result(pending.replies)
 
     def _fail_pending(self, error: LinkError) -> None:
-        pending, self._acks = self._acks, {}
-        for outcome in pending.values():
-            if not outcome.done():
-                outcome.set_exception(error)
+        pending, self._pending = self._pending, {}
+        for request in pending.values():
+            if not request.outcome.done():
+                request.outcome.set_exception(error)
 
     async def index_of(self, name: str) -> int:
         """A link's ifindex: from sysfs (cheap), else over netlink."""
@@ -228,3 +429,50 @@ def eui64_link_local(mac: str) -> ipaddress.IPv6Address:
     octets = bytes.fromhex(mac.replace(":", ""))
     interface_id = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:6]
     return ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + interface_id)
+
+
+def refuse_router_advertisements(name: str) -> None:
+    """accept_ra 0 on link ``name`` (a tap, a macvlan).
+
+    A link carrying a guest's frames to the host's own stack (a routed tap;
+    a redirect NIC's macvlan, whenever its filter is not there) would take
+    the router advertisements the guest or its router sends: with the
+    kernel's default (accept_ra 1 where the host does not forward) that
+    gave the host an address on the link (SLAAC, address generation off or
+    not) and a default route through it.
+    """
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w") as handle:
+            handle.write("0")
+    except FileNotFoundError:
+        return  # no IPv6 on this link: nothing to refuse
+    except OSError as exc:
+        raise LinkError(f"cannot refuse router advertisements on {name}: {exc.strerror or exc}", exc.errno) from exc
+
+
+def _fields(reply: bytes) -> dict[str, object]:
+    for _type, fields in rtnl.decode_links(reply):
+        return fields
+    raise LinkError("the kernel's answer has no link in it")
+
+
+def _index(found: list[bytes] | LinkError, name: str) -> int:
+    if isinstance(found, LinkError):
+        raise LinkError(f"made, but cannot be read back: {found}", found.errno)
+    if not found:
+        raise LinkError(f"{name} made, but the kernel did not show it")
+    return int(str(_fields(found[0])["index"]))
+
+
+def _not_netwatchs_tap(reply: bytes, fields: dict[str, object], queues: int, owner: int | None,
+                       mac: str) -> str | None:
+    """Why link ``reply`` is not the tap netwatch would make, or None."""
+    info = ptap.tap_info(reply)
+    if info is None:
+        return f"it is a {fields['kind'] or 'link of no kind'}, not a tap"
+    problem = info.problem(queues, owner)
+    if problem is not None:
+        return problem
+    if fields["mac"] != mac:
+        return f"its MAC is {fields['mac']}, not {mac}"
+    return None

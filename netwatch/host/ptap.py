@@ -17,29 +17,27 @@ from dataclasses import dataclass
 from netwatch.errors import DeviceError
 from netwatch.host.rtnl import (
     _IFINFOMSG,
-    _NLMSGHDR,
     _U32,
-    IFLA_IFNAME,
     IFLA_INFO_DATA,
     IFLA_INFO_KIND,
     IFLA_LINKINFO,
-    NLM_F_REQUEST,
     RTM_NEWLINK,
-    _attr,
     _attrs,
     _messages,
 )
+from netwatch.host.rtnl import getlink as getlink  # read a tap back with it (moved to rtnl)
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 TUNSETOWNER = 0x400454CC
+SIOCSIFHWADDR = 0x8924
+ARPHRD_ETHER = 1
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
 IFF_PERSIST = 0x0800
 IFF_TUN_EXCL = 0x8000
-RTM_GETLINK = 18
 # linux/if_link.h, a tun link's IFLA_INFO_DATA
 IFLA_TUN_OWNER = 1
 IFLA_TUN_TYPE = 3
@@ -47,6 +45,18 @@ IFLA_TUN_PI = 4
 IFLA_TUN_VNET_HDR = 5
 IFLA_TUN_PERSIST = 6
 IFLA_TUN_MULTI_QUEUE = 7
+IFLA_TUN_NUM_QUEUES = 8
+IFLA_TUN_NUM_DISABLED_QUEUES = 9
+
+
+def tap_mac(guest_mac: str) -> str:
+    """The tap's own address: the guest MAC with 0xfe first.
+
+    Never the guest's own MAC (the bridge would take frames for the guest
+    as its own), and high enough that the bridge never adopts it as its
+    address: the usual libvirt convention.
+    """
+    return "fe" + guest_mac[2:]
 
 
 def tap_flags(queues: int) -> int:
@@ -59,6 +69,7 @@ class TapInfo:
 
     flags: int  # TUNSETIFF flags, IFF_PERSIST included
     owner: int | None  # None: anyone may attach
+    attached: int = 0  # queues some process holds open (QEMU, once it runs), disabled ones included
 
     def problem(self, queues: int, owner: int | None) -> str | None:
         """Why this device is not the persistent tap a redirect NIC with ``queues`` and ``owner`` needs, or None."""
@@ -70,12 +81,6 @@ class TapInfo:
         if self.owner != owner:
             return f"it is owned by uid {self.owner}, not {owner}"
         return None
-
-
-def getlink(seq: int, name: str) -> bytes:
-    """RTM_GETLINK for link ``name`` (the answer is one RTM_NEWLINK, or an error)."""
-    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body
 
 
 def tap_info(data: bytes) -> TapInfo | None:
@@ -100,15 +105,21 @@ def tap_info(data: bytes) -> TapInfo | None:
             flags |= flag if on != (attr == IFLA_TUN_PI) else 0
         flags |= tun.get(IFLA_TUN_TYPE, b"\0")[0]
         owner = tun.get(IFLA_TUN_OWNER)
-        return TapInfo(flags, _U32.unpack(owner[:4])[0] if owner and len(owner) >= 4 else None)
+        attached = sum(_U32.unpack(value[:4])[0] for value in (tun.get(IFLA_TUN_NUM_QUEUES, b""),
+                                                                tun.get(IFLA_TUN_NUM_DISABLED_QUEUES, b""))
+                       if len(value) >= 4)
+        return TapInfo(flags, _U32.unpack(owner[:4])[0] if owner and len(owner) >= 4 else None, attached)
     return None
 
 
-def make_persistent_tap(name: str, queues: int, owner: int | None) -> None:
-    """Create tap ``name`` (vnet header, one or more queues), persistent and owned by ``owner``.
+def make_persistent_tap(name: str, queues: int, owner: int | None, mac: str | None = None) -> None:
+    """Create tap ``name`` (vnet header, one or more queues), persistent and owned by ``owner``, down.
 
     Fails with EBUSY when a link of that name exists: the caller decides
     whether an existing one is netwatch's (:func:`tap_info` and its record).
+    ``mac`` is set before the tap is made persistent: a tap that outlives
+    this call always has it (with a crash in between, the tap goes with
+    the fd), so a tap left behind can be told to be netwatch's.
     """
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
@@ -119,6 +130,9 @@ def make_persistent_tap(name: str, queues: int, owner: int | None) -> None:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), tap_flags(queues) | IFF_TUN_EXCL))
         if owner is not None:
             fcntl.ioctl(fd, TUNSETOWNER, owner)
+        if mac is not None:
+            fcntl.ioctl(fd, SIOCSIFHWADDR, struct.pack("16sH6s16x", name.encode(), ARPHRD_ETHER,
+                                                       bytes.fromhex(mac.replace(":", ""))))
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     except OSError as exc:
         raise DeviceError(f"cannot create tap {name}: {exc.strerror or exc}") from exc

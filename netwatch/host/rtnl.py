@@ -1,10 +1,10 @@
-"""rtnetlink link messages on the reattach path: events decoded, macvtaps requested.
+"""rtnetlink link messages on the reattach path: events decoded, macvtaps and macvlans requested.
 
 pyroute2 decodes every attribute of every message (about 0.25 ms for a
 1.5 KB RTM_NEWLINK here) and builds each request through its filter chain
-(about 0.4 ms for a macvtap); link events and macvtap creations come in
+(about 0.4 ms for a macvtap); link events and backend creations come in
 bursts right on the reattach path, so both are done here in microseconds.
-Dumps and every other change netwatch makes still go through pyroute2.
+Link dumps and the other changes netwatch makes still go through pyroute2.
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
+from typing import NamedTuple
 
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
+RTM_GETLINK = 18
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
 RTMGRP_LINK = 1
 
 NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2  # one message of several answering a dump; NLMSG_DONE ends them
 NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
@@ -26,6 +30,7 @@ NLM_F_CAPPED = 0x100  # in an NLMSG_ERROR: the request is not echoed
 NLM_F_ACK_TLVS = 0x200  # in an NLMSG_ERROR: extended-ack attributes follow
 NLMSGERR_ATTR_MSG = 1
 IFF_UP = 0x1
+IFF_ALLMULTI = 0x200
 IFLA_INFO_DATA = 2
 IFLA_MACVLAN_MODE = 1
 # linux/if_link.h
@@ -148,8 +153,17 @@ def newlink_macvtap(seq: int, name: str, lower: int, mac: str, mode: str) -> byt
     inet6 device yet), so IPv6 address generation is turned off by a
     :func:`setlink` before another one brings it up.
     """
-    info = _attr(IFLA_INFO_KIND, b"macvtap\0") + _attr(IFLA_INFO_DATA,
-                                                         _attr(IFLA_MACVLAN_MODE, _U32.pack(MACVLAN_MODES[mode])))
+    return newlink_macvlan(seq, name, lower, mac, mode, kind="macvtap")
+
+
+def newlink_macvlan(seq: int, name: str, lower: int, mac: str, mode: str, *, kind: str = "macvlan") -> bytes:
+    """RTM_NEWLINK creating a macvlan (or, with ``kind``, a macvtap) as :func:`newlink_macvtap` does.
+
+    No IFLA_MTU: the kernel gives a new macvlan its lower's MTU (and lowers
+    it with the lower's, never raising it again).
+    """
+    info = _attr(IFLA_INFO_KIND, kind.encode() + b"\0") + _attr(IFLA_INFO_DATA,
+                                                              _attr(IFLA_MACVLAN_MODE, _U32.pack(MACVLAN_MODES[mode])))
     body = (_IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
             + _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", ""))) + _attr(IFLA_LINK, _I32.pack(lower))
             + _attr(IFLA_LINKINFO, info))
@@ -157,13 +171,16 @@ def newlink_macvtap(seq: int, name: str, lower: int, mac: str, mode: str) -> byt
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_NEWLINK, flags, seq, 0) + body
 
 
-def setlink(seq: int, index: int, *, up: bool = False, no_addr_gen: bool = False) -> bytes:
-    """RTM_NEWLINK changing ifindex ``index`` (acked): IPv6 address generation off, and/or the link up.
+def setlink(seq: int, index: int, *, up: bool = False, no_addr_gen: bool = False, allmulti: bool = False) -> bytes:
+    """RTM_NEWLINK changing ifindex ``index`` (acked): IPv6 address generation off, allmulticast on, and/or
+    the link up.
 
-    Never both in one message: the kernel brings a link up before it reads
-    IFLA_AF_SPEC, so the link-local address would already be made.
+    Never ``up`` and ``no_addr_gen`` in one message: the kernel brings a
+    link up before it reads IFLA_AF_SPEC, so the link-local address would
+    already be made.
     """
-    flags = IFF_UP if up else 0
+    assert not (up and no_addr_gen), "address generation goes off in a message before the one bringing it up"
+    flags = (IFF_UP if up else 0) | (IFF_ALLMULTI if allmulti else 0)
     body = _IFINFOMSG.pack(0, 0, index, flags, flags)
     if no_addr_gen:
         body += _attr(IFLA_AF_SPEC, _attr(AF_INET6, _attr(IFLA_INET6_ADDR_GEN_MODE,
@@ -171,15 +188,64 @@ def setlink(seq: int, index: int, *, up: bool = False, no_addr_gen: bool = False
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
 
 
+def getlink(seq: int, name: str) -> bytes:
+    """RTM_GETLINK for link ``name``: the answer is one RTM_NEWLINK, or an error (ENODEV: no such link)."""
+    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body
+
+
+def dellink(seq: int, index: int) -> bytes:
+    """RTM_DELLINK for ifindex ``index`` (acked)."""
+    body = _IFINFOMSG.pack(0, 0, index, 0, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+class Answer(NamedTuple):
+    """One message the kernel sent back for request ``seq``."""
+
+    seq: int
+    final: bool  # the last one for that request (an ack, an error, NLMSG_DONE or a lone reply)
+    error: int  # errno, 0 when none
+    message: str | None  # the kernel's extended-ack sentence, if it gave one
+    data: bytes | None  # a reply (with its header): a dumped filter, a link
+
+
+def answers(data: bytes) -> Iterator[Answer]:
+    """Each netlink message in a datagram, as what it tells the request it answers."""
+    for msg_type, flags, seq, body, end in _messages(data):
+        if msg_type == NLMSG_ERROR:
+            if body + 4 + _NLMSGHDR.size <= end:
+                error, message = _error(data, flags, body, end)
+                yield Answer(seq, True, error, message, None)
+        elif msg_type == NLMSG_DONE:
+            # A dump's end: an int, negative when the dump failed part way, then extended-ack attributes.
+            error = -_I32.unpack_from(data, body)[0] if body + 4 <= end else 0
+            message = None
+            if flags & NLM_F_ACK_TLVS:
+                message = _ack_message(data, body + 4, end)
+            yield Answer(seq, True, error, message, None)
+        else:
+            yield Answer(seq, not flags & NLM_F_MULTI, 0, None, data[body - _NLMSGHDR.size:end])
+
+
+def _ack_message(data: bytes, start: int, end: int) -> str | None:
+    for kind, value in _attrs(data, start, end):
+        if kind == NLMSGERR_ATTR_MSG:
+            return _cstring(value) or None
+    return None
+
+
+def _error(data: bytes, flags: int, body: int, end: int) -> tuple[int, str | None]:
+    error = -_I32.unpack_from(data, body)[0]
+    message = None
+    if flags & NLM_F_ACK_TLVS:
+        echoed = _NLMSGHDR.size if flags & NLM_F_CAPPED else _NLMSGHDR.unpack_from(data, body + 4)[0]
+        message = _ack_message(data, body + 4 + _align(echoed), end)
+    return error, message
+
+
 def acks(data: bytes) -> Iterator[tuple[int, int, str | None]]:
     """(sequence number, errno or 0, the kernel's extended-ack message) for each NLMSG_ERROR in a datagram."""
     for msg_type, flags, seq, body, end in _messages(data):
         if msg_type == NLMSG_ERROR and body + 4 + _NLMSGHDR.size <= end:
-            error = -_I32.unpack_from(data, body)[0]
-            message = None
-            if flags & NLM_F_ACK_TLVS:
-                echoed = _NLMSGHDR.size if flags & NLM_F_CAPPED else _NLMSGHDR.unpack_from(data, body + 4)[0]
-                for kind, value in _attrs(data, body + 4 + _align(echoed), end):
-                    if kind == NLMSGERR_ATTR_MSG:
-                        message = _cstring(value) or None
-            yield seq, error, message
+            yield seq, *_error(data, flags, body, end)

@@ -35,13 +35,18 @@ RTM_DELQDISC = 37
 RTM_GETQDISC = 38
 RTM_NEWTFILTER = 44
 RTM_GETTFILTER = 46
+RTM_NEWACTION = 48
 NLM_F_REPLACE = 0x100
 NLM_F_DUMP = 0x300
 
 TCA_KIND = 1
 TCA_OPTIONS = 2
 TC_H_INGRESS = 0xFFFFFFF1
-INGRESS_HANDLE = 0xFFFF0000  # "ffff:", the ingress qdisc's handle and its filters' parent
+INGRESS_HANDLE = 0xFFFF0000  # "ffff:", the ingress qdisc's handle
+# The filters' parent: "ffff:fff2", what tc's "ingress" keyword means. An
+# ingress qdisc takes it as well as "ffff:", and a clsact qdisc (which other
+# tools add, and which takes the ingress qdisc's place) takes only this one.
+FILTER_PARENT = 0xFFFFFFF2
 ETH_P_ALL = 0x0003
 # u32's first filter in its root table: tc's "800::800".
 U32_FIRST_HANDLE = 0x80000800
@@ -51,6 +56,7 @@ TCA_U32_SEL = 5
 TCA_U32_ACT = 7
 TC_U32_TERMINAL = 1
 
+TCA_ACT_TAB = 1
 TCA_ACT_KIND = 1
 TCA_ACT_OPTIONS = 2
 TCA_MIRRED_PARMS = 2
@@ -78,17 +84,36 @@ def redirect_filter(seq: int, ifindex: int, target: int, *, replace: bool) -> by
     """RTM_NEWTFILTER: every frame arriving on ``ifindex`` leaves on ``target``.
 
     ``replace`` puts it in place of the first u32 filter (800::800) there,
-    so no frame meets a dead target between two requests; otherwise it is
-    added (the kernel gives the first one 800::800).
+    so no frame meets a dead target between two requests (and makes it when
+    there is none); otherwise it is added (the kernel gives the first one
+    800::800).
     """
+    return _u32_filter(seq, ifindex, _attr(1, _mirred(target)), replace=replace)
+
+
+def match_all_filter(seq: int, ifindex: int) -> bytes:
+    """RTM_NEWTFILTER: a u32 filter matching every frame, with no action (it tells whether u32 exists)."""
+    return _u32_filter(seq, ifindex, None, replace=False)
+
+
+def standalone_redirect(seq: int, target: int) -> bytes:
+    """RTM_NEWACTION: a mirred redirect to ``target`` bound to no filter (it tells whether mirred exists)."""
+    body = struct.pack("=Bxxx", 0) + _attr(TCA_ACT_TAB, _attr(1, _mirred(target)))
+    return _message(RTM_NEWACTION, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
+
+
+def _mirred(target: int) -> bytes:
+    parms = _MIRRED.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target)
+    return _attr(TCA_ACT_KIND, b"mirred\0") + _attr(TCA_ACT_OPTIONS, _attr(TCA_MIRRED_PARMS, parms))
+
+
+def _u32_filter(seq: int, ifindex: int, actions: bytes | None, *, replace: bool) -> bytes:
     htons_all = struct.unpack("=H", struct.pack("!H", ETH_P_ALL))[0]
     info = (FILTER_PRIO << 16) | htons_all
     handle = U32_FIRST_HANDLE if replace else 0
     selector = _U32_SEL.pack(TC_U32_TERMINAL, 0, 1, 0, 0, 0, 0, 0, 0) + _U32_KEY.pack(0, 0, 0, 0)
-    mirred = _MIRRED.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target)
-    action = _attr(TCA_ACT_KIND, b"mirred\0") + _attr(TCA_ACT_OPTIONS, _attr(TCA_MIRRED_PARMS, mirred))
-    options = _attr(TCA_U32_SEL, selector) + _attr(TCA_U32_ACT, _attr(1, action))
-    body = _TCMSG.pack(0, 0, ifindex, handle, INGRESS_HANDLE, info) + _attr(TCA_KIND, b"u32\0") \
+    options = _attr(TCA_U32_SEL, selector) + (_attr(TCA_U32_ACT, actions) if actions is not None else b"")
+    body = _TCMSG.pack(0, 0, ifindex, handle, FILTER_PARENT, info) + _attr(TCA_KIND, b"u32\0") \
         + _attr(TCA_OPTIONS, options)
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
     return _message(RTM_NEWTFILTER, flags, seq, body)
@@ -96,7 +121,7 @@ def redirect_filter(seq: int, ifindex: int, target: int, *, replace: bool) -> by
 
 def dump_filters(seq: int, ifindex: int) -> bytes:
     """RTM_GETTFILTER dump of the ingress filters of ``ifindex``."""
-    body = _TCMSG.pack(0, 0, ifindex, 0, INGRESS_HANDLE, 0)
+    body = _TCMSG.pack(0, 0, ifindex, 0, FILTER_PARENT, 0)
     return _message(RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
 
 
