@@ -96,7 +96,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{cfg.path}: OK ({len(cfg.vms)} VMs, {nics} NICs)")
         return 0
     if args.command == "qemu-args":
-        cfg = config_mod.load(args.config or config_mod.default_config_path(), serve=False)
+        cfg = _load(args.config)
         vm = cfg.vm(args.vm)
         if vm is None:
             return _fail(f"no VM named '{args.vm}' in {cfg.path}", EXIT_USAGE)

@@ -328,12 +328,8 @@ def pci_problem(value: str) -> str | None:
     return None if _PCI.match(value) else "is not a PCI address like 0000:03:00.0"
 
 
-def load(path: str, serve: bool = True) -> Config:
-    """Read and validate ``path``; raise ConfigError listing every problem.
-
-    ``serve``: for the service (run, check, reload), which refuses what it
-    cannot serve yet; ``qemu-args`` reads a config without it.
-    """
+def load(path: str) -> Config:
+    """Read and validate ``path``; raise ConfigError listing every problem."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -346,18 +342,15 @@ def load(path: str, serve: bool = True) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
-    return _Validator(path, serve).config(data)
+    return _Validator(path).config(data)
 
 
 class _Validator:
     """Walks the parsed TOML once, collecting problems instead of stopping."""
 
-    def __init__(self, path: str, serve: bool = True) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.serve = serve
         self.problems: list[str] = []
-        # What the service cannot serve yet: a problem for it, not a reason to skip other checks.
-        self.unserved: list[str] = []
 
     def problem(self, where: str, key: str | None, text: str) -> None:
         place = f"{self.path}: {where}" if where else self.path
@@ -424,8 +417,6 @@ class _Validator:
             seen_vms.add(vm.name)
             seen_qmp.add(vm.qmp)
             vms.append(vm)
-        # Said after the rest, which they do not stop from being checked.
-        self.problems += self.unserved
         if self.problems:
             raise ConfigError(self.problems)
         assert settings is not None
@@ -622,10 +613,6 @@ class _Validator:
             # A tap's fd outlives its bridge and uplink: there is no macvlan to remake.
             self.problem(where, "wiring", "\"redirect\" is only for macvtap NICs (a tap NIC's own tap never "
                          "dies with its lower: use \"direct\")")
-        elif wiring == "redirect" and self.serve:
-            # Its QEMU arguments are settled (netwatch qemu-args prints them); the service's side is not there yet.
-            self.unserved.append(f"{self.path}: {where}: key 'wiring': \"redirect\" is not served by this version "
-                                 "of netwatch yet (nothing makes its tap and macvlan): use \"hub\" or \"direct\"")
         queues = self._get(raw, "queues", where, int, "a number of queues", False)
         if queues is not None and not 1 <= queues <= MAX_QUEUES:
             self.problem(where, "queues", f"{queues} is not between 1 and {MAX_QUEUES}")

@@ -38,14 +38,13 @@ NIC = VM + "[[vm.nic]]\n"
 MACVTAP = 'id = "net0"\nbackend = "macvtap"\nlower = "eth1"\nmac = "52:54:00:12:34:56"\n'
 
 
-def load(tmp_path: Path, text: str | bytes, serve: bool = False) -> config.Config:
-    """The config as qemu-args reads it (``serve``: as the service does)."""
+def load(tmp_path: Path, text: str | bytes) -> config.Config:
     path = tmp_path / "netwatch.toml"
     if isinstance(text, bytes):
         path.write_bytes(text)
     else:
         path.write_text(text)
-    return config.load(str(path), serve=serve)
+    return config.load(str(path))
 
 
 def problems(tmp_path: Path, text: str | bytes) -> list[str]:
@@ -86,14 +85,6 @@ def test_redirect_nic_and_what_the_service_needs(tmp_path: Path) -> None:
     hub = load(tmp_path, NIC + MACVTAP).vms[0].nics[0]
     assert hub.macvlan_names == () and hub.link_names == hub.backend_names
     assert config.default_wiring("macvtap") == "hub", "the default stays until the figures decide it"
-
-
-def test_the_service_refuses_redirect_until_it_serves_it(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as refused:
-        load(tmp_path, NIC + MACVTAP + 'wiring = "redirect"\n', serve=True)
-    assert refused.value.problems == [f"{tmp_path / 'netwatch.toml'}: vm 'v' nic 'net0': key 'wiring': \"redirect\" is "
-                                      "not served by this version of netwatch yet (nothing makes its tap and macvlan): "
-                                      "use \"hub\" or \"direct\""]
 
 
 def test_macvlan_names_are_short_apart_and_never_a_tap_name() -> None:

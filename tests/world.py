@@ -116,7 +116,9 @@ class World:
         if old is not None:
             old.close()
         with self.ns.entered():  # its observer sockets get the namespace's longer queues
-            qemu = Qemu(vm, str(self.tmp), monitor=True, extra_args=extra_args)
+            # ip netns exec execs QEMU itself: its pid stays the one netwatch checks and the test ends.
+            qemu = Qemu(vm, str(self.tmp), monitor=True, extra_args=extra_args,
+                        netns=self.ns.name if any(nic.wiring == "redirect" for nic in vm.nics) else None)
         qemu.start()
         self.qemus[name] = qemu
         return qemu

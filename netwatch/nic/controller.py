@@ -200,6 +200,8 @@ class NicController:
 
     async def reconcile(self) -> None:
         wiring = self.wiring
+        # What QEMU opens by name exists before it starts, whatever else is there.
+        await wiring.prepare()
         self.hooks.observe(self.backend)
         if not self.vm.connected and self.vm.refused is not None:
             # Not provably this VM's QEMU: nothing of the VM's is touched,
@@ -216,7 +218,7 @@ class NicController:
         if wiring.synced_session != self.vm.session:
             await wiring.sync()
             await wiring.follow_migration()
-        matches = self.lowers.matching(self.nic.backend_names)
+        matches = self.lowers.matching(self.wiring.names())
         lower = self.lowers.pick(matches, self.backend)
         self.lowers.last = lower or self.lowers.last
         placement = self.driver.place(self.nic, lower, self.env.links)
@@ -268,7 +270,7 @@ class NicController:
                 await self.wiring.detach(misplaced, "lower-lost")
 
     def find_lower(self) -> Link | None:
-        return self.lowers.find(self.nic.backend_names, self.backend)
+        return self.lowers.find(self.wiring.names(), self.backend)
 
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""
@@ -294,7 +296,7 @@ class NicController:
         target = self.lowers.target(spec)
         if target is None:
             raise BadRebind(f"there is no link named {spec.name}")
-        if target.name in self.env.own_links() | set(self.nic.backend_names):
+        if target.name in self.env.own_links() | set(self.wiring.names()):
             raise BadRebind(f"{target.name} is a netwatch backend")
         if target.flags & IFF_LOOPBACK:
             raise BadRebind(f"{target.name} is a loopback device")

@@ -62,6 +62,10 @@ class NicRecord:
     # The VM's migration phase when last seen: "in" (this QEMU receives the
     # guest, which has not run here yet), "out" (it sent the guest away), "".
     phase: str = ""
+    # Redirect wiring: the macvlan on the lower joined to the tap (ifname) by tc; none while the
+    # persistent tap waits for its VM or lower (its record says the tap is netwatch's).
+    macvlan: str = ""
+    macvlan_ifindex: int = 0
 
 
 class RecordError(NetwatchError):
@@ -81,7 +85,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "lower_ifindex": (int,), "tap_netdev": (str,), "hub_netdev": (str,), "generation": (int,), "mac": (str,),
     "mode": (str,), "bridge": (str, type(None)), "qemu_pid": (int, type(None)), "swaps": (int,),
     "guest_pci": (str, type(None)), "qemu_start": (int, type(None)), "wiring": (str,), "queues": (int,),
-    "configured": (bool,), "phase": (str,),
+    "configured": (bool,), "phase": (str,), "macvlan": (str,), "macvlan_ifindex": (int,),
 }
 _FIELD_NAMES = tuple(field.name for field in fields(NicRecord))
 assert set(_FIELD_NAMES) == set(_FIELD_TYPES), "every record field has a checked type"
@@ -90,7 +94,7 @@ assert set(_FIELD_NAMES) == set(_FIELD_TYPES), "every record field has a checked
 _INT32 = 2**31 - 1
 _INT_RANGES = {"ifindex": (1, _INT32), "lower_ifindex": (0, _INT32), "generation": (1, _INT32),
                "swaps": (0, _INT32), "qemu_pid": (1, 4 * 1024 * 1024), "qemu_start": (0, 2**64 - 1),
-               "queues": (1, MAX_QUEUES)}
+               "queues": (1, MAX_QUEUES), "macvlan_ifindex": (0, _INT32)}
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted at a record's name must not block the event loop in open().
@@ -395,11 +399,15 @@ def _field_problem(record: NicRecord) -> str | None:
         ("mac", record.mac, _guest_mac_problem),
         ("lower", record.lower, _lower_problem),
         ("guest_pci", record.guest_pci, _guest_pci_problem),
-        # QEMU ids as the wiring names them (netwatch/qemu/hub.py, direct.py).
-        ("tap_netdev", record.tap_netdev, _expect(f"nw-{record.nic}-tap{record.generation}")),
+        # QEMU ids as the wiring names them (netwatch/qemu/hub.py, direct.py; config's netdev_id for redirect).
+        ("tap_netdev", record.tap_netdev, _expect(f"nwr-{record.nic}" if record.wiring == "redirect"
+                                                  else f"nw-{record.nic}-tap{record.generation}")),
         ("hub_netdev", record.hub_netdev,
          _expect(f"nw-{record.nic}-up{record.generation}" if record.wiring == "hub" else "")),
+        ("macvlan", record.macvlan or None, ifname_problem),
     ]
+    if bool(record.macvlan) != (record.macvlan_ifindex > 0) or (record.macvlan and record.wiring != "redirect"):
+        return "field 'macvlan': only a redirect NIC's record names a macvlan, with its ifindex"
     for key, value, check in checks:
         why = check(value) if value is not None else None
         if why:

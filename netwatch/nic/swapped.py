@@ -89,6 +89,9 @@ class SwappedBackend:
     def driver(self) -> Any:
         return self.links.driver
 
+    async def prepare(self) -> None:
+        return None  # nothing of a swapped backend exists before QEMU
+
     @property
     def guest_present(self) -> bool:
         return self.qemu.guest_present

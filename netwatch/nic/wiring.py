@@ -4,7 +4,8 @@ the wiring acts.
 A wiring is how a guest NIC reaches its lower: its kernel links, what QEMU
 holds, its runtime record and the hooks it owes. netwatch/nic/swapped.py
 is the one where each backend dies with its lower and a new one is handed
-to QEMU (``hub``, ``direct``). The controller asks a wiring only what this
+to QEMU (``hub``, ``direct``); netwatch/nic/redirect.py keeps one tap for
+QEMU's whole life and joins it to the lower in the kernel (``redirect``). The controller asks a wiring only what this
 interface names, in the states netwatch/nic/state.py allows.
 """
 
@@ -33,6 +34,7 @@ class NicWiring(Protocol):
     @property
     def guest_present(self) -> bool: ...
     def configure(self, nic: NicConfig) -> None: ...
+    async def prepare(self) -> None: ...  # what must exist before QEMU starts, whether or not it runs
     def names(self) -> tuple[str, ...]: ...
     def expected(self, old: Link | None, new: Link | None) -> bool: ...
     def matches_config(self, record: NicRecord) -> bool: ...

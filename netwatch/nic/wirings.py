@@ -7,6 +7,7 @@ from collections.abc import Callable
 from netwatch.config import NicConfig
 from netwatch.nic.env import NicEnv
 from netwatch.nic.hookplan import HookPlan
+from netwatch.nic.redirect import RedirectWiring
 from netwatch.nic.swapped import SwappedBackend
 from netwatch.nic.wiring import NicWiring
 from netwatch.qemu.qmp import VmSession
@@ -14,5 +15,8 @@ from netwatch.qemu.qmp import VmSession
 
 def make_wiring(vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv, hooks: HookPlan,
                 lower_name: Callable[[], str | None]) -> NicWiring:
+    if nic.wiring == "redirect":
+        # One tap for QEMU's whole life, joined to each lower in the kernel.
+        return RedirectWiring(vm_name, nic, vm, env, hooks, lower_name)
     # "hub" and "direct": a backend per lower, handed to QEMU.
     return SwappedBackend(vm_name, nic, vm, env, hooks, lower_name)

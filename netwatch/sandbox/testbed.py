@@ -204,8 +204,10 @@ class Qemu:
     """A running (not paused) QEMU with no guest OS: SeaBIOS idles, the hub forwards."""
 
     def __init__(self, vm: VmConfig, directory: str, observe: bool = True, monitor: bool = False,
-                 extra_args: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+                 extra_args: list[str] | None = None, pass_fds: tuple[int, ...] = (), netns: str | None = None) -> None:
         self.vm = vm
+        # Where QEMU runs: a NIC whose tap QEMU opens by name (redirect wiring) finds it only in its namespace.
+        self.netns = netns
         self.directory = directory
         self.extra_args = extra_args or []
         self.pass_fds = pass_fds  # for netdevs given as "fd=N" in extra_args
@@ -243,7 +245,8 @@ class Qemu:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(observer.theirs)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            argv = self.argv() if self.netns is None else ["ip", "netns", "exec", self.netns, *self.argv()]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          pass_fds=self.pass_fds, preexec_fn=_die_with_parent)
         wait_until(lambda: (os.path.exists(self.vm.qmp) and (not self.monitor or os.path.exists(self.monitor)))
                    or self.proc is None or self.proc.poll() is not None,

@@ -14,12 +14,13 @@ from tenacity.wait import wait_base
 
 from netwatch import events, tasks
 from netwatch.config import Config, GuestPci, VmConfig, assign_slots, parse_guest_pci
-from netwatch.errors import BadRequest, ConfigError
+from netwatch.errors import BadRequest, ConfigError, LinkError
 from netwatch.host.backends import made_by_netwatch
 from netwatch.host.links import Link
 from netwatch.nic import migration
 from netwatch.nic.controller import NicController
 from netwatch.nic.env import NicEnv
+from netwatch.nic.records import NicRecord
 from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.peer import QemuClaims
 from netwatch.qemu.qmp import VmSession
@@ -76,6 +77,9 @@ class Reconciler:
         for record in self.env.records.all():
             if (record.vm, record.nic) in configured:
                 continue
+            if record.wiring == "redirect":
+                await self._remove_redirect_orphan(record)
+                continue
             link = self.env.links.get(record.ifindex)
             if link is not None and link.name == record.ifname and made_by_netwatch(link, record.backend, record.mac):
                 log.info("removing %s left for %s/%s, which is no longer configured",
@@ -87,6 +91,22 @@ class Reconciler:
             self.env.records.remove(record.vm, record.nic)
             if record.configured:  # a routed tap deferred or deconfigured by a migration owes none
                 self.env.hooks.submit("down", migration.down_context(record.phase), record)
+
+    async def _remove_redirect_orphan(self, record: NicRecord) -> None:
+        """A redirect NIC no longer configured: its macvlan and persistent tap, each only when it proves netwatch's."""
+        macvlan = self.env.links.get(record.macvlan_ifindex)
+        if macvlan is not None and macvlan.name == record.macvlan and macvlan.kind == "macvlan" \
+                and macvlan.mac == record.mac:
+            await self.env.ops.delete(macvlan.index)
+        try:
+            if await self.env.ops.delete_tap(record.ifname, record.mac):
+                log.info("removed tap %s left for %s/%s, which is no longer configured", record.ifname, record.vm,
+                         record.nic)
+        except LinkError as exc:
+            log.warning("not removing tap %s of %s/%s: %s", record.ifname, record.vm, record.nic, exc)
+        self.env.records.remove(record.vm, record.nic)
+        if record.configured:
+            self.env.hooks.submit("down", migration.down_context(record.phase), record)
 
     # -- VMs and NICs come and go ---------------------------------------------
 
@@ -264,10 +284,10 @@ class Reconciler:
 
     def own_links(self) -> set[str]:
         if self._own_links is None:
-            self._own_links = {name for nic in self.all_nics() for name in nic.nic.backend_names}
+            self._own_links = {name for nic in self.all_nics() for name in nic.nic.link_names}
             for nic in self.all_nics():
                 if nic.pending_config is not None:
-                    self._own_links.update(nic.pending_config.backend_names)
+                    self._own_links.update(nic.pending_config.link_names)
         return self._own_links
 
     def update_interest(self, nic: NicController) -> None:

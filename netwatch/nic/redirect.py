@@ -1,0 +1,437 @@
+"""Redirect wiring: a tap that never dies, joined to the lower by the kernel.
+
+QEMU opens a persistent tap by name (vnet header, offloads, vhost-net where
+there is one) and keeps it for its whole life. On the lower, a macvlan with
+the guest's MAC demultiplexes as a macvtap would; two tc ingress filters
+(u32 match-all, mirred egress redirect) join the two, one each way. When
+the lower goes, only the macvlan goes with it; when it comes back, a new
+macvlan is made and the tap's filter replaced in place (a mirred action
+whose target unregistered drops every frame). Nothing is sent to QEMU on a
+flap but the guest's carrier; the guest's MAC is announced from the host.
+
+The NIC controller decides; this acts (netwatch/nic/wiring.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import pwd
+import time
+from collections.abc import Callable
+from typing import Any
+
+from netwatch import events
+from netwatch.config import NicConfig
+from netwatch.errors import LinkError, QmpError
+from netwatch.host import rarp
+from netwatch.host.backends import LinkVanished, MacvtapDriver, Placement
+from netwatch.host.links import Link, LinkTable
+from netwatch.host.tc import U32_FIRST_HANDLE
+from netwatch.nic.env import NicEnv
+from netwatch.nic.hookplan import HookPlan
+from netwatch.nic.records import NicRecord
+from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.wiring import QemuSide, vhost_available
+
+log = logging.getLogger(__name__)
+
+
+class RedirectDriver(MacvtapDriver):
+    """Where a redirect NIC's macvlan goes (as a macvtap would) and whether the one it has still works."""
+
+    # The tap's own state is put back by a pass (its filters, its flags).
+    own_flags_matter = True
+
+    def broken(self, record: NicRecord, links: LinkTable) -> str | None:
+        macvlan = links.get(record.macvlan_ifindex)
+        if macvlan is None or macvlan.name != record.macvlan:
+            return f"macvlan {record.macvlan} is gone"
+        if macvlan.parent != record.lower_ifindex or links.get(record.lower_ifindex) is None:
+            return f"lower {record.lower} is gone"
+        tap = links.get(record.ifindex)
+        if tap is None or tap.name != record.ifname:
+            return f"tap {record.ifname} is gone"
+        return None
+
+
+class RedirectWiring:
+    """One redirect NIC: its persistent tap, its macvlan and the filters between them."""
+
+    driver = RedirectDriver()
+
+    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv, hooks: HookPlan,
+                 lower_name: Callable[[], str | None]) -> None:
+        self.vm_name = vm_name
+        self.nic = nic
+        self.vm = vm
+        self.env = env
+        self.hooks = hooks
+        self.lower_name = lower_name
+        self.qemu = QemuSide(vm_name, nic, vm, env.unplug_timeout)
+        self.backend: NicRecord | None = None
+        self.tap_index: int | None = None
+        self.generation = 0
+        self.swaps = 0
+        self.guest_link: bool | None = None
+        self._guest = False  # QEMU has the NIC's device, peered with the tap netdev
+        self.synced_session = 0
+        self.lost_lower: str | None = None
+        self.last_attach_seconds: float | None = None
+
+    # -- what the controller asks -------------------------------------------
+
+    def configure(self, nic: NicConfig) -> None:
+        old, self.nic = self.nic, nic
+        self.qemu.nic = nic
+        self.qemu.unplug_timeout = self.env.unplug_timeout
+        if (old.ifname, old.queues, old.mac) != (nic.ifname, nic.queues, nic.mac):
+            self.tap_index = None  # another tap: made (or found) on the next pass
+            self.synced_session = 0
+
+    @property
+    def guest_present(self) -> bool:
+        return self._guest
+
+    def names(self) -> tuple[str, ...]:
+        return self.nic.link_names
+
+    def expected(self, old: Link | None, new: Link | None) -> bool:
+        return False  # every change of the tap or the macvlan gets a pass
+
+    def matches_config(self, record: NicRecord) -> bool:
+        nic = self.nic
+        return (record.ifname == nic.ifname and record.backend == nic.backend and record.mac == nic.mac
+                and record.mode == nic.mode and record.wiring == nic.wiring and record.queues == nic.queues
+                and record.macvlan in nic.macvlan_names)
+
+    def _owner(self) -> int | None:
+        user = self.vm.identity.qemu_user
+        if user is None:
+            return None  # only a process with CAP_NET_ADMIN may then open the tap
+        try:
+            return pwd.getpwnam(user).pw_uid
+        except KeyError as exc:
+            raise LinkError(f"user {user} (the VM's qemu_user) does not exist") from exc
+
+    async def prepare(self) -> None:
+        """The persistent tap, whether or not the VM or the lower is there: QEMU opens it by name at start."""
+        tap = self.env.links.named(self.nic.ifname)
+        if tap is not None and tap.index == self.tap_index:
+            return
+        self.tap_index = await self.env.ops.ensure_tap(self.nic.ifname, self.nic.queues, self._owner(), self.nic.mac)
+        if self.backend is None and self.env.records.load(self.vm_name, self.nic.id) is None:
+            self._keep_tap_record()
+
+    def _keep_tap_record(self) -> None:
+        """Recorded while nothing is joined: the tap is netwatch's, and a later run that finds the NIC gone
+        removes it (after a crash as after a clean stop)."""
+        assert self.tap_index is not None
+        nic = self.nic
+        self.env.records.save(NicRecord(
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=self.tap_index, lower="",
+            lower_ifindex=0, tap_netdev=nic.netdev_id, hub_netdev="", generation=max(self.generation, 1),
+            mac=nic.mac, mode=nic.mode, bridge=None, qemu_pid=None, swaps=self.swaps,
+            guest_pci=str(nic.guest_pci) if nic.guest_pci else None, wiring=nic.wiring, queues=nic.queues,
+            configured=False))  # no if-up ran: none is owed
+
+    async def sync(self) -> None:
+        """QEMU's view read again: its device is there (hot-added if not); an earlier run's wiring adopted."""
+        session = self.vm.session
+        await self.prepare()
+        network = await self.vm.network()
+        device = await self.qemu.find_device(network)
+        self._guest = device is not None and device.peer == self.nic.netdev_id and self.qemu.device_in_place(device)
+        if not self._guest:
+            await self._add_guest(device is not None)
+        self.guest_link = None
+        record = self.backend or self.env.records.load(self.vm_name, self.nic.id)
+        if record is not None:
+            self.generation, self.swaps = max(self.generation, record.generation), max(self.swaps, record.swaps)
+        if record is not None and record.qemu_pid == self.vm.pid and self.matches_config(record) \
+                and await self._joined(record):
+            if self.backend is None:
+                events.emit("attached", f"adopted {record.macvlan} -> {record.ifname} on {record.lower} from an "
+                            "earlier run", vm=self.vm_name, nic=self.nic.id, lower=record.lower)
+            self.hooks.adopted(record, first=self.backend is None)
+            self.backend, self.swaps = record, record.swaps
+        else:
+            if record is not None:
+                self.hooks.replaced(record, self.matches_config(record))
+            for name in self.nic.macvlan_names:
+                await self._delete_macvlan(name)
+            self.backend = None
+            self._keep_tap_record()
+        self.synced_session = session
+
+    async def _add_guest(self, stale: bool) -> None:
+        """Hot-add the NIC: the tap netdev (QEMU opens the tap by name), then the device at its address."""
+        if stale:
+            await self.qemu.delete_device()  # another wiring's, or at another address or MAC
+        netdev: dict[str, Any] = {"type": "tap", "id": self.nic.netdev_id, "ifname": self.nic.ifname,
+                                  "script": "no", "downscript": "no", "vnet_hdr": True}
+        if self.nic.queues > 1:
+            netdev["queues"] = self.nic.queues
+        if vhost_available():
+            netdev["vhost"] = True
+        await self.qemu.remove("netdev_del", {"id": self.nic.netdev_id})
+        await self.vm.execute("netdev_add", netdev)
+        try:
+            await self.qemu.add_device(self.nic.netdev_id)
+        except BaseException:
+            with contextlib.suppress(QmpError):
+                await self.qemu.remove("netdev_del", {"id": self.nic.netdev_id})
+            raise
+        self._guest = True
+        events.emit("hot-add", f"added NIC {self.nic.id} to the running guest at {self.nic.guest_pci}",
+                    vm=self.vm_name, nic=self.nic.id)
+
+    async def _joined(self, record: NicRecord) -> bool:
+        """Whether the kernel still has ``record``'s wiring as netwatch made it: macvlan, tap and both filters."""
+        macvlan, tap = self.env.links.get(record.macvlan_ifindex), self.env.links.get(record.ifindex)
+        if macvlan is None or tap is None or tap.index != self.tap_index or not self._ours(macvlan):
+            return False
+        if macvlan.name != record.macvlan or macvlan.parent != record.lower_ifindex:
+            return False
+        return (await self.env.ops.redirects(tap.index) == [(U32_FIRST_HANDLE, macvlan.index)]
+                and [target for _handle, target in await self.env.ops.redirects(macvlan.index)] == [tap.index])
+
+    def _ours(self, link: Link) -> bool:
+        return link.kind == "macvlan" and link.mac == self.nic.mac and link.name in self.nic.macvlan_names
+
+    async def _delete_macvlan(self, name: str) -> None:
+        link = self.env.links.named(name)
+        if link is None:
+            return
+        if not self._ours(link):
+            raise LinkError(f"{name} (ifindex {link.index}, {link.kind or 'no kind'}, MAC {link.mac or 'none'}) is not "
+                            "a macvlan netwatch made for this NIC: it is left alone", errno.EEXIST)
+        await self.env.ops.delete(link.index)
+
+    async def set_guest_link(self, up: bool, cause: str) -> None:
+        if not self._guest:
+            self.guest_link = None
+            return
+        if self.guest_link is up:
+            return
+        await self.vm.execute("set_link", {"name": self.nic.id, "up": up})
+        self.guest_link = up
+        events.emit("link-up" if up else "link-down", f"guest link {'up' if up else 'down'}: {cause}",
+                    vm=self.vm_name, nic=self.nic.id, lower=self.lower_name())
+
+    async def follow_migration(self) -> None:
+        if self.backend is not None:
+            self.backend = self.hooks.follow(self.backend)
+
+    # -- joining --------------------------------------------------------------
+
+    async def _join(self, name: str, lower: Link, tap: int) -> int:
+        """A macvlan ``name`` on ``lower`` made and joined to ``tap`` both ways; its ifindex.
+
+        The macvlan stays down until both filters are in place: up before,
+        the guest's frames would reach the host's own stack. The tap's
+        filter is replaced, never added: an old one may point at a macvlan
+        that is gone, and drops everything.
+        """
+        ops = self.env.ops
+        await self._delete_macvlan(name)
+        try:
+            index = await ops.add_macvlan(name, lower.index, self.nic.mac, self.nic.mode, up=False)
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV:
+                raise LinkVanished(str(exc)) from exc
+            raise
+        try:
+            await ops.ensure_ingress(index)
+            await ops.redirect(index, tap, replace=False)
+            await ops.ensure_ingress(tap)
+            await ops.redirect(tap, index, replace=True)
+            await ops.bring_up(index)
+        except BaseException:
+            with contextlib.suppress(LinkError):
+                await ops.delete(index)
+            raise
+        return index
+
+    def _record(self, name: str, index: int, lower: Link) -> NicRecord:
+        nic = self.nic
+        assert self.tap_index is not None
+        return NicRecord(
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=self.tap_index,
+            lower=lower.name, lower_ifindex=lower.index, tap_netdev=nic.netdev_id, hub_netdev="",
+            generation=self.generation, mac=nic.mac, mode=nic.mode, bridge=None, qemu_pid=self.vm.pid,
+            swaps=self.swaps, guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start,
+            wiring=nic.wiring, queues=nic.queues, configured=self.hooks.configured(), phase=self.hooks.phase,
+            macvlan=name, macvlan_ifindex=index)
+
+    async def attach(self, placement: Placement) -> None:
+        lower = placement.lower
+        assert lower is not None
+        await self.prepare()
+        assert self.tap_index is not None
+        name = self.nic.macvlan_names[0]
+        started = time.monotonic()
+        index = await self._join(name, lower, self.tap_index)
+        self.last_attach_seconds = round(time.monotonic() - started, 6)
+        self.generation, self.swaps = self.generation + 1, self.swaps + 1
+        self.backend = self._record(name, index, lower)
+        self.env.records.save(self.backend)
+        back = self.lost_lower is not None
+        self.lost_lower = None
+        events.emit("lower-back" if back else "attached",
+                    f"{name} (ifindex {index}) on {lower.name} joined to tap {self.nic.ifname}",
+                    vm=self.vm_name, nic=self.nic.id, lower=lower.name, netdev=self.nic.netdev_id, ifindex=index)
+        self.hooks.up(self.hooks.attach_context(), self.backend)
+        rarp.announce(name, self.nic.mac)
+
+    async def swap(self, placement: Placement, cause: str) -> None:
+        """Rebind: the old macvlan is cut before the new one passes a frame, so nothing crosses between lowers."""
+        old = self.backend
+        lower = placement.lower
+        assert old is not None and lower is not None and self.tap_index is not None
+        name = next(n for n in self.nic.macvlan_names if n != old.macvlan)
+        ops = self.env.ops
+        started = time.monotonic()
+        await self._delete_macvlan(name)
+        try:
+            index = await ops.add_macvlan(name, lower.index, self.nic.mac, self.nic.mode, up=False)
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV:
+                raise LinkVanished(str(exc)) from exc
+            raise
+        try:
+            await ops.ensure_ingress(index)
+            await ops.redirect(index, self.tap_index, replace=False)
+            # The old lower's macvlan goes (its filter with it), then the tap sends to the new one, which
+            # only then comes up: the guest is on neither network for a moment, never on both.
+            old_link = self.env.links.get(old.macvlan_ifindex)
+            if old_link is not None and self._ours(old_link):
+                await ops.delete(old_link.index)
+            await ops.redirect(self.tap_index, index, replace=True)
+            await ops.bring_up(index)
+        except BaseException:
+            with contextlib.suppress(LinkError):
+                await ops.delete(index)
+            raise
+        self.last_attach_seconds = round(time.monotonic() - started, 6)
+        self.generation, self.swaps = self.generation + 1, self.swaps + 1
+        new = self._record(name, index, lower)
+        self.backend = new
+        self.env.records.save(new)
+        rarp.announce(name, self.nic.mac)
+        self.hooks.down("rebind", old)
+        self.hooks.up("rebind", new)
+        events.emit("rebind", f"{cause}: {old.macvlan} on {old.lower} -> {name} on {lower.name}", vm=self.vm_name,
+                    nic=self.nic.id, lower=lower.name, netdev=self.nic.netdev_id, previous=old.lower)
+
+    async def maintain(self, placement: Placement) -> None:
+        """Put back what something else took away: the filters (libvirt's <bandwidth> deletes the qdisc)."""
+        backend = self.backend
+        assert backend is not None and self.tap_index is not None
+        tap, macvlan = self.tap_index, backend.macvlan_ifindex
+        ops = self.env.ops
+        restored = []
+        if await ops.redirects(tap) != [(U32_FIRST_HANDLE, macvlan)]:
+            await ops.ensure_ingress(tap)
+            await ops.redirect(tap, macvlan, replace=True)
+            restored.append(self.nic.ifname)
+        if [target for _handle, target in await ops.redirects(macvlan)] != [tap]:
+            await ops.ensure_ingress(macvlan)
+            await ops.redirect(macvlan, tap, replace=True)
+            restored.append(backend.macvlan)
+        if restored:
+            events.emit("filters-restored", f"the redirect filter of {' and '.join(restored)} was gone or changed: "
+                        "made again", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    async def detach(self, cause: str, context: str) -> None:
+        backend = self.backend
+        assert backend is not None
+        await self.set_guest_link(False, cause)
+        with contextlib.suppress(LinkError):  # the tap's filter is replaced at the next join
+            await self._delete_macvlan(backend.macvlan)
+        self.backend = None
+        self._keep_tap_record()
+        if context == "lower-lost":
+            self.lost_lower = backend.lower
+        self.hooks.down(context, backend)
+        events.emit("lower-lost" if context == "lower-lost" else "detached",
+                    f"{backend.macvlan} removed: {cause}", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
+
+    # -- taken away -------------------------------------------------------------
+
+    async def vm_gone(self) -> None:
+        """QEMU is gone: the tap stays (the next QEMU opens it), the macvlan goes until QEMU is back."""
+        self.guest_link = None
+        self.synced_session = 0
+        self._guest = False
+        if self.vm.qemu_alive():
+            return
+        backend = self.backend or self.env.records.load(self.vm_name, self.nic.id)
+        if backend is None or not backend.macvlan:
+            return
+        self.backend = None
+        with contextlib.suppress(LinkError):
+            await self._delete_macvlan(backend.macvlan)
+        if self.tap_index is not None:
+            self._keep_tap_record()
+        else:
+            self.env.records.remove(self.vm_name, self.nic.id)
+        self.hooks.gone(backend)
+        events.emit("detached", f"{backend.macvlan} removed: QEMU exited", vm=self.vm_name, nic=self.nic.id,
+                    lower=backend.lower)
+
+    async def hot_remove(self) -> None:
+        """The NIC left the config of a running VM: its device leaves the guest, then the tap and macvlan go."""
+        if self.vm.connected:
+            if self.synced_session != self.vm.session:
+                await self.sync()
+            if self._guest:
+                await self.qemu.delete_device()
+                self._guest = False
+            await self.qemu.remove("netdev_del", {"id": self.nic.netdev_id})
+        backend = self.backend
+        await self.remove(context="hot-remove")
+        events.emit("hot-remove", f"NIC {self.nic.id} removed from the running guest: it is no longer configured",
+                    vm=self.vm_name, nic=self.nic.id, lower=backend.lower if backend else None)
+
+    async def remove(self, context: str | None = None) -> None:
+        """The NIC left the config: its macvlan and its tap go (a tap QEMU still holds is left, said once)."""
+        backend, self.backend = self.backend, None
+        for name in self.nic.macvlan_names:
+            with contextlib.suppress(LinkError):
+                await self._delete_macvlan(name)
+        try:
+            await self.env.ops.delete_tap(self.nic.ifname, self.nic.mac)
+        except LinkError as exc:
+            # QEMU still holds it: its record stays, and a later start removes it once QEMU let go.
+            log.warning("%s/%s: tap %s stays: %s", self.vm_name, self.nic.id, self.nic.ifname, exc)
+            self._keep_tap_record()
+        else:
+            self.tap_index = None
+            self.env.records.remove(self.vm_name, self.nic.id)
+        if backend is not None:
+            if context is None:
+                self.hooks.gone(backend)
+            else:
+                self.hooks.down(context, backend)
+
+    # -- what it reports ----------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        backend = self.backend
+        return {
+            "ifname": self.nic.ifname,
+            "ifindex": self.tap_index,
+            "netdev": self.nic.netdev_id,
+            "hub_netdev": None,
+            "hub": None,
+            "macvlan": backend.macvlan if backend else None,
+            "macvlan_ifindex": backend.macvlan_ifindex if backend else None,
+            "guest_present": self._guest,
+            "guest_link": self.guest_link,
+            "configured": backend.configured if backend else False,
+            "swaps": self.swaps,
+            "last_attach_seconds": self.last_attach_seconds,
+            "generation": self.generation,
+        }
