@@ -29,6 +29,7 @@ from netwatch.host import rarp
 from netwatch.host.backends import LinkVanished, MacvtapDriver, Placement
 from netwatch.host.links import Link, LinkTable
 from netwatch.host.tc import U32_FIRST_HANDLE
+from netwatch.nic import migration
 from netwatch.nic.env import NicEnv
 from netwatch.nic.hookplan import HookPlan
 from netwatch.nic.records import NicRecord
@@ -283,7 +284,7 @@ class RedirectWiring:
                     f"{name} (ifindex {index}) on {lower.name} joined to tap {self.nic.ifname}",
                     vm=self.vm_name, nic=self.nic.id, lower=lower.name, netdev=self.nic.netdev_id, ifindex=index)
         self.hooks.up(self.hooks.attach_context(), self.backend)
-        rarp.announce(name, self.nic.mac)
+        self._announce(name)
 
     async def swap(self, placement: Placement, cause: str) -> None:
         """Rebind: the old macvlan is cut before the new one passes a frame, so nothing crosses between lowers."""
@@ -319,11 +320,23 @@ class RedirectWiring:
         new = self._record(name, index, lower)
         self.backend = new
         self.env.records.save(new)
-        rarp.announce(name, self.nic.mac)
+        self._announce(name)
         self.hooks.down("rebind", old)
         self.hooks.up("rebind", new)
         events.emit("rebind", f"{cause}: {old.macvlan} on {old.lower} -> {name} on {lower.name}", vm=self.vm_name,
                     nic=self.nic.id, lower=lower.name, netdev=self.nic.netdev_id, previous=old.lower)
+
+    def _announce(self, macvlan: str) -> None:
+        """The guest's MAC announced from the host on ``macvlan``, only where the guest runs.
+
+        On a migration's target before the guest arrives (QEMU inmigrate, or
+        paused after receiving it), or on its source after it left, switches
+        would learn the guest on a host it is not running on and send its
+        traffic there until it speaks again. The guest's arrival is announced
+        by QEMU (and by netwatch's announce-self when the phase ends).
+        """
+        if self.hooks.phase == migration.NONE:
+            rarp.announce(macvlan, self.nic.mac)
 
     async def maintain(self, placement: Placement) -> None:
         """Put back what something else took away: the filters (libvirt's <bandwidth> deletes the qdisc)."""
