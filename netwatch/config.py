@@ -58,7 +58,7 @@ _GUEST_PCI = re.compile(r"(?:(?P<bus>[A-Za-z][A-Za-z0-9._-]*):)?(?:0x)?(?P<slot>
 # root ports, 0x1e DMI-PCI bridge, 0x1f LPC/SATA/SMBus). Proxmox VE maps
 # every slot of bus 0 on pc: these are its vga1-3 (0x18-0x1a, Windows with
 # multi-monitor qxl only) and net5..net3 (0x17-0x15), and on q35 its NICs
-# sit behind a bridge. README "PCI slots" has the whole table.
+# sit behind a bridge. docs/pci-slots.md has the whole table.
 DEFAULT_GUEST_SLOTS = (0x19, 0x18, 0x17, 0x16, 0x15, 0x13, 0x12)
 
 
@@ -260,7 +260,7 @@ def parse_guest_pci(value: str | None) -> GuestPci | None:
 
 
 def default_wiring(backend: str) -> str:
-    """The wiring a NIC gets when the file does not say (README "Wiring: hub or direct" has the figures).
+    """The wiring a NIC gets when the file does not say (README "How to pick a wiring" has the figures).
 
     A macvtap dies with its lower, so each lower flap replaces it: the hub
     hides that from the guest. A tap's fd outlives its bridge and uplink,

@@ -48,7 +48,7 @@ from netwatch.sandbox.testbed import Deadline, wait_until
 CACHE = Path(os.environ.get("NETWATCH_SYSTEMD_HOST_CACHE", Path.home() / ".cache" / "netwatch-systemd-host"))
 SUITE = "bookworm"
 # What a Debian 12 KVM host running netwatch has, minus the kernel: systemd
-# as init, python3-venv for the README's install, iproute2 for links and
+# as init, python3-venv for docs/service.md's install, iproute2 for links and
 # QEMU itself (it runs inside, under TCG). debootstrap installs Depends only,
 # never Recommends.
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "iproute2", "kmod",
@@ -196,7 +196,7 @@ def wheelhouse(project: Path, cache: Path = CACHE) -> Path:
     """Wheels for ``pip install`` of ``project`` with no index: its dependencies and build backend.
 
     The container has no network; pip inside is pointed at these with
-    PIP_NO_INDEX/PIP_FIND_LINKS, which leaves the README's commands as they are.
+    PIP_NO_INDEX/PIP_FIND_LINKS, which leaves docs/service.md's commands as they are.
     """
     meta = tomllib.loads((project / "pyproject.toml").read_text())
     wanted = [*meta["build-system"]["requires"], "wheel", *meta["project"]["dependencies"]]

@@ -160,7 +160,7 @@ def test_libvirt_domain_keeps_its_nic_through_flaps_restart_and_hotplug(world: W
     shutil.chown(qmp_dir, QEMU_USER, QEMU_GROUP)
     vm = world.vm(name, {"id": NIC, "backend": "macvtap", "lower": LOWER, "mac": MAC})
     vm["qmp"] = str(qmp_dir / f"{name}.qmp")
-    # What proves the QMP peer is this domain's QEMU (README, Security model).
+    # What proves the QMP peer is this domain's QEMU (docs/security.md).
     vm["uuid"], vm["qemu_user"] = str(uuid_mod.uuid4()), QEMU_USER
     world.write_config()
     peer = peer_network(world)

@@ -178,7 +178,7 @@ def _commandline(vm: VmConfig) -> str:
     lines = [
         f"<!-- netwatch: QEMU arguments for VM '{_comment(vm.name)}'. Paste this as a child of <domain>, whose start"
         f" tag needs xmlns:qemu='{LIBVIRT_QEMU_NS}'. QEMU runs as libvirt's QEMU user, which must be able to"
-        f" create {_comment(vm.qmp)} (see README, With libvirt). -->",
+        f" create {_comment(vm.qmp)} (see docs/libvirt.md). -->",
         "<qemu:commandline>",
     ]
     lines += [f"  <qemu:arg value={_attr(arg)}/>" for arg in vm_args(vm, libvirt=True)]
