@@ -153,3 +153,32 @@ def test_multiqueue_redirect_nic_in_a_two_vcpu_guest_pings_through_a_flap(world:
     assert world.nic("vm1", "net0")["ifindex"] == first["ifindex"]
     print(f"\nmultiqueue: {TAP0} multi_queue, QEMU holds {tun_queues(qemu.pid, TAP0)} queues, guest {lines[0]}; "
           "pings resumed after a flap")
+
+
+def test_a_guest_that_does_not_release_its_redirect_nic(world: World) -> None:
+    world.settings["unplug_timeout"] = 2
+    serial, _peer = guest(world, "pc", redirect("net0", "lo0", MAC0), redirect("net1", "lo1", MAC1),
+                          addrs=("10.77.0.2/24", "10.77.1.2/24"))
+    world.wait_state("vm1", "net1", "attached", timeout=60)
+    wait_until(lambda: nic_lines(serial, "eth1"), 120, "eth1 in the guest", world.dump)
+    qemu = world.qemus["vm1"]
+    qemu.qmp("stop")  # a guest that runs no code answers no unplug request
+    world.vm_dict("vm1")["nics"].pop()
+    world.write_config()
+    assert world.cli("reload").returncode == 0
+    failed = world.wait_state("vm1", "net1", "failed", timeout=30)
+    assert "did not release NIC net1 within 2 s" in failed["cause"], failed
+    assert world.ns.link_exists(TAP1) and "nwr-net1" in qemu.info_network(), "its tap stays while the guest holds it"
+    assert world.nic("vm1", "net0")["state"] == "attached", "the other NIC is not held up"
+    qemu.qmp("cont")  # the guest lets go: the next attempt completes the removal
+    wait_until(lambda: world.nic("vm1", "net1") == {}, 60, "net1 to leave status", world.dump)
+    assert not world.ns.link_exists(TAP1) and world.ns.links("macvlan") == ["nwm-vm1-net0"], world.dump()
+    info = qemu.info_network()
+    assert "net1:" not in info and "nwr-net1" not in info, info
+    # Let go once, and never plugged again on the way out. Both NICs were there at boot, and the guest
+    # names them in slot order: net1 (0x18) is its eth0.
+    wait_line(serial, "GUEST-NIC-GONE eth0", world)
+    assert [line.split(" addr=")[0] for line in nic_lines(serial, "eth0")] == [
+        f"GUEST-NIC eth0 mac={MAC1} pci=0000:00:18.0"], serial.lines()
+    assert world.netwatch is not None
+    assert world.netwatch.log().count("added NIC net1") == 0, world.netwatch.log()
