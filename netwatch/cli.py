@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = command("run", "run the service in the foreground")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    command("check", "validate the config file")
+    check = command("check", "validate the config file, and ask the kernel whether it has what its NICs need")
+    check.add_argument("--no-kernel", dest="kernel", action="store_false",
+                       help="validate the file only (the unit's ExecStartPre: a kernel without a module fails only "
+                            "the NICs that need it, and the service serves the rest)")
     qemu_args = command("qemu-args", "print the QEMU arguments netwatch needs for a VM")
     form = qemu_args.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="a JSON array instead of a shell line")
@@ -92,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         cfg = _load(args.config)
+        problems, notes = asyncio.run(_kernel_problems(cfg)) if args.kernel else ([], [])
+        if problems:
+            raise ConfigError(problems)
         nics = sum(len(vm.nics) for vm in cfg.vms)
         print(f"{cfg.path}: OK ({len(cfg.vms)} VMs, {nics} NICs)")
+        for note in notes:
+            print(f"{cfg.path}: note: {note}")
         return 0
     if args.command == "qemu-args":
         cfg = _load(args.config)
@@ -143,6 +151,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         from netwatch.sandbox.demo import run_demo
         return run_demo(args.flaps, args.guest)
     raise AssertionError(args.command)
+
+
+# The NICs a kernel problem line names, before "and N more".
+NAMED_NICS = 3
+
+
+async def _kernel_problems(cfg: config_mod.Config) -> tuple[list[str], list[str]]:
+    """One line per module the kernel lacks and some NIC's wiring needs, naming those NICs; and what could
+    not be checked (a note, not a problem). The kernel is asked only when some NIC needs a module."""
+    from netwatch.host.kernelcheck import KernelSupport, check_kernel
+    from netwatch.service.daemon import modules_needed
+    needing = {module: [f"vm '{vm.name}' nic '{nic.id}'" for vm in cfg.vms for nic in vm.nics
+                        if module in modules_needed(nic)]
+               for module in {module for vm in cfg.vms for nic in vm.nics for module in modules_needed(nic)}}
+    if not needing:
+        return [], []
+    support = await check_kernel()
+    problems = []
+    for module in support.missing:
+        nics = needing.get(module)
+        if not nics:
+            continue
+        named = ", ".join(nics[:NAMED_NICS]) + (f" and {len(nics) - NAMED_NICS} more NICs"
+                                                if len(nics) > NAMED_NICS else "")
+        said = KernelSupport(missing=(module,)).sentences()[0]
+        problems.append(f"{cfg.path}: {named}: key 'wiring': {said}: \"redirect\" needs it")
+    unknown = tuple(module for module in support.unchecked if module in needing)
+    notes = KernelSupport(unchecked=unknown, why_unchecked=support.why_unchecked).sentences()
+    return problems, notes
 
 
 STATUS_COLUMNS = ("VM", "NIC", "STATE", "BACKEND", "IFNAME", "LOWER", "WIRING", "PCI", "SWAPS", "RX", "TX")

@@ -200,6 +200,16 @@ class NicController:
 
     async def reconcile(self) -> None:
         wiring = self.wiring
+        refused = self.env.refusal(self.nic) if self.backend is None else None
+        if refused is not None:
+            # Nothing joins it to a lower; its tap is made where the kernel can, so that its VM still starts
+            # (and the NIC works without a restart once the module is there and netwatch is reloaded).
+            try:
+                await wiring.prepare()
+            except NetwatchError as exc:
+                log.debug("%s/%s: no tap either: %s", self.vm_name, self.nic.id, exc)
+            self.fsm.on(NicEvent.ERROR, refused)
+            return
         # What QEMU opens by name exists before it starts, whatever else is there.
         await wiring.prepare()
         self.hooks.observe(self.backend)

@@ -8,6 +8,7 @@ from typing import Any
 
 from tenacity.wait import wait_base
 
+from netwatch.config import NicConfig
 from netwatch.host.linkops import LinkOps
 from netwatch.host.links import LinkTable
 from netwatch.host.linkstats import LinkCounters
@@ -35,3 +36,5 @@ class NicEnv:
     own_links: Callable[[], set[str]] = set
     # Told (with the NIC's controller: Any, as this module is below it) when a NIC's interest() may have changed.
     on_interest_change: Callable[[Any], None] = lambda nic: None
+    # Why this host cannot serve a NIC at all (its kernel lacks a module the NIC's wiring needs), or None.
+    refusal: Callable[[NicConfig], str | None] = lambda nic: None

@@ -17,8 +17,10 @@ from tenacity.wait import wait_base
 
 from netwatch import config as config_mod
 from netwatch import events, tasks
-from netwatch.config import Config
+from netwatch.config import Config, NicConfig
 from netwatch.errors import BadRequest, ConfigError, LinkError, NetwatchError
+from netwatch.host import kernelcheck
+from netwatch.host.kernelcheck import KernelSupport
 from netwatch.host.linkops import LinkOps
 from netwatch.host.links import LinkMonitor, LinkTable
 from netwatch.host.linkstats import dump_counters
@@ -59,10 +61,14 @@ class Service:
         self.env: NicEnv | None = None
         self.metrics: MetricsWriter | None = None
         self._counters_read = float("-inf")
+        # What the last kernel check found (None: none made, no NIC is redirect-wired).
+        self.kernel: KernelSupport | None = None
 
     async def run(self) -> None:
         settings = self.config.settings
         _own_directory(settings.state_dir)
+        # Before any NIC's first pass: one that cannot be served is failed from the start, with why.
+        await self._check_kernel(self.config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -77,7 +83,7 @@ class Service:
                          node_dir=settings.node_dir, udev_gate=source == "udev",
                          retry_wait=self.retry_wait, on_state_change=self._status_changed,
                          unplug_timeout=settings.unplug_timeout,
-                         migration_handover=settings.migration_handover)
+                         migration_handover=settings.migration_handover, refusal=self._refusal)
             self.env = env
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
@@ -212,6 +218,8 @@ class Service:
         self.notifier.send(RELOADING="1")
         try:
             new = config_mod.load(self.config.path)
+            if self._kernel_check_due(new):
+                await self._check_kernel(new)
             result = await self.reconciler.reload(new)
             self.config = new
             return result
@@ -220,6 +228,42 @@ class Service:
             raise
         finally:
             self.notifier.send(READY="1", STATUS=self.reconciler.summary())
+
+    # -- the kernel ---------------------------------------------------------------
+
+    async def _check_kernel(self, config: Config) -> None:
+        """Ask the kernel whether it has what ``config``'s NICs' wirings need; no check when none needs any."""
+        needed = {module for vm in config.vms for nic in vm.nics for module in modules_needed(nic)}
+        if not needed:
+            return
+        support = await kernelcheck.check_kernel()
+        self.kernel = support
+        unknown = tuple(module for module in support.unchecked if module in needed)
+        if unknown:
+            # Served as if it had them: a NIC that then fails says so in the kernel's own words.
+            said = KernelSupport(unchecked=unknown, why_unchecked=support.why_unchecked).sentences()[0]
+            # Under systemd (which sets INVOCATION_ID) the likely cause is the unit's sandbox: say what lifts it.
+            hint = (" (the unit's drop-in for them, netwatch-redirect.conf, allows the check)"
+                    if os.environ.get("INVOCATION_ID") else "")
+            events.emit("service", f"{said}; redirect-wired NICs are served as if it had{hint}",
+                        level=logging.WARNING)
+        elif not support.missing:
+            events.emit("service", f"the kernel has what wiring = \"redirect\" needs: {', '.join(kernelcheck.MODULES)}")
+        # What it lacks is said by each NIC that needs it (NicEnv.refusal): failed, with the module named.
+
+    def _kernel_check_due(self, new: Config) -> bool:
+        """Whether a reload to ``new`` asks the kernel again: a NIC newly redirect-wired, or the last answer
+        lacked something (a module loaded since serves the NICs it kept failed)."""
+        if self.kernel is not None and (self.kernel.missing or self.kernel.unchecked):
+            return True
+        running = {(vm.name, nic.id) for vm in self.config.vms for nic in vm.nics if modules_needed(nic)}
+        return any(modules_needed(nic) and (vm.name, nic.id) not in running for vm in new.vms for nic in vm.nics)
+
+    def _refusal(self, nic: NicConfig) -> str | None:
+        """Why ``nic`` cannot be served on this kernel (NicEnv.refusal), or None."""
+        if self.kernel is None:
+            return None
+        return refusal(nic, self.kernel)
 
     def _reload_on_signal(self) -> None:
         async def reload() -> None:
@@ -237,6 +281,22 @@ class Service:
         if not task.cancelled() and task.exception() is not None:
             self._failure = task.exception()
             self._stop.set()
+
+
+def modules_needed(nic: NicConfig) -> tuple[str, ...]:
+    """The kernel modules (netwatch/host/kernelcheck.py) ``nic``'s wiring needs beyond what every wiring has."""
+    # Only the redirect wiring: hub and direct need tun and macvtap, which the unit loads before it starts.
+    return tuple(kernelcheck.MODULES) if nic.wiring == "redirect" else ()
+
+
+def refusal(nic: NicConfig, support: KernelSupport) -> str | None:
+    """One sentence per module ``nic`` needs and the kernel lacks, or None (unknown is not lacking)."""
+    needed = modules_needed(nic)
+    missing = [module for module in support.missing if module in needed]
+    if not missing:
+        return None
+    said = "; ".join(KernelSupport(missing=tuple(missing)).sentences())
+    return f"{said}: wiring = \"{nic.wiring}\" needs {'it' if len(missing) == 1 else 'them'}"
 
 
 def _own_directory(path: str) -> None:
