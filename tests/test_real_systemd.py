@@ -14,7 +14,13 @@ printed); ``systemctl reload``; ``systemctl restart`` adopts the backend; the
 watchdog kills a SIGSTOPped netwatch and the restarted one adopts the
 backend; journal catalog text and fields; ``control_group``;
 ``systemd-analyze security`` (exposure printed, at most MAX_EXPOSURE, the
-bound tests/test_systemd.py checks offline).
+bound tests/test_systemd.py checks offline). Then a redirect-wired NIC beside
+the macvtap one, with the unit's redirect drop-in installed: its persistent
+tap exists before its QEMU (started by the container's systemd) opens it,
+frames pass from the wire to the tap, a lower flap joins it again (the guest's
+MAC announced from the host, on the wire), the kernel check answered under
+the sandbox, and netwatch logged no error; the exposure with the drop-in is
+printed (at most MAX_EXPOSURE_REDIRECT).
 
     .venv/bin/pytest -s tests/test_real_systemd.py
 
@@ -49,7 +55,7 @@ from netwatch.qemu.qmp import parse_info_network
 from netwatch.sandbox.testbed import wait_until
 
 from .systemd_host import CGROUP_HIERARCHIES, HostError, SystemdHost, build_tree, missing_tools, wheelhouse
-from .test_systemd import MAX_EXPOSURE
+from .test_systemd import MAX_EXPOSURE, MAX_EXPOSURE_REDIRECT, REDIRECT_DROP_IN
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = Path(os.environ.get("NETWATCH_SYSTEMD_SRC", REPO)).resolve()
@@ -90,6 +96,66 @@ qmp = "{QMP_DIR}/vm2.qmp"
   backend = "macvtap"
   lower = "{LOWER}"
   mac = "52:54:00:5e:00:02"
+"""
+
+# Added for the redirect steps: a VM whose NIC's tap netwatch makes and keeps.
+REDIRECT_MAC = "52:54:00:5e:00:03"
+REDIRECT_TAP = "nw-vm3-net0"
+CONFIG_VM3 = f"""
+[[vm]]
+name = "vm3"
+qmp = "{QMP_DIR}/vm3.qmp"
+
+  [[vm.nic]]
+  id = "net0"
+  backend = "macvtap"
+  wiring = "redirect"
+  lower = "{LOWER}"
+  mac = "{REDIRECT_MAC}"
+"""
+REDIRECT_PROBE_PATH = "/root/nwprobe_redirect.py"
+# Inside, with the venv python: sends test frames on the wire to the redirect
+# NIC's MAC until one leaves its tap towards QEMU ("in_ms"). "up" first makes
+# the veth lower and times from then, and also waits for the guest MAC's RARP
+# announcement on the wire ("rarp_ms"; netwatch sends it on the macvlan after
+# each reattach, through a packet socket the unit must allow).
+REDIRECT_PROBE = f"""
+import asyncio, json, select, socket, sys, time, uuid
+from netwatch.sandbox.testbed import frame_payload, sender_socket, test_frame, veth_up
+
+MAC, TAP, LOWER, WIRE = {REDIRECT_MAC!r}, {REDIRECT_TAP!r}, {LOWER!r}, {WIRE!r}
+ETH_P_ALL, ETH_P_RARP = 0x0003, 0x8035
+guest = bytes.fromhex(MAC.replace(":", ""))
+# Open before the wire exists (an unbound packet socket sees every link): the first round comes at once.
+rarp = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
+tap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+tap.bind((TAP, 0))
+up = sys.argv[1] == "up"
+since = asyncio.run(veth_up(LOWER, WIRE)) if up else time.monotonic()
+sender = sender_socket()
+tag = uuid.uuid4().bytes
+frame = test_frame(MAC, "02:00:00:00:00:01", tag)
+figures = {{}}
+deadline = since + 10
+while "in_ms" not in figures or (up and "rarp_ms" not in figures):
+    if time.monotonic() > deadline:
+        raise SystemExit(f"after 10 s: {{figures}} (no frame from {{WIRE}} left {{TAP}}, or no RARP from {{MAC}})")
+    if "in_ms" not in figures:
+        try:
+            sender.sendto(frame, (WIRE, 0))
+        except OSError:
+            pass
+    ready, _, _ = select.select([tap, rarp], [], [], 0.002)
+    now = time.monotonic()
+    if tap in ready:
+        payload = frame_payload(tap.recv(65536))
+        if payload is not None and payload.startswith(tag):
+            figures.setdefault("in_ms", (now - since) * 1000)
+    if rarp in ready:
+        got, where = rarp.recvfrom(65536)
+        if where[0] == WIRE and got[6:12] == guest and got[12:14] == b"\\x80\\x35":
+            figures.setdefault("rarp_ms", (now - since) * 1000)
+print("PROBE " + json.dumps(figures))
 """
 
 # Runs inside with netwatch's venv python (for pyroute2 and the sandbox's
@@ -442,6 +508,72 @@ def _exercise(run: Run, commands: list[str], start_at: int, catalog: str) -> Non
         assert score, out
         print(f"  exposure level {score.group(1)}")
         assert float(score.group(1)) <= MAX_EXPOSURE, out
+
+    _redirect_steps(run)
+
+
+def _redirect_steps(run: Run) -> None:
+    host = run.host
+    with step(10, "a redirect NIC beside the macvtap one: the unit's drop-in, then its tap before any QEMU", run):
+        host.run(f"install -d /etc/systemd/system/netwatch.service.d && install -m 644 "
+                 f"{SRC_INSIDE}/units/{REDIRECT_DROP_IN} /etc/systemd/system/netwatch.service.d/redirect.conf")
+        host.run(f"cat >> /etc/netwatch/netwatch.toml <<'EOF'\n{CONFIG_VM3}EOF")
+        host.write(REDIRECT_PROBE_PATH, REDIRECT_PROBE)
+        pid = run.prop("MainPID")
+        host.run("systemctl daemon-reload && systemctl restart netwatch", timeout=60)
+        run.wait_active(not_pid=pid)
+        # Merged with the unit's RestrictNamespaces=yes: those two, and no other.
+        assert sorted(run.prop("RestrictNamespaces").split()) == ["net", "user"], run.prop("RestrictNamespaces")
+        run.wait_nic("waiting-vm", vm="vm3")
+        tap = host.out(f"ip -d link show {REDIRECT_TAP}")
+        assert "tun type tap" in tap and "persist on" in tap and "vnet_hdr on" in tap, tap
+        print(f"  {REDIRECT_TAP}: persistent tap with a vnet header, made before its VM runs")
+
+    with step(11, "QEMU (a unit of the container's systemd) opens the tap; frames pass; a lower flap re-joins it",
+              run):
+        args = json.loads(host.out("netwatch qemu-args --json vm3"))
+        assert any(f"ifname={REDIRECT_TAP}" in arg for arg in args), args
+        qemu = ["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-display", "none", "-nodefaults",
+                "-no-user-config", "-m", "64", "-name", "vm3", "-global", "virtio-net-pci.romfile=", *args]
+        host.run(f"systemd-run --quiet --collect --unit=nwt-qemu3 {shlex.join(qemu)}")
+        first = run.wait_nic("attached", vm="vm3")
+        assert first["macvlan"], first
+        frames = _redirect_probe(run)
+        print(f"  {first['macvlan']} on {LOWER} joined to {REDIRECT_TAP}; wire -> tap in {frames['in_ms']:.1f} ms")
+        host.run(f"ip link del {LOWER}")
+        run.wait_nic("waiting-lower", vm="vm3")
+        frames = _redirect_probe(run, "up")
+        now = run.wait_nic("attached", vm="vm3")
+        # The same tap (QEMU was never told), joined again by a new macvlan.
+        assert (now["ifname"], now["ifindex"], now["swaps"]) == (first["ifname"], first["ifindex"],
+                                                                 first["swaps"] + 1), (first, now)
+        print(f"  lower up -> wire to tap after {frames['in_ms']:.1f} ms, the guest's MAC announced on the wire "
+              f"after {frames['rarp_ms']:.1f} ms")
+
+    with step(12, "the sandbox refused nothing: kernel check answered, no error entry; exposure with the drop-in",
+              run):
+        invocation = run.prop("InvocationID")
+        log = host.out(f"journalctl -u netwatch _SYSTEMD_INVOCATION_ID={invocation} -o cat --no-pager")
+        # The kernel check made its tap, macvlan and filters in its own namespaces, under the sandbox.
+        assert 'the kernel has what wiring = "redirect" needs' in log and "could not check" not in log, log
+        refused = [line for line in log.splitlines() if any(
+            words in line for words in ("Operation not permitted", "Permission denied", "not supported"))]
+        assert refused == [], refused
+        # (The announcement's packet socket: its frames were seen on the wire in step 11.)
+        errors = [entry.get("MESSAGE") for entry in run.journal(f"_SYSTEMD_INVOCATION_ID={invocation}", "-p", "err")]
+        assert errors == [], f"netwatch logged errors: {errors}"
+        out = host.out("systemd-analyze security netwatch.service --no-pager")
+        score = re.search(r"Overall exposure level for netwatch.service: ([0-9.]+)", out)
+        assert score, out
+        print(f"  exposure level with {REDIRECT_DROP_IN}: {score.group(1)}")
+        assert float(score.group(1)) <= MAX_EXPOSURE_REDIRECT, out
+
+
+def _redirect_probe(run: Run, mode: str = "probe") -> dict[str, float]:
+    done = run.host.run(f"{VENV_PYTHON} {REDIRECT_PROBE_PATH} {mode}", check=False, timeout=40)
+    line = next((line for line in done.stdout.splitlines() if line.startswith("PROBE ")), None)
+    assert done.returncode == 0 and line, f"frames did not pass: {done.stdout}{done.stderr}"
+    return dict(json.loads(line.split(" ", 1)[1]))
 
 
 def _acl_grants(acl_hex: str, gid: int) -> bool:
