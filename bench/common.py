@@ -58,7 +58,7 @@ def _run_to_the_end(argv: list[str]) -> int:
 def summary(name: str, values: list[float], unit: str = "ms") -> str:
     ordered = sorted(values)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return (f"{name:<9} p50 {statistics.median(ordered):7.2f} {unit}   p90 {p90:7.2f} {unit}   "
+    return (f"{name:<10} p50 {statistics.median(ordered):7.2f} {unit}   p90 {p90:7.2f} {unit}   "
             f"max {ordered[-1]:7.2f} {unit}   (n={len(ordered)})")
 
 

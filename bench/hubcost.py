@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What netwatch's wirings cost a real guest, against NICs wired straight to a tap.
 
-One Linux guest (netwatch.sandbox.guest) with seven virtio-net NICs, each on its
+One Linux guest (netwatch.sandbox.guest) with eight virtio-net NICs, each on its
 own host link and subnet, so the only difference between them is the wiring:
 
   hub       netwatch's hub wiring: NIC -> hubport -> hub -> hubport -> tap (a
@@ -21,14 +21,20 @@ own host link and subnet, so the only difference between them is the wiring:
   mvdirect  the same kind of macvtap, its fd given straight to a tap netdev
             (vnet header and offloads on, as libvirt does)
   mvnwdirect netwatch's direct wiring on the same kind of macvtap
+  mvredirect netwatch's redirect wiring on the same kind of veth lower: the
+            NIC on a persistent tap netwatch made (vnet header, offloads;
+            QEMU opens it by name), joined by two tc u32 + mirred filters
+            to a macvlan with the guest's MAC on the lower
 
-nwdirect and mvnwdirect should cost nothing against direct and mvdirect
-(target: >= 0.95x on round trip and both streams; for the round trip the
-speed ratio, direct's p50 over nwdirect's, is what is held to it).
+nwdirect, mvnwdirect and mvredirect should cost nothing against direct and
+mvdirect (target: >= 0.95x on round trip and both streams; for the round
+trip the speed ratio, direct's p50 over nwdirect's, is what is held to it).
 
 A direct NIC is not on QEMU's command line: netwatch plugs it at its
-guest_pci once its backend exists. So QEMU starts paused (-S), netwatch
-attaches every NIC, and only then does the guest run: every NIC is there
+guest_pci once its backend exists. A redirect NIC is, but its tap must be
+there before QEMU opens it by name: netwatch starts first and makes it. So
+QEMU starts (after the tap is there) paused (-S), netwatch attaches every
+NIC, and only then does the guest run: every NIC is there
 when its kernel enumerates PCI, and eth0, eth1, ... follow the PCI slots,
 which are all pinned (the addresses are handed out in slot order).
 
@@ -42,6 +48,8 @@ bottleneck; the ratios are what to read.
 
 Usage (root; runs in its own network namespace):
   bench/hubcost.py [--rounds R] [--seconds S] [--pings P]
+The full form (on a quiet machine):
+  bench/hubcost.py --rounds 10 --seconds 3 --pings 200
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ from common import run_in_netns, summary
 from netwatch import config as config_mod
 from netwatch.errors import NetwatchError
 from netwatch.host.chardev import open_macvtap
+from netwatch.qemu.args import vhost_available
 from netwatch.sandbox.guest import ECHO_PORT, SINK_PORT, SOURCE_PORT, Serial, build
 from netwatch.sandbox.testbed import Netwatch, Qemu, exit_on_sigterm, wait_until, write_config
 from netwatch.service import control
@@ -88,11 +97,16 @@ MVNWDIRECT = Wiring("mvnwdirect", "hcw-mvnwdirect", "10.84.0.1", "10.84.0.2", "5
 DIRECT = Wiring("direct", "hcbr-direct", "10.79.0.1", "10.79.0.2", "52:54:00:bc:00:02", "hc-direct", 0x07)
 NOHDR = Wiring("nohdr", "hcbr-nohdr", "10.80.0.1", "10.80.0.2", "52:54:00:bc:00:03", "hc-nohdr", 0x08)
 MVDIRECT = Wiring("mvdirect", "hcw-mvdirect", "10.82.0.1", "10.82.0.2", "52:54:00:bc:00:05", "hc-mvdirect", 0x09)
-PATHS = (HUB, MVHUB, NWDIRECT, MVNWDIRECT, DIRECT, NOHDR, MVDIRECT)
-NETWATCH = (HUB, MVHUB, NWDIRECT, MVNWDIRECT)  # the NICs netwatch manages, in its config's order
+MVREDIRECT = Wiring("mvredirect", "hcw-mvredirect", "10.85.0.1", "10.85.0.2", "52:54:00:bc:00:08", "hc-mvredirect",
+                    0x0A)
+PATHS = (HUB, MVHUB, NWDIRECT, MVNWDIRECT, DIRECT, NOHDR, MVDIRECT, MVREDIRECT)
+NETWATCH = (HUB, MVHUB, NWDIRECT, MVNWDIRECT, MVREDIRECT)  # the NICs netwatch manages, in its config's order
+WIRING = {NWDIRECT: "direct", MVNWDIRECT: "direct", MVREDIRECT: "redirect"}  # the others: hub
 BRIDGED = (HUB, NWDIRECT, DIRECT, NOHDR)  # on a host bridge; the others on a veth lower
-COMPARED = ((HUB, DIRECT), (HUB, NOHDR), (MVHUB, MVDIRECT), (NWDIRECT, DIRECT), (MVNWDIRECT, MVDIRECT))
-DIRECT_TARGET = 0.95  # netwatch's direct wiring against the straight path, on all three figures
+COMPARED = ((HUB, DIRECT), (HUB, NOHDR), (MVHUB, MVDIRECT), (NWDIRECT, DIRECT), (MVNWDIRECT, MVDIRECT),
+            (MVREDIRECT, MVDIRECT), (MVREDIRECT, MVHUB), (MVREDIRECT, MVNWDIRECT))
+AT_FULL_SPEED = ((NWDIRECT, DIRECT), (MVNWDIRECT, MVDIRECT), (MVREDIRECT, MVDIRECT))  # held to DIRECT_TARGET
+DIRECT_TARGET = 0.95  # netwatch's direct and redirect wirings against the straight path, on all three figures
 CHUNK = 64 * 1024
 SIOCOUTQ = 0x5411  # bytes in a TCP socket's send queue, not yet acknowledged
 
@@ -105,9 +119,14 @@ def lower_of(path: Wiring) -> str:
     return path.link.replace("hcw-", "hcl-")
 
 
+def vhost() -> str:
+    """As netwatch's own netdevs have it (its direct and redirect wirings): vhost-net where the host has it."""
+    return ",vhost=on" if vhost_available() else ""
+
+
 def straight_tap_args(path: Wiring, vnet_hdr: bool) -> list[str]:
     netdev = (f"tap,id={path.name},ifname={path.ifname},script=no,downscript=no,"
-              f"vnet_hdr={'on' if vnet_hdr else 'off'}")
+              f"vnet_hdr={'on' if vnet_hdr else 'off'}{vhost() if vnet_hdr else ''}")
     return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={path.name},mac={path.mac},addr={path.slot:#04x}"]
 
 
@@ -118,7 +137,7 @@ def straight_macvtap(path: Wiring, workdir: str) -> tuple[int, list[str]]:
     ip("link", "set", path.ifname, "up")
     index = socket.if_nametoindex(path.ifname)
     fd = open_macvtap(path.ifname, index, os.path.join(workdir, "nodes"))
-    return fd, ["-netdev", f"tap,id={path.name},fd={fd}", "-device",
+    return fd, ["-netdev", f"tap,id={path.name},fd={fd}{vhost()}", "-device",
                 f"virtio-net-pci,netdev={path.name},mac={path.mac},addr={path.slot:#04x}"]
 
 
@@ -189,8 +208,7 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
     nics: list[dict[str, object]] = []
     for index, path in enumerate(NETWATCH):
         nic: dict[str, object] = {"id": f"net{index}", "ifname": path.ifname, "mac": path.mac,
-                                  "guest_pci": f"{path.slot:#04x}",
-                                  "wiring": "direct" if path in (NWDIRECT, MVNWDIRECT) else "hub"}
+                                  "guest_pci": f"{path.slot:#04x}", "wiring": WIRING.get(path, "hub")}
         if path in BRIDGED:
             nic.update(backend="tap", mode="bridged", bridge=path.link)
         else:
@@ -214,6 +232,10 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
         return "\n".join(serial.lines()[-10:]) + "\n" + service.log()[-2000:]
 
     try:
+        # The redirect NIC's tap first: QEMU opens it by name (one it made itself would be QEMU's, not netwatch's).
+        service.start()
+        wait_until(lambda: os.path.exists(f"/sys/class/net/{MVREDIRECT.ifname}"), 30,
+                   f"netwatch to make the tap {MVREDIRECT.ifname}", dump)
         qemu.start()
         os.close(fd)
         for path in (DIRECT, NOHDR):
@@ -221,7 +243,6 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
             wait_until(lambda path=path: os.path.exists(f"/sys/class/net/{path.ifname}"), 30,
                        f"QEMU to create {path.ifname}", dump)
             ip("link", "set", path.ifname, "master", path.link, "up")
-        service.start()
         wait_until(lambda: _nic_states(state) == ["attached"] * len(NETWATCH), 30, "netwatch to attach its NICs",
                    dump)
         qemu.qmp("cont")
@@ -253,17 +274,17 @@ def inner(workdir: str, rounds: int, seconds: float, pings: int) -> int:
             print("  " + summary(path.name, rtt[path.name]))
         print("guest -> host throughput, per round:")
         for path in PATHS:
-            print(f"  {path.name:<9} median {statistics.median(out[path.name]):7.0f} Mbit/s   "
+            print(f"  {path.name:<10} median {statistics.median(out[path.name]):7.0f} Mbit/s   "
                   f"min {min(out[path.name]):7.0f}   max {max(out[path.name]):7.0f}")
         print("host -> guest throughput, per round:")
         for path in PATHS:
-            print(f"  {path.name:<9} median {statistics.median(into[path.name]):7.0f} Mbit/s   "
+            print(f"  {path.name:<10} median {statistics.median(into[path.name]):7.0f} Mbit/s   "
                   f"min {min(into[path.name]):7.0f}   max {max(into[path.name]):7.0f}")
         print()
         for a, b in COMPARED:
             print(f"{a.name} / {b.name}: round trip p50 x{_ratio(rtt, a, b):.2f}, "
                   f"guest->host x{_ratio(out, a, b):.2f}, host->guest x{_ratio(into, a, b):.2f}")
-        for a, b in ((NWDIRECT, DIRECT), (MVNWDIRECT, MVDIRECT)):
+        for a, b in AT_FULL_SPEED:
             # As speeds (higher is better): for the round trip that is b's p50 over a's.
             speeds = (_ratio(rtt, b, a), _ratio(out, a, b), _ratio(into, a, b))
             verdict = "met" if min(speeds) >= DIRECT_TARGET else "NOT met"

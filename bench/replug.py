@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""Lower back -> guest answers: hub wiring against direct wiring, on pc and q35.
+"""Lower back -> guest answers: hub, direct and redirect wirings, on pc and q35.
 
-Four VMs boot the test guest (netwatch.sandbox.guest), two per machine type
+Six VMs boot the test guest (netwatch.sandbox.guest), three per machine type
 (pc, q35), each with one macvtap NIC managed by netwatch on a veth lower of
 its own: one with wiring = "hub" (a new backend is a carrier blip to the
-guest) and one with wiring = "direct" (every new backend is a replug: the
+guest), one with wiring = "direct" (every new backend is a replug: the
 guest's NIC leaves, comes back at the same PCI address with the same MAC,
-and the guest sets it up again). The far end of each lower is cabled into
+and the guest sets it up again) and one with wiring = "redirect" (QEMU and
+its tap are never touched: netwatch makes a new macvlan and its two tc
+filters, and the guest sees a carrier blip). A redirect NIC's tap is made
+by netwatch before its QEMU starts (QEMU opens it by name), so netwatch
+starts first here. The far end of each lower is cabled into
 a bridge of its own in a peer namespace, which holds the guest's peer
 (10.77.N.1 on the bridge; the guest is 10.77.N.2 and pings it). Each bridge
 has a second port (a veth to nowhere) that stays, as a switch has other
 hosts: so the peer keeps its carrier, and its ARP entry for the guest,
 across a flap.
 
-Each flap, one VM at a time (the four in a new random order each round,
-so both wirings and both machine types share the run's conditions): the
+Each flap, one VM at a time (the six in a new random order each round,
+so the wirings and both machine types share the run's conditions): the
 lower is deleted and, off the clock, netwatch reports the NIC waiting for
 its lower (for a direct NIC, the guest has reported its NIC gone too);
 then the lower is created again and cabled into the peer's bridge. From
@@ -27,8 +31,8 @@ which netwatch is already at work) is not counted.
 
 A VM's next flap comes 1.5 s or more after its last answer, so that TCP
 retransmissions left from its last flap's abandoned attempts (a SYN-ACK is
-retried 1 s on) do not fall into the next outage. In the hub wiring the
-guest keeps its NIC and sees its carrier go down, which empties its ARP
+retried 1 s on) do not fall into the next outage. In the hub and redirect
+wirings the guest keeps its NIC and sees its carrier go down, which empties its ARP
 table; a packet it sends to its peer then leaves the peer's entry pending,
 and once the path is back its answers wait for ARP's next try, up to 1 s
 on (seen in a capture: netwatch attached at +5 ms, the guest's SYN-ACKs
@@ -44,6 +48,8 @@ real guest's udev would react at once; --no-guest-ping leaves the pings out
 
 Usage (root; runs in its own network namespace):
   bench/replug.py [--flaps N] [--no-guest-ping]
+The full form (on a quiet machine):
+  bench/replug.py --flaps 20
 """
 
 from __future__ import annotations
@@ -75,7 +81,8 @@ ECHO_TIMEOUT = 2.0  # once connected
 ANSWER_TIMEOUT = 60.0  # per flap
 QUIET = 1.5  # seconds from a VM's last answer to its next flap
 MACHINES = ("pc", "q35")
-WIRINGS = ("hub", "direct")
+WIRINGS = ("hub", "direct", "redirect")
+KEEPS_ITS_NIC = ("hub", "redirect")  # the guest's NIC never leaves; its carrier blips
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,10 @@ class Guest:
     @property
     def lower(self) -> str:
         return f"rpl{self.index}"
+
+    @property
+    def ifname(self) -> str:
+        return f"rpm{self.index}"  # its macvtap, or its persistent tap (redirect)
 
     @property
     def wire(self) -> str:
@@ -173,7 +184,7 @@ def inner(workdir: str, flaps: int, guest_ping: bool) -> int:
     state = os.path.join(workdir, "state")
     write_config(cfg_path, state, [
         {"name": g.name, "qmp": os.path.join(workdir, f"{g.name}.qmp"), "machine": g.machine, "nics": [
-            {"id": "net0", "backend": "macvtap", "lower": g.lower, "ifname": f"rpm{g.index}", "mac": g.mac,
+            {"id": "net0", "backend": "macvtap", "lower": g.lower, "ifname": g.ifname, "mac": g.mac,
              "wiring": g.wiring}]} for g in GUESTS])
     config = config_mod.load(cfg_path)
     serials = {g.name: Serial(Path(workdir) / f"{g.name}.serial.log") for g in GUESTS}
@@ -203,11 +214,16 @@ def inner(workdir: str, flaps: int, guest_ping: bool) -> int:
             assert vm is not None
             args = image.qemu_args(serials[g.name].path, [f"{g.address}/24"], ping=g.peer if guest_ping else None,
                                    serve=True)
-            # Paused until netwatch has plugged the direct NICs: all four boot alike.
+            # Paused until netwatch has plugged the direct NICs: all six boot alike.
             qemus[g.name] = Qemu(vm, workdir, observe=False, monitor=True, extra_args=["-S", *args])
             stack.callback(qemus[g.name].close)
-            qemus[g.name].start()
+        # First: the redirect NICs' taps must be there before their QEMUs open them by name.
         service.start()
+        for g in GUESTS:
+            if g.wiring == "redirect":
+                wait_until(lambda g=g: os.path.exists(f"/sys/class/net/{g.ifname}"), 30, f"{g.name}'s tap", dump)
+        for g in GUESTS:
+            qemus[g.name].start()
         for g in GUESTS:
             wait_until(lambda g=g: nic_status(state, g).get("state") == "attached", 30, f"{g.name} attached", dump)
         for g in GUESTS:
@@ -246,7 +262,7 @@ def inner(workdir: str, flaps: int, guest_ping: bool) -> int:
                 last_answer[g.name] = time.monotonic()
                 answered[g.name].append(took)
                 results.append(f"{g.name} {took:.0f} ms")
-                # What the guest saw: a replug (direct) or nothing but a carrier blip (hub).
+                # What the guest saw: a replug (direct) or nothing but a carrier blip (hub, redirect).
                 if g.wiring == "direct":
                     with contextlib.suppress(Deadline):  # its console may lag its network a little
                         wait_until(lambda serial=serial: serial.first("GUEST-NIC eth0 "), 5, "", interval=0.05)
@@ -254,8 +270,8 @@ def inner(workdir: str, flaps: int, guest_ping: bool) -> int:
                 back = [line for line in serial.lines() if line.startswith("GUEST-NIC eth0 ")]
                 if g.wiring == "direct" and not (gone == 1 and len(back) == 1 and f"mac={g.mac}" in back[0]):
                     problems.append(f"flap {number} {g.name}: expected one replug, the guest said {serial.lines()}")
-                if g.wiring == "hub" and (gone or back):
-                    problems.append(f"flap {number} {g.name}: the hub NIC left the guest: {serial.lines()}")
+                if g.wiring in KEEPS_ITS_NIC and (gone or back):
+                    problems.append(f"flap {number} {g.name}: the {g.wiring} NIC left the guest: {serial.lines()}")
             print(f"flap {number}: " + ", ".join(results), flush=True)
         for g in GUESTS:
             if len([line for line in Serial(serials[g.name].path).lines() if line.startswith("GUEST-READY")]) != 1:
@@ -264,10 +280,11 @@ def inner(workdir: str, flaps: int, guest_ping: bool) -> int:
         print()
         print("lower back and cabled -> first TCP echo from the peer answered:")
         for g in GUESTS:
-            print("  " + summary(f"{g.label:<10}", answered[g.name]))
+            print("  " + summary(f"{g.label:<12}", answered[g.name]))
         for machine in MACHINES:
-            hub, direct = (statistics.median(answered[f"{machine}-{wiring}"]) for wiring in WIRINGS)
-            print(f"{machine}: direct / hub p50 x{direct / hub:.1f} ({direct - hub:+.0f} ms)")
+            hub, direct, redirect = (statistics.median(answered[f"{machine}-{wiring}"]) for wiring in WIRINGS)
+            print(f"{machine}: direct / hub p50 x{direct / hub:.1f} ({direct - hub:+.0f} ms), "
+                  f"redirect / hub p50 x{redirect / hub:.2f} ({redirect - hub:+.0f} ms; target: at or below the hub)")
         print("  " + summary("cabling", cabling) + "  (not counted)")
         for problem in problems:
             print(f"PROBLEM: {problem}")
