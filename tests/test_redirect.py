@@ -73,6 +73,10 @@ def test_a_flap_remakes_the_macvlan_and_never_touches_qemu(world: World) -> None
         # The same tap and netdev throughout; QEMU's networks unchanged.
         assert (now["ifname"], now["ifindex"], now["netdev"]) == (first["ifname"], first["ifindex"], first["netdev"])
     assert qemu.info_network() == network
+    # A flap is no failure: a pass that met the macvlan on its way out said "No such device" and failed.
+    assert world.netwatch is not None
+    failures = [line for line in world.netwatch.log().splitlines() if "-> failed" in line]
+    assert failures == [], failures
     # One macvlan, ours, silent; the tap's filter points at it.
     macvlans = world.ns.links("macvlan")
     assert macvlans == ["nwm-vm1-net0"], macvlans

@@ -334,8 +334,16 @@ class RedirectWiring:
         would learn the guest on a host it is not running on and send its
         traffic there until it speaks again. The guest's arrival is announced
         by QEMU (and by netwatch's announce-self when the phase ends).
+
+        With the VM's monitor, QEMU announces (the frames take the guest's own
+        path: tap, filter, macvlan); without one, netwatch sends the same RARP
+        rounds itself, which needs a packet socket (units/netwatch-redirect.conf).
         """
-        if self.hooks.phase == migration.NONE:
+        if self.hooks.phase != migration.NONE:
+            return
+        if self.vm.connected:
+            self.vm.announce(self.nic.id)
+        else:
             rarp.announce(macvlan, self.nic.mac)
 
     async def maintain(self, placement: Placement) -> None:
@@ -345,14 +353,21 @@ class RedirectWiring:
         tap, macvlan = self.tap_index, backend.macvlan_ifindex
         ops = self.env.ops
         restored = []
-        if await ops.redirects(tap) != [(U32_FIRST_HANDLE, macvlan)]:
-            await ops.ensure_ingress(tap)
-            await ops.redirect(tap, macvlan, replace=True)
-            restored.append(self.nic.ifname)
-        if [target for _handle, target in await ops.redirects(macvlan)] != [tap]:
-            await ops.ensure_ingress(macvlan)
-            await ops.redirect(macvlan, tap, replace=True)
-            restored.append(backend.macvlan)
+        try:
+            if await ops.redirects(tap) != [(U32_FIRST_HANDLE, macvlan)]:
+                await ops.ensure_ingress(tap)
+                await ops.redirect(tap, macvlan, replace=True)
+                restored.append(self.nic.ifname)
+            if [target for _handle, target in await ops.redirects(macvlan)] != [tap]:
+                await ops.ensure_ingress(macvlan)
+                await ops.redirect(macvlan, tap, replace=True)
+                restored.append(backend.macvlan)
+        except LinkError as exc:
+            if exc.errno == errno.ENODEV:
+                # The macvlan (or its lower) is going: its removal event is on its way, and the pass it
+                # brings detaches it. No failure (every lower flap said "No such device" before).
+                raise LinkVanished(str(exc)) from exc
+            raise
         if restored:
             events.emit("filters-restored", f"the redirect filter of {' and '.join(restored)} was gone or changed: "
                         "made again", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
