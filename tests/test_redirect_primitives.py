@@ -8,7 +8,8 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -127,19 +128,22 @@ def _frame(dst: str, src: str, payload: bytes) -> bytes:
 def _round_trip(qemu: int, wire: socket.socket, tag: bytes) -> None:
     peer = "02:00:00:00:00:09"
     # Wire -> guest: the frame leaves the tap towards QEMU, behind a vnet header.
-    wire.send(_frame(GUEST_MAC, peer, b"to-guest-" + tag))
-    assert _read_until(lambda: os.read(qemu, 65536)[VNET_HDR:], qemu, b"to-guest-" + tag)
+    assert _exchange(lambda: wire.send(_frame(GUEST_MAC, peer, b"to-guest-" + tag)),
+                     lambda: os.read(qemu, 65536)[VNET_HDR:], qemu, b"to-guest-" + tag)
     # Guest -> wire: what QEMU writes into the tap leaves the lower.
-    os.write(qemu, bytes(VNET_HDR) + _frame(peer, GUEST_MAC, b"from-guest-" + tag))
-    assert _read_until(lambda: wire.recv(65536), wire.fileno(), b"from-guest-" + tag)
+    assert _exchange(lambda: os.write(qemu, bytes(VNET_HDR) + _frame(peer, GUEST_MAC, b"from-guest-" + tag)),
+                     lambda: wire.recv(65536), wire.fileno(), b"from-guest-" + tag)
 
 
-def _read_until(read: object, fd: int, payload: bytes) -> bool:
-    for _ in range(50):
-        ready, _, _ = select.select([fd], [], [], 2)
-        if not ready:
-            return False
-        frame = read()  # type: ignore[operator]
-        if frame.endswith(payload):
-            return True
+def _exchange(send: Callable[[], object], read: Callable[[], bytes], fd: int, payload: bytes,
+              timeout: float = 10) -> bool:
+    """Send until ``payload`` is read back (a link just made up may drop the first frames), within ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        send()
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        while ready:
+            if read().endswith(payload):
+                return True
+            ready, _, _ = select.select([fd], [], [], 0)
     return False
