@@ -227,13 +227,16 @@ class RedirectWiring:
 
     # -- joining --------------------------------------------------------------
 
-    async def _join(self, name: str, lower: Link, tap: int) -> int:
+    async def _join(self, name: str, lower: Link, tap: int, cut: NicRecord | None = None) -> int:
         """A macvlan ``name`` on ``lower`` made and joined to ``tap`` both ways; its ifindex.
 
         The macvlan stays down until both filters are in place: up before,
         the guest's frames would reach the host's own stack. The tap's
         filter is replaced, never added: an old one may point at a macvlan
-        that is gone, and drops everything.
+        that is gone, and drops everything. ``cut`` (a rebind): the old
+        lower's macvlan goes (its filter with it) before the tap sends to the
+        new one, which only then comes up: the guest is on neither network
+        for a moment, never on both.
         """
         ops = self.env.ops
         await self._delete_macvlan(name)
@@ -246,6 +249,9 @@ class RedirectWiring:
         try:
             await ops.ensure_ingress(index)
             await ops.redirect(index, tap, replace=False)
+            old = self.env.links.get(cut.macvlan_ifindex) if cut is not None else None
+            if old is not None and self._ours(old):
+                await ops.delete(old.index)
             await ops.ensure_ingress(tap)
             await ops.redirect(tap, index, replace=True)
             await ops.bring_up(index)
@@ -292,29 +298,8 @@ class RedirectWiring:
         lower = placement.lower
         assert old is not None and lower is not None and self.tap_index is not None
         name = next(n for n in self.nic.macvlan_names if n != old.macvlan)
-        ops = self.env.ops
         started = time.monotonic()
-        await self._delete_macvlan(name)
-        try:
-            index = await ops.add_macvlan(name, lower.index, self.nic.mac, self.nic.mode, up=False)
-        except LinkError as exc:
-            if exc.errno == errno.ENODEV:
-                raise LinkVanished(str(exc)) from exc
-            raise
-        try:
-            await ops.ensure_ingress(index)
-            await ops.redirect(index, self.tap_index, replace=False)
-            # The old lower's macvlan goes (its filter with it), then the tap sends to the new one, which
-            # only then comes up: the guest is on neither network for a moment, never on both.
-            old_link = self.env.links.get(old.macvlan_ifindex)
-            if old_link is not None and self._ours(old_link):
-                await ops.delete(old_link.index)
-            await ops.redirect(self.tap_index, index, replace=True)
-            await ops.bring_up(index)
-        except BaseException:
-            with contextlib.suppress(LinkError):
-                await ops.delete(index)
-            raise
+        index = await self._join(name, lower, self.tap_index, cut=old)
         self.last_attach_seconds = round(time.monotonic() - started, 6)
         self.generation, self.swaps = self.generation + 1, self.swaps + 1
         new = self._record(name, index, lower)
