@@ -31,6 +31,7 @@ from netwatch.host.links import Link, LinkTable
 from netwatch.host.tc import U32_FIRST_HANDLE
 from netwatch.nic import migration
 from netwatch.nic.env import NicEnv
+from netwatch.nic.guestlink import GuestLink
 from netwatch.nic.hookplan import HookPlan
 from netwatch.nic.records import NicRecord
 from netwatch.qemu.qmp import VmSession
@@ -75,7 +76,8 @@ class RedirectWiring:
         self.tap_index: int | None = None
         self.generation = 0
         self.swaps = 0
-        self.guest_link: bool | None = None
+        # The guest's carrier, as last set.
+        self.guest = GuestLink(vm_name, nic.id, vm, lower_name)
         self._guest = False  # QEMU has the NIC's device, peered with the tap netdev
         self.synced_session = 0
         self.lost_lower: str | None = None
@@ -146,7 +148,7 @@ class RedirectWiring:
         self._guest = device is not None and device.peer == self.nic.netdev_id and self.qemu.device_in_place(device)
         if not self._guest:
             await self._add_guest(device is not None)
-        self.guest_link = None
+        self.guest.forget()
         record = self.backend or self.env.records.load(self.vm_name, self.nic.id)
         if record is not None:
             self.generation, self.swaps = max(self.generation, record.generation), max(self.swaps, record.swaps)
@@ -211,15 +213,7 @@ class RedirectWiring:
         await self.env.ops.delete(link.index)
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
-        if not self._guest:
-            self.guest_link = None
-            return
-        if self.guest_link is up:
-            return
-        await self.vm.execute("set_link", {"name": self.nic.id, "up": up})
-        self.guest_link = up
-        events.emit("link-up" if up else "link-down", f"guest link {'up' if up else 'down'}: {cause}",
-                    vm=self.vm_name, nic=self.nic.id, lower=self.lower_name())
+        await self.guest.set(up, cause, self._guest)
 
     async def follow_migration(self) -> None:
         if self.backend is not None:
@@ -375,7 +369,7 @@ class RedirectWiring:
 
     async def vm_gone(self) -> None:
         """QEMU is gone: the tap stays (the next QEMU opens it), the macvlan goes until QEMU is back."""
-        self.guest_link = None
+        self.guest.forget()
         self.synced_session = 0
         self._guest = False
         if self.vm.qemu_alive():
@@ -442,7 +436,7 @@ class RedirectWiring:
             "macvlan": backend.macvlan if backend else None,
             "macvlan_ifindex": backend.macvlan_ifindex if backend else None,
             "guest_present": self._guest,
-            "guest_link": self.guest_link,
+            "guest_link": self.guest.state,
             "configured": backend.configured if backend else False,
             "swaps": self.swaps,
             "last_attach_seconds": self.last_attach_seconds,

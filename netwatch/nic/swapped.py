@@ -25,6 +25,7 @@ from netwatch.host.backends import Created, Placement
 from netwatch.host.links import Link
 from netwatch.nic.backendlinks import BackendLinks, ForeignLink
 from netwatch.nic.env import NicEnv
+from netwatch.nic.guestlink import GuestLink
 from netwatch.nic.hookplan import HookPlan
 from netwatch.nic.records import NicRecord
 from netwatch.nic.wiring import guest_side
@@ -67,7 +68,8 @@ class SwappedBackend:
         self.backend: NicRecord | None = None
         self.generation = 0
         self.swaps = 0
-        self.guest_link: bool | None = None
+        # The guest's carrier, as last set.
+        self.guest = GuestLink(vm_name, nic.id, vm, lower_name)
         self.synced_session = 0  # the VM session whose QEMU view was last read
         self.lost_lower: str | None = None
         self.last_attach_seconds: float | None = None
@@ -119,7 +121,7 @@ class SwappedBackend:
             gens.append(record.generation)
             self.swaps = max(self.swaps, record.swaps)
         self.generation = max([self.generation, *gens])
-        self.guest_link = None
+        self.guest.forget()
         keep = record if record is not None and self._adoptable(record, survey) else None
         await self.qemu.clean(survey, pair_of(keep) if keep is not None else None)
         if await self.qemu.add_guest():
@@ -150,15 +152,7 @@ class SwappedBackend:
                 and self.matches_config(record) and self.links.proven(record))
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
-        if not self.qemu.guest_present:
-            self.guest_link = None  # no device in the guest (yet): nothing to set
-            return
-        if self.guest_link is up:
-            return
-        await self.vm.execute("set_link", {"name": self.nic.id, "up": up})
-        self.guest_link = up
-        events.emit("link-up" if up else "link-down", f"guest link {'up' if up else 'down'}: {cause}",
-                    vm=self.vm_name, nic=self.nic.id, lower=self.lower_name())
+        await self.guest.set(up, cause, self.qemu.guest_present)
 
     async def follow_migration(self) -> None:
         """Configure or deconfigure the attached backend as its VM's migration phase asks."""
@@ -296,7 +290,7 @@ class SwappedBackend:
 
     async def vm_gone(self) -> None:
         """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
-        self.guest_link = None
+        self.guest.forget()
         self.synced_session = 0
         # What was known of QEMU's side is read again from the next QEMU.
         self.qemu = qemu_side(self.vm_name, self.nic, self.vm, self.env.unplug_timeout)
@@ -379,7 +373,7 @@ class SwappedBackend:
             "hub_netdev": backend.hub_netdev if backend else None,
             "hub": self.nic.hub if hub is None else hub,
             "guest_present": self.qemu.guest_present,
-            "guest_link": self.guest_link,
+            "guest_link": self.guest.state,
             # Whether its if-up ran (a routed tap waits while its guest migrates).
             "configured": backend.configured if backend else False,
             "swaps": self.swaps,
