@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     reload = command("reload", "re-read the config file (like SIGHUP); a bad file is refused")
     reload.add_argument("--dry-run", action="store_true",
                         help="print what the reload would do (hot-add, hot-remove, rebind, replug); change nothing")
+    hook = command("libvirt-hook", "pass a call of libvirt's qemu hook on to the service "
+                   "(run by /etc/libvirt/hooks/qemu.d/netwatch, with the domain's XML on stdin)")
+    hook.add_argument("arg", nargs="*", metavar="ARG", help="DOMAIN OPERATION SUB-OPERATION EXTRA, as libvirt "
+                      "gives them")
     demo = sub.add_parser("demo", help="flap a lower under a sandboxed VM and show netwatch reattaching it")
     demo.add_argument("--flaps", type=int, default=5, help="how many times to flap the lower (default 5)")
     demo.add_argument("--no-guest", dest="guest", action="store_false",
@@ -136,6 +140,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = control.request(cfg.settings.state_dir, "reload")
         print(f"reloaded: {result['summary']}")
         return 0
+    if args.command == "libvirt-hook":
+        from netwatch.service import libvirthook
+        try:
+            state_dir = _load(args.config).settings.state_dir
+        except ConfigError as exc:
+            # libvirt goes on all the same; its log gets why netwatch heard nothing.
+            print(f"netwatch libvirt-hook: {exc.problems[0] if exc.problems else exc}", file=sys.stderr)
+            return 0
+        return libvirthook.main(state_dir, args.arg)
     if args.command == "run":
         cfg = _load(args.config)
         events.setup(verbose=args.verbose)

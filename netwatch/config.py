@@ -166,7 +166,8 @@ class NicConfig:
 @dataclass(frozen=True)
 class VmConfig:
     name: str
-    qmp: str
+    # None: netwatch has no monitor for this VM (all its NICs redirect-wired; a libvirt domain's monitor is libvirt's).
+    qmp: str | None
     nics: tuple[NicConfig, ...] = ()
     # What proves the QMP peer is this VM's QEMU (peer.py): each optional.
     uuid: str | None = None
@@ -412,10 +413,11 @@ class _Validator:
                 continue
             if vm.name in seen_vms:
                 self.problem(f"vm '{vm.name}'", "name", "is used by another VM")
-            if vm.qmp in seen_qmp:
+            if vm.qmp is not None and vm.qmp in seen_qmp:
                 self.problem(f"vm '{vm.name}'", "qmp", f"'{vm.qmp}' is used by another VM")
             seen_vms.add(vm.name)
-            seen_qmp.add(vm.qmp)
+            if vm.qmp is not None:
+                seen_qmp.add(vm.qmp)
             vms.append(vm)
         if self.problems:
             raise ConfigError(self.problems)
@@ -484,7 +486,7 @@ class _Validator:
         if name is not None and (len(name) > VM_NAME_MAX or not _VM_NAME.match(name)):
             self.problem(where, "name", f"'{name}' must be 1-{VM_NAME_MAX} of A-Z a-z 0-9 . _ -,"
                          " starting with a letter or digit")
-        qmp = self.string(raw, "qmp", where, required=True)
+        qmp = self.string(raw, "qmp", where)
         if qmp is not None and not os.path.isabs(qmp):
             self.problem(where, "qmp", f"'{qmp}' must be an absolute path")
         nics_raw = raw.get("nic", [])
@@ -542,7 +544,15 @@ class _Validator:
         if libvirt_domain is not None and libvirt_machine_name(1, libvirt_domain) == "qemu-1":
             self.problem(where, "libvirt_domain", f"'{libvirt_domain}' has no letter or digit, which "
                          "libvirt's machine name is made of")
-        if len(self.problems) != count or name is None or qmp is None:
+        if qmp is None and not nics_raw:
+            self.problem(where, "qmp", "is required (only a VM whose NICs are all wiring = \"redirect\" can do "
+                         "without netwatch's monitor, and this one has none)")
+        elif qmp is None and any(nic.wiring != "redirect" for nic in nics):
+            # Only a redirect NIC works with no monitor: QEMU opens its tap by name; the others need fds and QMP.
+            wired = ", ".join(sorted({f"{nic.id} ({nic.wiring})" for nic in nics if nic.wiring != "redirect"}))
+            self.problem(where, "qmp", f"is required: NIC {wired} needs netwatch's monitor "
+                         "(only a VM whose NICs are all wiring = \"redirect\" can do without)")
+        if len(self.problems) != count or name is None:
             return None
         assert machine is not None
         return VmConfig(name=name, qmp=qmp, nics=tuple(nics), uuid=uuid.lower() if uuid else None,

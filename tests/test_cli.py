@@ -158,9 +158,23 @@ def test_check_and_qemu_args_of_a_redirect_nic(tmp_path: Path) -> None:
         "-netdev", f"tap,id=nwr-net0,ifname=nw-web1-net0,script=no,downscript=no,vnet_hdr=on{vhost},queues=2",
         "-device", "virtio-net-pci,id=net0,netdev=nwr-net0,mac=52:54:00:12:34:56,addr=0x19,mq=on,vectors=6",
     ]
-    libvirt = run_netwatch("qemu-args", "-c", str(path), "--libvirt", "web1")
+    # With qmp the admin asks for netwatch's monitor: it is the only thing in the block.
+    monitored = run_netwatch("qemu-args", "-c", str(path), "--libvirt", "web1")
+    assert monitored.returncode == 0, monitored.stderr
+    block = ET.fromstring(f"<devices xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>{monitored.stdout}"
+                          "</devices>")
+    args = [arg.get("value") for arg in block.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
+    assert args == ["-qmp", "unix:/run/nw-qmp/web1.qmp,server=on,wait=off"]
+    # The libvirt admin's form: no qmp, nothing but libvirt elements.
+    bare = tmp_path / "bare.toml"
+    bare.write_text("\n".join(line for line in REDIRECT.splitlines() if not line.startswith("qmp")))
+    assert run_netwatch("check", "-c", str(bare)).returncode == 0
+    libvirt = run_netwatch("qemu-args", "-c", str(bare), "--libvirt", "web1")
     assert libvirt.returncode == 0, libvirt.stderr
     assert "qemu:commandline" not in libvirt.stdout and "-qmp" not in libvirt.stdout
+    bare_args = shlex.split(run_netwatch("qemu-args", "-c", str(bare), "web1").stdout)
+    assert bare_args[:2] == [
+        "-netdev", f"tap,id=nwr-net0,ifname=nw-web1-net0,script=no,downscript=no,vnet_hdr=on{vhost},queues=2"]
     [interface] = ET.fromstring(f"<devices>{libvirt.stdout}</devices>")
     assert interface.attrib == {"type": "ethernet"}
     assert [(child.tag, child.attrib) for child in interface] == [

@@ -30,7 +30,7 @@ from netwatch.nic.records import NicRecord
 from netwatch.nic.state import NicEvent, NicState, NicStateMachine
 from netwatch.nic.wiring import NicWiring
 from netwatch.nic.wirings import make_wiring
-from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.vm import QemuVm
 from netwatch.untrusted import displayable
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def default_retry_wait() -> wait_base:
 class NicController:
     """One guest NIC: owns its backend, its state machine and its task."""
 
-    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv, hot_added: bool = False) -> None:
+    def __init__(self, vm_name: str, nic: NicConfig, vm: QemuVm, env: NicEnv, hot_added: bool = False) -> None:
         self.vm_name = vm_name
         self.nic = nic
         self.vm = vm
@@ -60,6 +60,7 @@ class NicController:
         # Which link is its lower (the config's, or a rebind's until the next reload).
         self.lowers = LowerChoice(nic, env)
         self.first_pass = asyncio.Event()
+        self._pass_waiters: list[asyncio.Future[None]] = []
         self._requests: list[tuple[LowerSpec, asyncio.Future[dict[str, Any]]]] = []
         self.pending_config: NicConfig | None = None
         self._kick = asyncio.Event()
@@ -83,6 +84,13 @@ class NicController:
 
     def kick(self) -> None:
         self._kick.set()
+
+    def next_pass(self) -> asyncio.Future[None]:
+        """A future done when the next pass ends (the NIC is kicked for it)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pass_waiters.append(waiter)
+        self.kick()
+        return waiter
 
     @property
     def kicked(self) -> bool:
@@ -196,6 +204,10 @@ class NicController:
             raise
         finally:
             self.first_pass.set()
+            waiters, self._pass_waiters = self._pass_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
             self.env.on_interest_change(self)
 
     async def reconcile(self) -> None:
@@ -218,9 +230,10 @@ class NicController:
             # not even a backend its own QEMU may still be using.
             self.fsm.on(NicEvent.PEER_REFUSED, f"QMP peer refused: {self.vm.refused}")
             return
-        if not self.vm.connected:
+        if not self.vm.present:
             await wiring.vm_gone()
-            self.fsm.on(NicEvent.QEMU_GONE, "QEMU is not connected")
+            self.fsm.on(NicEvent.QEMU_GONE, "QEMU is not connected" if self.vm.monitored
+                        else f"libvirt domain {self.vm.identity.libvirt_domain} is not running")
             return
         # First, before any QMP command that may fail or wait: a source
         # deconfigures its routed taps the moment its guest stops for good.
@@ -301,8 +314,9 @@ class NicController:
             future.set_result(self.status())
 
     async def _rebind_now(self, spec: LowerSpec) -> None:
-        if not self.vm.connected:
-            raise RebindError(f"QEMU of {self.vm_name} is not connected")
+        if not self.vm.present:
+            raise RebindError(f"QEMU of {self.vm_name} is not connected" if self.vm.monitored
+                              else f"libvirt domain {self.vm.identity.libvirt_domain} is not running")
         target = self.lowers.target(spec)
         if target is None:
             raise BadRebind(f"there is no link named {spec.name}")
@@ -335,8 +349,10 @@ class NicController:
         lower = self.find_lower()
         nic = self.nic
         cause = self.fsm.cause
-        if self.fsm.state is NicState.WAITING_VM and self.vm.last_error:
+        if self.fsm.state is NicState.WAITING_VM and self.vm.monitored and self.vm.last_error:
             cause = f"QEMU is not connected: {self.vm.last_error}"  # attempts fail without a transition
+        elif self.fsm.state is NicState.WAITING_VM and not self.vm.monitored and not self.vm.present:
+            cause = f"libvirt domain {self.vm.identity.libvirt_domain} is not running"  # since the service started
         status: dict[str, Any] = {
             "id": nic.id, "backend": nic.backend, "state": self.fsm.state.value, "cause": cause,
             "lower": lower.name if lower else self.spec_name(), "lower_ifindex": lower.index if lower else None,

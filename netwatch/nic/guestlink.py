@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from netwatch import events
-from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.vm import QemuVm
 
 
 class GuestLink:
     """What netwatch last set the guest NIC's link to (None: unknown, or no device to set)."""
 
-    def __init__(self, vm_name: str, nic_id: str, vm: VmSession, lower_name: Callable[[], str | None]) -> None:
+    def __init__(self, vm_name: str, nic_id: str, vm: QemuVm, lower_name: Callable[[], str | None]) -> None:
         self.vm_name = vm_name
         self.nic_id = nic_id
         self.vm = vm

@@ -15,13 +15,13 @@ from netwatch.config import NicConfig
 from netwatch.nic import migration
 from netwatch.nic.env import NicEnv
 from netwatch.nic.records import NicRecord
-from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.vm import QemuVm
 
 
 class HookPlan:
     """One NIC's hook contexts and its VM's migration phase on this host."""
 
-    def __init__(self, nic: NicConfig, vm: VmSession, env: NicEnv, hot_added: bool = False) -> None:
+    def __init__(self, nic: NicConfig, vm: QemuVm, env: NicEnv, hot_added: bool = False) -> None:
         self.nic = nic
         self.vm = vm
         self.env = env
@@ -29,6 +29,8 @@ class HookPlan:
         # added to the config while its VM ran, "start" otherwise.
         self.first_context = "hot-add" if hot_added else "start"
         self.started_for: int | None = None  # QEMU pid whose "start" hooks ran
+        # Whether they ran at all: a VM without a monitor may not know its QEMU's pid (None).
+        self.started = False
         self.up_context = "reattach"  # for the next if-up after "start"
         # The VM's migration phase on this host.
         self.phase = migration.NONE
@@ -50,18 +52,24 @@ class HookPlan:
 
     def attach_context(self) -> str:
         """The if-up context of a backend just attached; the next one's follows from it."""
-        context = self.first_context if self.started_for != self.vm.pid else self.up_context
+        context = self.first_context if not self.started or self.started_for != self.vm.pid else self.up_context
         arrived = self.vm.pid in self.vm.runstate.arrived  # the guest migrated in and ran here
         if self.phase == migration.IN or (context == "start" and arrived):
             context = "migrate-in"
         self.started_for, self.up_context, self.first_context = self.vm.pid, "reattach", "start"
+        self.started = True
         return context
 
     def adopted(self, record: NicRecord, first: bool) -> None:
         """An earlier run's backend is kept (``first``: the NIC had none in this run)."""
         if first:
-            self.started_for = record.qemu_pid
+            self.started_for, self.started = record.qemu_pid, True
         self.phase = self.phase_for(self.vm.pid, record)
+
+    def qemu_known(self, record: NicRecord) -> None:
+        """The QEMU ``record``'s if-up ran for, before its pid was known, is ``record.qemu_pid``."""
+        if self.started and self.started_for is None:
+            self.started_for = record.qemu_pid
 
     def replaced(self, record: NicRecord, matches_config: bool) -> None:
         """An earlier run's backend is not kept: its if-up ran, so its if-down runs now, with what it saw."""
@@ -74,7 +82,7 @@ class HookPlan:
             context = migration.down_context(self.phase_for(record.qemu_pid, record))
         self.down(context, record)
         if record.qemu_pid == self.vm.pid:
-            self.started_for = self.vm.pid
+            self.started_for, self.started = self.vm.pid, True
             self.up_context = "rebind" if context == "rebind" else "reattach"
 
     def gone(self, record: NicRecord) -> None:

@@ -20,6 +20,7 @@ import logging
 import pwd
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from netwatch import events
@@ -34,7 +35,7 @@ from netwatch.nic.env import NicEnv
 from netwatch.nic.guestlink import GuestLink
 from netwatch.nic.hookplan import HookPlan
 from netwatch.nic.records import NicRecord
-from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.vm import QemuVm
 from netwatch.qemu.wiring import QemuSide, vhost_available
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class RedirectWiring:
 
     driver = RedirectDriver()
 
-    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv, hooks: HookPlan,
+    def __init__(self, vm_name: str, nic: NicConfig, vm: QemuVm, env: NicEnv, hooks: HookPlan,
                  lower_name: Callable[[], str | None]) -> None:
         self.vm_name = vm_name
         self.nic = nic
@@ -143,30 +144,43 @@ class RedirectWiring:
         """QEMU's view read again: its device is there (hot-added if not); an earlier run's wiring adopted."""
         session = self.vm.session
         await self.prepare()
-        network = await self.vm.network()
-        device = await self.qemu.find_device(network)
-        self._guest = device is not None and device.peer == self.nic.netdev_id and self.qemu.device_in_place(device)
-        if not self._guest:
-            await self._add_guest(device is not None)
+        if self.vm.monitored:
+            network = await self.vm.network()
+            device = await self.qemu.find_device(network)
+            self._guest = (device is not None and device.peer == self.nic.netdev_id
+                           and self.qemu.device_in_place(device))
+            if not self._guest:
+                await self._add_guest(device is not None)
+        # Without a monitor the device is whoever started QEMU's (libvirt's <interface>): nothing to add or set.
         self.guest.forget()
         record = self.backend or self.env.records.load(self.vm_name, self.nic.id)
         if record is not None:
             self.generation, self.swaps = max(self.generation, record.generation), max(self.swaps, record.swaps)
-        if record is not None and record.qemu_pid == self.vm.pid and self.matches_config(record) \
+        if record is not None and self._same_qemu(record) and self.matches_config(record) \
                 and await self._joined(record):
+            if record.qemu_pid != self.vm.pid:
+                # Joined for a QEMU libvirt was about to start: this is it.
+                record = replace(record, qemu_pid=self.vm.pid, qemu_start=self.vm.pid_start)
+                self.env.records.save(record)
+                self.hooks.qemu_known(record)
             if self.backend is None:
                 events.emit("attached", f"adopted {record.macvlan} -> {record.ifname} on {record.lower} from an "
                             "earlier run", vm=self.vm_name, nic=self.nic.id, lower=record.lower)
             self.hooks.adopted(record, first=self.backend is None)
             self.backend, self.swaps = record, record.swaps
         else:
-            if record is not None:
+            if record is not None and record.macvlan:  # a tap kept with nothing joined had no if-up
                 self.hooks.replaced(record, self.matches_config(record))
             for name in self.nic.macvlan_names:
                 await self._delete_macvlan(name)
             self.backend = None
             self._keep_tap_record()
         self.synced_session = session
+
+    def _same_qemu(self, record: NicRecord) -> bool:
+        """Whether ``record``'s wiring was made for the QEMU there is now (or, without a monitor, for the
+        one libvirt was about to start when it was made: QEMU's pid comes with libvirt's started hook)."""
+        return record.qemu_pid == self.vm.pid or (not self.vm.monitored and record.qemu_pid is None)
 
     async def _add_guest(self, stale: bool) -> None:
         """Hot-add the NIC: the tap netdev (QEMU opens the tap by name), then the device at its address."""

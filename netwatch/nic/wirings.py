@@ -11,12 +11,15 @@ from netwatch.nic.redirect import RedirectWiring
 from netwatch.nic.swapped import SwappedBackend
 from netwatch.nic.wiring import NicWiring
 from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.vm import QemuVm
 
 
-def make_wiring(vm_name: str, nic: NicConfig, vm: VmSession, env: NicEnv, hooks: HookPlan,
+def make_wiring(vm_name: str, nic: NicConfig, vm: QemuVm, env: NicEnv, hooks: HookPlan,
                 lower_name: Callable[[], str | None]) -> NicWiring:
     if nic.wiring == "redirect":
         # One tap for QEMU's whole life, joined to each lower in the kernel.
         return RedirectWiring(vm_name, nic, vm, env, hooks, lower_name)
-    # "hub" and "direct": a backend per lower, handed to QEMU.
+    # "hub" and "direct": a backend per lower, handed to QEMU over netwatch's monitor (config.py makes
+    # every VM with such a NIC have one).
+    assert isinstance(vm, VmSession), f"{vm_name}/{nic.id}: a {nic.wiring} NIC needs netwatch's monitor"
     return SwappedBackend(vm_name, nic, vm, env, hooks, lower_name)

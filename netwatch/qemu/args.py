@@ -108,7 +108,7 @@ def vm_args(vm: VmConfig, vhost: bool | None = None, libvirt: bool = False) -> l
         vhost = vhost_available()
     # A dedicated monitor: QMP serves one client at a time, so other tools
     # keep their own. wait=off lets QEMU start before netwatch connects.
-    args = ["-qmp", f"unix:{_opt(vm.qmp)},server=on,wait=off"]
+    args = [] if vm.qmp is None else ["-qmp", f"unix:{_opt(vm.qmp)},server=on,wait=off"]
     for port in root_ports(vm, nics):
         # chassis numbers must be unique per machine: netwatch's start at 0x80,
         # above the ones libvirt and Proxmox count up from 1.
@@ -142,7 +142,7 @@ def libvirt_problems(vm: VmConfig) -> list[str]:
         if _NOT_XML.search(nic.ifname):
             problems.append(f"{where}: its tap's name {nic.ifname!r} holds characters XML cannot carry; "
                             "set ifname to a plain one")
-    if _NOT_XML.search(vm.qmp) and _needs_commandline(vm):
+    if vm.qmp is not None and _NOT_XML.search(vm.qmp) and _needs_commandline(vm):
         problems.append(f"VM '{vm.name}': its qmp path {vm.qmp!r} holds characters XML cannot carry")
     return problems
 
@@ -169,16 +169,16 @@ def render_libvirt(vm: VmConfig) -> str:
 
 
 def _needs_commandline(vm: VmConfig) -> bool:
-    """Whether netwatch needs QEMU arguments libvirt has no element for: hub or direct NICs (and, with
-    no NIC at all, as before, the monitor alone)."""
-    return not vm.nics or any(nic.wiring != "redirect" for nic in vm.nics)
+    """Whether netwatch needs QEMU arguments libvirt has no element for: hub or direct NICs, or the
+    monitor the config asks for with ``qmp`` (a VM whose NICs are all redirect-wired may do without)."""
+    return vm.qmp is not None or any(nic.wiring != "redirect" for nic in vm.nics)
 
 
 def _commandline(vm: VmConfig) -> str:
     lines = [
         f"<!-- netwatch: QEMU arguments for VM '{_comment(vm.name)}'. Paste this as a child of <domain>, whose start"
         f" tag needs xmlns:qemu='{LIBVIRT_QEMU_NS}'. QEMU runs as libvirt's QEMU user, which must be able to"
-        f" create {_comment(vm.qmp)} (see docs/libvirt.md). -->",
+        f" create {_comment(vm.qmp or '?')} (see docs/libvirt.md). -->",
         "<qemu:commandline>",
     ]
     lines += [f"  <qemu:arg value={_attr(arg)}/>" for arg in vm_args(vm, libvirt=True)]

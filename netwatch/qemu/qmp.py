@@ -251,9 +251,17 @@ class VmSession:
         """QEMU's run state ("running", "paused", "inmigrate", "postmigrate", ...); None while not connected."""
         return self.runstate.state if self.connected else None
 
+    # netwatch's own monitor: QMP commands, the guest's carrier, hot-add.
+    monitored = True
+
     @property
     def connected(self) -> bool:
         return self._client is not None and self._client.runstate == Runstate.RUNNING
+
+    @property
+    def present(self) -> bool:
+        """QEMU runs as far as netwatch can act on it: its monitor is connected."""
+        return self.connected
 
     def qemu_alive(self) -> bool:
         """Whether the QEMU last connected still runs (False if unknown).

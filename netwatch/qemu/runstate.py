@@ -247,6 +247,11 @@ class RunStateWatch:
                     # Not acted on now: the first hold reads the latest state.
                     self._start_flood()
 
+    def told(self, new: str) -> None:
+        """A state learnt without a monitor (libvirt's hook says the VM migrates in, or left): followed as read."""
+        if new != self.state:
+            self._change(new, quiet=False)
+
     def _change(self, new: str, quiet: bool) -> None:
         old, self.state = self.state, new
         self.last = new

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from netwatch.config import NicConfig
 from netwatch.errors import QmpError
-from netwatch.qemu.qmp import NetworkInfo, VmSession
+from netwatch.qemu.qmp import NetworkInfo
+from netwatch.qemu.vm import QemuVm
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Wiring(Protocol):
 class QemuSide:
     """What both wirings share: fds handed over, the guest device added, found and deleted."""
 
-    def __init__(self, vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float) -> None:
+    def __init__(self, vm_name: str, nic: NicConfig, vm: QemuVm, unplug_timeout: float) -> None:
         self.vm_name = vm_name
         self.nic = nic
         self.vm = vm

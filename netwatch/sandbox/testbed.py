@@ -248,7 +248,8 @@ class Qemu:
             argv = self.argv() if self.netns is None else ["ip", "netns", "exec", self.netns, *self.argv()]
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          pass_fds=self.pass_fds, preexec_fn=_die_with_parent)
-        wait_until(lambda: (os.path.exists(self.vm.qmp) and (not self.monitor or os.path.exists(self.monitor)))
+        sockets = [path for path in (self.vm.qmp, self.monitor) if path]
+        wait_until(lambda: all(os.path.exists(path) for path in sockets)
                    or self.proc is None or self.proc.poll() is not None,
                    20, f"QEMU of {self.vm.name} to open its QMP socket")
         if self.proc.poll() is not None:
@@ -342,7 +343,9 @@ def write_config(path: str, state_dir: str, vms: list[dict[str, Any]], **setting
     settings = {"state_dir": state_dir, "hooks_dir": state_dir + "/hooks", "udev": "kernel", **settings}
     lines = ["[netwatch]", *(f"{key} = {_toml(value)}" for key, value in settings.items()), ""]
     for vm in vms:
-        lines += ["[[vm]]", f"name = {_toml(vm['name'])}", f"qmp = {_toml(vm['qmp'])}"]
+        lines += ["[[vm]]", f"name = {_toml(vm['name'])}"]
+        if vm.get("qmp"):  # none: a VM netwatch has no monitor for
+            lines.append(f"qmp = {_toml(vm['qmp'])}")
         lines += [f"{key} = {_toml(value)}" for key, value in vm.items() if key not in ("name", "qmp", "nics")]
         for nic in vm.get("nics", []):
             lines.append("  [[vm.nic]]")

@@ -52,10 +52,13 @@ def socket_path(state_dir: str) -> str:
 class ControlServer:
     """Serves requests on ``state_dir/control.sock`` (mode 0600, owner only)."""
 
-    def __init__(self, state_dir: str, handlers: dict[str, Handler], group: str | None = None) -> None:
+    def __init__(self, state_dir: str, handlers: dict[str, Handler], group: str | None = None,
+                 root_only: set[str] | frozenset[str] = frozenset()) -> None:
         self.path = socket_path(state_dir)
         self.group = group
         self.handlers = handlers
+        # Commands only root may send (libvirt's hook runs as root; control_group members only look and steer).
+        self.root_only = frozenset(root_only)
         self._server: asyncio.Server | None = None
         # Each client's task -> since when it waits on its peer (for a request,
         # or for room to write its answer); None while netwatch answers it.
@@ -90,7 +93,8 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         # Who may not use netwatch is turned away before taking a client slot.
-        refusal = ("permission denied" if not peer_allowed(_peer_creds(writer), self.group) else
+        creds = _peer_creds(writer)
+        refusal = ("permission denied" if not peer_allowed(creds, self.group) else
                    f"too many control connections ({MAX_CLIENTS})" if not self._free_slot() else None)
         if refusal is not None:
             with contextlib.suppress(OSError, TimeoutError):
@@ -121,7 +125,7 @@ class ControlServer:
                     await self._reply(task, writer, {"ok": False, "error": "incomplete request (no newline)"})
                     return
                 self._clients[task] = None
-                await self._reply(task, writer, await self._answer(line))
+                await self._reply(task, writer, await self._answer(line, creds[0]))
         except TimeoutError:
             log.debug("control client dropped: it read no answer for %g s", SEND_TIMEOUT)
         except (ConnectionError, OSError) as exc:
@@ -154,7 +158,7 @@ class ControlServer:
             self._clients[task] = time.monotonic()
         await _send(writer, answer)
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, uid: int) -> dict[str, Any]:
         try:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError):
@@ -163,7 +167,9 @@ class ControlServer:
             return {"ok": False, "error": "request must be an object with a string 'cmd'"}
         handler = self.handlers.get(request["cmd"])
         if handler is None:
-            return {"ok": False, "error": f"unknown command '{request['cmd']}'"}
+            return {"ok": False, "error": f"unknown command '{clean(request['cmd'], 40)}'"}
+        if request["cmd"] in self.root_only and uid != 0:
+            return {"ok": False, "error": f"permission denied: only root may send {request['cmd']}"}
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 result = await handler(request)

@@ -27,8 +27,10 @@ from netwatch.host.linkstats import dump_counters
 from netwatch.host.udev import UdevMonitor, resolve_source
 from netwatch.nic.env import NicEnv
 from netwatch.nic.records import RecordStore
+from netwatch.qemu.unmonitored import STARTING_OPS
 from netwatch.service.control import ControlServer
 from netwatch.service.hooks import HookRunner
+from netwatch.service.libvirthook import PREPARE_WAIT, event_from_request
 from netwatch.service.metrics import MetricsWriter
 from netwatch.service.notify import Notifier
 from netwatch.service.reconciler import Reconciler
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0
 # Seconds the traffic counters shown by status and the metrics may be old.
 COUNTERS_MAX_AGE = 1.0
+# How long a libvirt hook's answer may wait for a starting domain's taps: within the hook's own bound.
+LIBVIRT_TAP_WAIT = PREPARE_WAIT - 2.0
 
 
 class Service:
@@ -97,7 +101,8 @@ class Service:
             if settings.metrics_file is not None:
                 self.metrics = await stack.enter_async_context(MetricsWriter(settings.metrics_file, self._collect))
             await stack.enter_async_context(ControlServer(settings.state_dir, {
-                "status": self._status, "rebind": self._rebind, "reload": self._reload}, settings.control_group))
+                "status": self._status, "rebind": self._rebind, "reload": self._reload,
+                "libvirt-hook": self._libvirt_hook}, settings.control_group, root_only={"libvirt-hook"}))
             self._start(self._watchdog(), "netwatch-watchdog")
             self._start(self._announce_ready(), "netwatch-ready")
             # Evaluated at exit: tasks started later (reloads) are stopped too.
@@ -185,6 +190,16 @@ class Service:
                              "link_resyncs": self.links.resyncs if self.links else 0, "links": len(self.links.table)
                              if self.links else 0}
         return status
+
+    async def _libvirt_hook(self, request: dict[str, Any]) -> Any:
+        """libvirt's qemu hook (netwatch/service/libvirthook.py): the domain's VMs follow it."""
+        assert self.reconciler is not None
+        event = event_from_request(request)
+        result = self.reconciler.libvirt_event(event)
+        if event.op in STARTING_OPS and event.subop == "begin":
+            # QEMU opens its taps right after: the hook, and libvirt, wait for them (bounded).
+            result["missing"] = await self.reconciler.taps_ready(result["vms"], LIBVIRT_TAP_WAIT)
+        return result
 
     async def _rebind(self, request: dict[str, Any]) -> Any:
         assert self.reconciler is not None

@@ -24,6 +24,7 @@ from netwatch.nic.records import NicRecord
 from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.peer import QemuClaims
 from netwatch.qemu.qmp import VmSession
+from netwatch.qemu.unmonitored import LibvirtEvent, UnmonitoredVm
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Reconciler:
         self.config = config
         self.env = env
         self.connect_wait = connect_wait
-        self.vms: dict[str, VmSession] = {}
+        self.vms: dict[str, VmSession | UnmonitoredVm] = {}
         self.nics: dict[str, dict[str, NicController]] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         # Which NICs care about which link names, MACs and ifindexes: events
@@ -112,11 +113,18 @@ class Reconciler:
 
     async def _add_vm(self, vm_config: VmConfig) -> None:
         name = vm_config.name
-        session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
-                            timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait,
-                            identity=vm_config.identity, peers=self._peers,
-                            recorded=functools.partial(self._recorded_qemus, vm_config), machine=vm_config.machine,
-                            announce_gate=self._announce_gate)
+        session: VmSession | UnmonitoredVm
+        if vm_config.qmp is None:
+            session = UnmonitoredVm(name, on_change=functools.partial(self.kick_vm, name),
+                                    identity=vm_config.identity, peers=self._peers,
+                                    recorded=functools.partial(self._recorded_qemus, vm_config),
+                                    machine=vm_config.machine)
+        else:
+            session = VmSession(name, vm_config.qmp, on_change=functools.partial(self.kick_vm, name),
+                                timeout=self.config.settings.qmp_timeout, connect_wait=self.connect_wait,
+                                identity=vm_config.identity, peers=self._peers,
+                                recorded=functools.partial(self._recorded_qemus, vm_config),
+                                machine=vm_config.machine, announce_gate=self._announce_gate)
         self.vms[name] = session
         self.nics[name] = {}
         await session.__aenter__()
@@ -217,7 +225,8 @@ class Reconciler:
                 summary["VMs added"] += 1
                 continue
             session = self.vms[name]
-            session.timeout = new.settings.qmp_timeout
+            if isinstance(session, VmSession):
+                session.timeout = new.settings.qmp_timeout
             wanted = {nic.id: nic for nic in vm.nics}
             for nic_id, leaving in list(self.nics[name].items()):
                 if nic_id not in wanted and not leaving.retiring:
@@ -341,6 +350,17 @@ class Reconciler:
 
     # -- requests -------------------------------------------------------------
 
+    async def taps_ready(self, vms: list[str], timeout: float) -> list[str]:
+        """Wait (at most ``timeout`` s) until the taps QEMU opens by name for ``vms`` are there; what is not."""
+        def missing() -> list[NicController]:
+            return [nic for vm in vms for nic in self.nics.get(vm, {}).values()
+                    if nic.nic.wiring == "redirect" and self.env.links.named(nic.nic.ifname) is None]
+        waiters = [nic.next_pass() for nic in missing()]
+        if waiters:
+            await asyncio.wait(waiters, timeout=timeout)
+        return [f"{nic.vm_name}/{nic.nic.id}: tap {nic.nic.ifname} is not there ({nic.fsm.cause})"
+                for nic in missing()]
+
     def nic(self, vm: str, nic: str) -> NicController:
         if vm not in self.nics:
             raise UnknownTarget(f"no VM named '{vm}' is configured")
@@ -354,12 +374,42 @@ class Reconciler:
         # What runs, not what the config says: during a reload the two differ.
         vms = []
         for name, session in self.vms.items():
-            vms.append({"name": name, "qmp": session.path, "connected": session.connected,
-                        "qemu_pid": session.pid if session.connected else None, "refused": session.refused,
-                        "run_state": session.run_state, "incoming": session.runstate.incoming,
-                        "qmp_errors": session.errors, "run_state_flood": session.runstate.flooding,
-                        "nics": [nic.status() for nic in self.nics.get(name, {}).values()]})
+            vm: dict[str, Any] = {
+                "name": name, "qmp": session.path, "connected": session.connected,
+                "qemu_pid": session.pid if session.connected else None, "refused": session.refused,
+                "run_state": session.run_state, "incoming": session.runstate.incoming,
+                "qmp_errors": session.errors, "run_state_flood": session.runstate.flooding, "monitor": True}
+            if isinstance(session, UnmonitoredVm):
+                vm.update(session.report())
+            vm["nics"] = [nic.status() for nic in self.nics.get(name, {}).values()]
+            vms.append(vm)
         return {"vms": vms}
+
+    def libvirt_event(self, event: LibvirtEvent) -> dict[str, Any]:
+        """One call of libvirt's qemu hook: the VMs whose ``libvirt_domain`` it names follow it.
+
+        The answer comes once those VMs' NICs have had a pass: at ``prepare``
+        the hook (and libvirt) wait for the taps QEMU is about to open.
+        """
+        followed, refused = [], []
+        for name, session in self.vms.items():
+            vm = self.config.vm(name)
+            if vm is None or vm.libvirt_domain != event.domain:
+                continue
+            if vm.uuid is not None and event.uuid is not None and vm.uuid != event.uuid.lower():
+                why = f"the domain's UUID is {event.uuid}, not {vm.uuid} as the config says"
+                events.emit("error", f"libvirt domain {event.domain}: its {event.op} hook is not for VM {name}: "
+                            f"{why}", vm=name)
+                refused.append(f"{name}: {why}")
+                continue
+            if not isinstance(session, UnmonitoredVm):
+                continue  # its monitor says what its QEMU does
+            problem = session.libvirt(event)
+            if problem is not None:
+                refused.append(f"{name}: {problem}")
+            else:
+                followed.append(name)
+        return {"vms": followed, "refused": refused}
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
