@@ -54,7 +54,8 @@ class HookPlan:
         """The if-up context of a backend just attached; the next one's follows from it."""
         context = self.first_context if not self.started or self.started_for != self.vm.pid else self.up_context
         arrived = self.vm.pid in self.vm.runstate.arrived  # the guest migrated in and ran here
-        if self.phase == migration.IN or (context == "start" and arrived):
+        # Or, for a VM without a monitor, libvirt's hook said this host's QEMU is receiving it.
+        if self.phase == migration.IN or (context == "start" and (arrived or self.vm.runstate.incoming)):
             context = "migrate-in"
         self.started_for, self.up_context, self.first_context = self.vm.pid, "reattach", "start"
         self.started = True

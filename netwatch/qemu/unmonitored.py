@@ -33,7 +33,7 @@ from netwatch import events
 from netwatch.errors import QmpError
 from netwatch.qemu.peer import Identity, QemuClaims, libvirt_problem, start_time, still_runs
 from netwatch.qemu.qmp import NetworkInfo
-from netwatch.qemu.runstate import INMIGRATE, POSTMIGRATE, RUNNING, RunStateWatch
+from netwatch.qemu.runstate import POSTMIGRATE, RUNNING, RunStateWatch
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ class UnmonitoredVm:
         self._session = 1
         # Between libvirt's prepare (or migrate) and started: QEMU is on its way; its taps are wired for it.
         self._starting = False
-        self._incoming = False
         # What the last hook said, for status.
         self.last_event: str | None = None
         self.last_error: str | None = None
@@ -157,7 +156,7 @@ class UnmonitoredVm:
         if self.domain is not None:
             pid = self._recorded_qemu() or find_libvirt_qemu(self.domain)
             if pid is not None:
-                self._adopt(pid, INMIGRATE if self._incoming else RUNNING, found=True)
+                self._adopt(pid, RUNNING, found=True)
         self.first_attempt.set()
         return self
 
@@ -178,7 +177,8 @@ class UnmonitoredVm:
         self.last_event = f"{event.op} {event.subop}"
         if event.op in STARTING_OPS and event.subop == "begin":
             if event.op == "migrate":
-                self._incoming = True
+                # This host's QEMU will receive the guest: its NICs' first if-up says migrate-in.
+                self.runstate.incoming = True
             self._starting = True
             self.on_change()
         elif event.op in RUNNING_OPS:
@@ -190,7 +190,7 @@ class UnmonitoredVm:
                 events.emit("error", f"libvirt domain {event.domain}: not taking pid {event.pid} as its QEMU: "
                             f"{refused}", vm=self.name)
                 return refused
-            self._adopt(event.pid, INMIGRATE if self._incoming else RUNNING)
+            self._adopt(event.pid, RUNNING)
         elif event.op in ENDED_OPS:
             self._ended(event.migrated)
         return None
@@ -247,7 +247,7 @@ class UnmonitoredVm:
         if self._pid is not None and self.runstate.state is not None and migrated:
             # The source's last state, as a monitor would have seen it: its NICs go down as migrate-out.
             self.runstate.told(POSTMIGRATE)
-        self._incoming = False
+        self.runstate.incoming = False
         self._forget()
         self.on_change()
 
