@@ -162,8 +162,8 @@ def test_a_lost_answer_fails_every_waiting_request_and_the_socket_serves_on(netn
         async with LinkOps() as ops:
             await ops.ensure_ingress(low)
             await ops.redirect(low, low, replace=True)
-            assert ops._sock is not None
-            ops._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+            assert ops.netlink._sock is not None
+            ops.netlink._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
             # All sent before the loop reads an answer: most answers find the buffer full.
             outcomes = await asyncio.gather(*(ops.redirects(low) for _ in range(5)),
                                             *(ops.redirect(low, low, replace=True) for _ in range(200)),
@@ -172,9 +172,9 @@ def test_a_lost_answer_fails_every_waiting_request_and_the_socket_serves_on(netn
             assert lost and all(isinstance(o, LinkError) and o.errno == errno.ENOBUFS for o in lost), \
                 {str(o) for o in lost}
             assert all(o in (None, [(tc.U32_FIRST_HANDLE, low)]) for o in outcomes if o not in lost)
-            ops._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            ops.netlink._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             assert await ops.redirects(low) == [(tc.U32_FIRST_HANDLE, low)]
-            assert not ops._pending
+            assert not ops.netlink._pending
 
     with netns.entered():
         asyncio.run(main())

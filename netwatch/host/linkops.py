@@ -1,57 +1,37 @@
 """Actions out: changes to host links, over netlink.
 
-What a reattach does (macvtaps; for the redirect wiring macvlans, ingress
-qdiscs and u32 + mirred filters, persistent taps) goes out as requests
-netwatch encodes itself (netwatch/host/rtnl.py, tc.py) on a socket of its
-own, every answer (ack, error, dump) matched to its request by sequence
-number; everything else through pyroute2.
+What a reattach does to links (macvtaps; for the redirect wiring macvlans
+and persistent taps) goes out as requests netwatch encodes itself
+(netwatch/host/rtnl.py) on its own socket (netwatch/host/nlsocket.py);
+everything else through pyroute2. The redirect wiring's ingress qdiscs and
+filters are netwatch/host/ingress.py's, on the same socket.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import ipaddress
-import itertools
-import os
-import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netwatch.errors import DeviceError, LinkError
-from netwatch.host import ptap, rtnl, tc
-
-SOL_NETLINK = 270
-NETLINK_EXT_ACK = 11  # the kernel says why a request failed, not just the errno
-ACK_TIMEOUT = 10.0
-ACK_BUFFER = 4 * 1024 * 1024
-SO_RCVBUFFORCE = 33
-
-
-@dataclass
-class _Pending:
-    """A request sent on LinkOps' socket: what the kernel answered so far, and its outcome."""
-
-    outcome: asyncio.Future[list[bytes]]
-    replies: list[bytes] = field(default_factory=list)
+from netwatch.host import ptap, rtnl
+from netwatch.host.ingress import IngressFilters
+from netwatch.host.nlsocket import NetlinkSocket
 
 
 class LinkOps:
-    """Creates and deletes netwatch's backend links; an async context manager."""
+    """Creates and deletes netwatch's backend links (macvtaps, macvlans, persistent taps); an async context
+    manager. The redirect wiring's filters between them are :attr:`filters`' (its methods are also here)."""
 
     def __init__(self) -> None:
         self._ipr: AsyncIPRoute | None = None
-        self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, _Pending] = {}  # sequence number -> its request
-        # The kernel runs one dump per socket at a time (EBUSY for a second until the first's end is read).
-        self._dumping = asyncio.Lock()
-        self._seq = itertools.count(1)
+        # netwatch's own requests: links here, qdiscs and filters in IngressFilters.
+        self.netlink = NetlinkSocket()
+        self.filters = IngressFilters(self.netlink)
 
     async def __aenter__(self) -> LinkOps:
         self._ipr = AsyncIPRoute()
@@ -59,35 +39,14 @@ class LinkOps:
             # pyroute2 opens a helper socket on the first "set" and keeps it: open
             # it now (an empty change to lo) so that fd counts stay flat later.
             await self._request("cannot reach netlink", "set", index=1)
-            self._sock = socket.socket(socket.AF_NETLINK,
-                                       socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                       socket.NETLINK_ROUTE)
-            with contextlib.suppress(OSError):  # an old kernel: errors come without the kernel's sentence
-                self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-            # Room for the acks of every NIC reattaching at once while the loop is busy elsewhere
-            # (an ack's skb takes ~800 bytes of the buffer: the default holds ~260).
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, ACK_BUFFER)
-            except OSError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ACK_BUFFER)
-            self._sock.bind((0, 0))
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._sock.fileno(), self._readable)
-        except OSError as exc:
-            await self.__aexit__()
-            raise LinkError(f"cannot open a netlink socket: {exc.strerror or exc}", exc.errno) from exc
+            self.netlink.open()
         except BaseException:
             await self.__aexit__()
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-        self._fail_pending(LinkError("netwatch is stopping"))
+        self.netlink.close()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
@@ -109,7 +68,7 @@ class LinkOps:
         """Create macvtap ``name`` on ifindex ``lower``, silent (see :meth:`silence`), up; return its ifindex."""
         try:
             # The kernel does the whole change inside the send; the ack follows on the socket.
-            made, = await self._exchange(lambda seq: rtnl.newlink_macvtap(seq, name, lower, mac, mode))
+            made, = await self.netlink.exchange(lambda seq: rtnl.newlink_macvtap(seq, name, lower, mac, mode))
             if made is not None:
                 raise made
             index = await self.index_of(name)
@@ -118,8 +77,8 @@ class LinkOps:
         try:
             # One datagram: the kernel runs the two in order, so the link is
             # up only once it makes no address of its own.
-            silenced, up = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
-                                                lambda seq: rtnl.setlink(seq, index, up=True))
+            silenced, up = await self.netlink.exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
+                                                       lambda seq: rtnl.setlink(seq, index, up=True))
             if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
                 # It came up all the same: it goes before its timers (DAD, MLD) send anything.
                 raise silenced
@@ -145,7 +104,7 @@ class LinkOps:
         link-local address the kernel may have made already (a link made
         before this rule) is removed too; other addresses (a hook's) stay.
         """
-        silenced, = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True))
+        silenced, = await self.netlink.exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True))
         if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
             raise LinkError(f"cannot turn off IPv6 address generation on link {index}: {silenced}", silenced.errno)
         if generated_from is not None and silenced is None:
@@ -171,8 +130,8 @@ class LinkOps:
         """
         try:
             # One datagram: the link, then the link read back (its ifindex, from this namespace).
-            made, found = await self._transact(lambda seq: rtnl.newlink_macvlan(seq, name, lower, mac, mode),
-                                               lambda seq: rtnl.getlink(seq, name))
+            made, found = await self.netlink.transact(lambda seq: rtnl.newlink_macvlan(seq, name, lower, mac, mode),
+                                                     lambda seq: rtnl.getlink(seq, name))
             if isinstance(made, LinkError):
                 raise made
             index = _index(found, name)
@@ -181,8 +140,8 @@ class LinkOps:
         try:
             refuse_router_advertisements(name)
             # The kernel runs the two in order: up only once it makes no address of its own.
-            silenced, rest = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
-                                                  lambda seq: rtnl.setlink(seq, index, allmulti=True, up=up))
+            silenced, rest = await self.netlink.exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
+                                                         lambda seq: rtnl.setlink(seq, index, allmulti=True, up=up))
             if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
                 raise silenced
             if rest is not None:
@@ -197,37 +156,23 @@ class LinkOps:
 
     async def bring_up(self, index: int) -> None:
         """Set link ``index`` up (its other flags stay)."""
-        outcome, = await self._exchange(lambda seq: rtnl.setlink(seq, index, up=True))
+        outcome, = await self.netlink.exchange(lambda seq: rtnl.setlink(seq, index, up=True))
         if outcome is not None:
             raise LinkError(f"cannot set link {index} up: {outcome}", outcome.errno)
 
+    # The redirect wiring's filters are IngressFilters'; its callers reach them through LinkOps.
+
     async def ensure_ingress(self, index: int) -> None:
-        """An ingress qdisc on link ``index``: added, or already there (ingress or clsact, both take the filters)."""
-        outcome, = await self._exchange(lambda seq: tc.add_ingress(seq, index))
-        if outcome is not None and outcome.errno != errno.EEXIST:
-            raise LinkError(f"cannot add an ingress qdisc to link {index}: {outcome}", outcome.errno)
+        """:meth:`IngressFilters.ensure_ingress`."""
+        await self.filters.ensure_ingress(index)
 
     async def redirect(self, index: int, target: int, replace: bool) -> None:
-        """Every frame arriving on link ``index`` leaves on link ``target`` (tc.redirect_filter).
-
-        ``replace``: in place of the first u32 filter there, made if there is
-        none; the only way to re-aim a filter whose target is gone.
-        """
-        outcome, = await self._exchange(lambda seq: tc.redirect_filter(seq, index, target, replace=replace))
-        if outcome is not None:
-            raise LinkError(f"cannot redirect link {index} to link {target}: {outcome}", outcome.errno)
+        """:meth:`IngressFilters.redirect`."""
+        await self.filters.redirect(index, target, replace)
 
     async def redirects(self, index: int) -> list[tuple[int, int]]:
-        """(filter handle, target ifindex) of each redirect filter on link ``index`` (tc.redirect_targets).
-
-        A target that unregistered reads 0. A link without an ingress qdisc,
-        or no link at all, has none.
-        """
-        async with self._dumping:
-            dump, = await self._transact(lambda seq: tc.dump_filters(seq, index))
-        if isinstance(dump, LinkError):
-            raise LinkError(f"cannot read the filters of link {index}: {dump}", dump.errno)
-        return [(handle, target) for reply in dump for _index_, handle, target in tc.redirect_targets(reply)]
+        """:meth:`IngressFilters.redirects`."""
+        return await self.filters.redirects(index)
 
     async def ensure_tap(self, name: str, queues: int, owner: int | None, guest_mac: str) -> int:
         """The redirect wiring's persistent tap ``name``, up and silent; its ifindex.
@@ -254,7 +199,7 @@ class LinkOps:
         reply = existing
         fields = _fields(reply)
         index = int(str(fields["index"]))
-        why = _not_netwatchs_tap(reply, fields, queues, owner, mac)
+        why = ptap.not_adoptable(reply, queues, owner, mac)
         if why is not None:
             raise LinkError(f"tap {name} exists and is not netwatch's ({why})", errno.EEXIST)
         try:
@@ -265,8 +210,8 @@ class LinkOps:
                 if not int(str(fields["flags"])) & rtnl.IFF_UP:
                     await self.bring_up(index)
                 return index
-            silenced, up = await self._exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
-                                                lambda seq: rtnl.setlink(seq, index, up=True))
+            silenced, up = await self.netlink.exchange(lambda seq: rtnl.setlink(seq, index, no_addr_gen=True),
+                                                       lambda seq: rtnl.setlink(seq, index, up=True))
             if silenced is not None and silenced.errno != errno.EAFNOSUPPORT:
                 raise silenced
             if up is not None:
@@ -291,22 +236,15 @@ class LinkOps:
         reply = await self.link(name)
         if reply is None:
             return False
-        fields = _fields(reply)
-        info = ptap.tap_info(reply)
-        mac = ptap.tap_mac(guest_mac)
-        why = None
-        if info is None:
-            why = f"it is a {fields['kind'] or 'link of no kind'}, not a tap"
-        elif not info.flags & ptap.IFF_PERSIST:
-            why = "it is not persistent"
-        elif fields["mac"] != mac:
-            why = f"its MAC is {fields['mac']}, not {mac}"
+        index = int(str(_fields(reply)["index"]))
+        why = ptap.not_made_for(reply, ptap.tap_mac(guest_mac))
         if why is not None:
             raise LinkError(f"tap {name} exists and is not netwatch's ({why}): left in place", errno.EEXIST)
+        info = ptap.tap_info(reply)
         if info is not None and info.attached:
             raise LinkError(f"tap {name} is still open ({info.attached} queues attached): left in place",
                             errno.EBUSY)
-        return await self._dellink(int(str(fields["index"])))
+        return await self._dellink(index)
 
     async def link(self, name: str) -> bytes | None:
         """The kernel's RTM_NEWLINK message for link ``name``; None when there is none.
@@ -314,7 +252,7 @@ class LinkOps:
         Over netlink, in the socket's namespace (/sys shows the links of the
         namespace it was mounted in).
         """
-        reply, = await self._transact(lambda seq: rtnl.getlink(seq, name))
+        reply, = await self.netlink.transact(lambda seq: rtnl.getlink(seq, name))
         if isinstance(reply, LinkError):
             if reply.errno == errno.ENODEV:
                 return None
@@ -322,80 +260,12 @@ class LinkOps:
         return reply[0] if reply else None
 
     async def _dellink(self, index: int) -> bool:
-        outcome, = await self._exchange(lambda seq: rtnl.dellink(seq, index))
+        outcome, = await self.netlink.exchange(lambda seq: rtnl.dellink(seq, index))
         if outcome is not None:
             if outcome.errno == errno.ENODEV:
                 return False
             raise LinkError(f"cannot delete link {index}: {outcome}", outcome.errno)
         return True
-
-    async def _exchange(self, *requests: Callable[[int], bytes]) -> list[LinkError | None]:
-        """Send requests (each built for its sequence number) in one datagram; each one's outcome.
-
-        The kernel runs them in order, a refused one not stopping the next.
-        """
-        return [result if isinstance(result, LinkError) else None for result in await self._transact(*requests)]
-
-    async def _transact(self, *requests: Callable[[int], bytes]) -> list[list[bytes] | LinkError]:
-        """As :meth:`_exchange`, with what the kernel sent back for each: its replies (a dump's, a get's;
-        none for a change) or why it refused."""
-        assert self._sock is not None and self._loop is not None, "LinkOps used outside its context"
-        seqs = [next(self._seq) % 0xFFFFFFFF + 1 for _ in requests]
-        outcomes: list[asyncio.Future[list[bytes]]] = []
-        for seq in seqs:
-            outcomes.append(self._loop.create_future())
-            self._pending[seq] = _Pending(outcomes[-1])
-        try:
-            self._sock.send(b"".join(request(seq) for request, seq in zip(requests, seqs, strict=True)))
-            async with asyncio.timeout(ACK_TIMEOUT):
-                results = await asyncio.gather(*outcomes, return_exceptions=True)
-        except OSError as exc:
-            raise LinkError(exc.strerror or str(exc), exc.errno) from exc
-        except TimeoutError as exc:
-            raise LinkError(f"the kernel did not answer within {ACK_TIMEOUT:g} s", errno.ETIMEDOUT) from exc
-        finally:
-            for seq in seqs:
-                self._pending.pop(seq, None)
-        answers: list[list[bytes] | LinkError] = []
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, LinkError):
-                raise result
-            answers.append(result)
-        return answers
-
-    def _readable(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                data = self._sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                # Answers were lost (ENOBUFS): whoever waits is told, and retries.
-                self._fail_pending(LinkError(f"netlink: {exc.strerror or exc}", exc.errno))
-                return
-            for answer in rtnl.answers(data):
-                pending = self._pending.get(answer.seq)
-                if pending is None:
-                    continue
-                if answer.data is not None:
-                    pending.replies.append(answer.data)
-                if not answer.final:
-                    continue
-                del self._pending[answer.seq]
-                if pending.outcome.done():
-                    continue
-                if answer.error:
-                    pending.outcome.set_exception(LinkError(answer.message or os.strerror(answer.error),
-                                                            answer.error))
-                else:
-                    pending.outcome.set_result(pending.replies)
-
-    def _fail_pending(self, error: LinkError) -> None:
-        pending, self._pending = self._pending, {}
-        for request in pending.values():
-            if not request.outcome.done():
-                request.outcome.set_exception(error)
 
     async def index_of(self, name: str) -> int:
         """A link's ifindex: from sysfs (cheap), else over netlink."""
@@ -463,16 +333,3 @@ def _index(found: list[bytes] | LinkError, name: str) -> int:
         raise LinkError(f"{name} made, but the kernel did not show it")
     return int(str(_fields(found[0])["index"]))
 
-
-def _not_netwatchs_tap(reply: bytes, fields: dict[str, object], queues: int, owner: int | None,
-                       mac: str) -> str | None:
-    """Why link ``reply`` is not the tap netwatch would make, or None."""
-    info = ptap.tap_info(reply)
-    if info is None:
-        return f"it is a {fields['kind'] or 'link of no kind'}, not a tap"
-    problem = info.problem(queues, owner)
-    if problem is not None:
-        return problem
-    if fields["mac"] != mac:
-        return f"its MAC is {fields['mac']}, not {mac}"
-    return None

@@ -24,6 +24,7 @@ from netwatch.host.rtnl import (
     RTM_NEWLINK,
     _attrs,
     _messages,
+    decode_links,
 )
 from netwatch.host.rtnl import getlink as getlink  # read a tap back with it (moved to rtnl)
 
@@ -110,6 +111,44 @@ def tap_info(data: bytes) -> TapInfo | None:
                        if len(value) >= 4)
         return TapInfo(flags, _U32.unpack(owner[:4])[0] if owner and len(owner) >= 4 else None, attached)
     return None
+
+
+def not_adoptable(data: bytes, queues: int, owner: int | None, mac: str) -> str | None:
+    """Why the link in message ``data`` is not the tap netwatch makes (``queues``, ``owner``, tap MAC ``mac``),
+    or None: only such a tap is adopted as a redirect NIC's."""
+    info = tap_info(data)
+    kind, found = _kind_and_mac(data)
+    if info is None:
+        return f"it is a {kind or 'link of no kind'}, not a tap"
+    problem = info.problem(queues, owner)
+    if problem is not None:
+        return problem
+    if found != mac:
+        return f"its MAC is {found}, not {mac}"
+    return None
+
+
+def not_made_for(data: bytes, mac: str) -> str | None:
+    """Why the link in message ``data`` cannot be a tap netwatch made with tap MAC ``mac``, or None.
+
+    A persistent tap with that MAC, whatever its queues and owner: no
+    other link is ever deleted as a NIC's tap.
+    """
+    info = tap_info(data)
+    kind, found = _kind_and_mac(data)
+    if info is None:
+        return f"it is a {kind or 'link of no kind'}, not a tap"
+    if not info.flags & IFF_PERSIST:
+        return "it is not persistent"
+    if found != mac:
+        return f"its MAC is {found}, not {mac}"
+    return None
+
+
+def _kind_and_mac(data: bytes) -> tuple[object, object]:
+    for _type, fields in decode_links(data):
+        return fields["kind"], fields["mac"]
+    return None, None
 
 
 def make_persistent_tap(name: str, queues: int, owner: int | None, mac: str | None = None) -> None:
