@@ -8,12 +8,9 @@ the record, the kernel and QEMU all agree on it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
-import os
 import re
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -29,6 +26,7 @@ from netwatch.config import (
     pci_problem,
 )
 from netwatch.errors import NetwatchError
+from netwatch.nic.owndir import OwnDir, OwnTree, Unusable
 from netwatch.untrusted import clean
 
 log = logging.getLogger(__name__)
@@ -73,10 +71,6 @@ class RecordError(NetwatchError):
     netwatch's own: retry, do not assume none."""
 
 
-class _Unusable(Exception):
-    """A directory or file on a record's path is not one netwatch made (a symlink, others may write it)."""
-
-
 # The shapes of VM names and NIC ids that config accepts: a record's path
 # components must have them, so no record names a file outside its directory.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -96,11 +90,6 @@ _INT_RANGES = {"ifindex": (1, _INT32), "lower_ifindex": (0, _INT32), "generation
                "swaps": (0, _INT32), "qemu_pid": (1, 4 * 1024 * 1024), "qemu_start": (0, 2**64 - 1),
                "queues": (1, MAX_QUEUES), "macvlan_ifindex": (0, _INT32)}
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO planted at a record's name must not block the event loop in open().
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
-
 
 class RecordStore:
     """``state_dir/nics/<vm>/<nic>.json``, one per attached NIC.
@@ -109,14 +98,16 @@ class RecordStore:
     may be deleted, its fields reach hooks), so nothing in one is believed
     that its path does not confirm, every field is checked as config input
     is, and a read that fails for a passing reason is an error, not an
-    absent record. Below state_dir nothing is followed: each directory is
-    opened with O_NOFOLLOW and worked in by its fd, and it, like each
-    record, must be netwatch's own and writable by it alone.
+    absent record. Below state_dir nothing is followed, and every
+    directory and record must be netwatch's own and writable by it alone
+    (the walk is netwatch/nic/owndir.py's).
     """
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
-        self.root = os.path.join(state_dir, "nics")
+        # Where records live, walked by fd without following (netwatch/nic/owndir.py).
+        self.tree = OwnTree(state_dir, "nics")
+        self.root = self.tree.path
         # Each refusal is said once (per path and reason), not at every read.
         self._said: dict[str, str] = {}
 
@@ -125,9 +116,9 @@ class RecordStore:
     def load(self, vm: str, nic: str) -> NicRecord | None:
         _check_names(vm, nic)
         try:
-            with self._dir(vm) as fd:
-                return None if fd is None else self._load_at(fd, vm, nic)
-        except _Unusable as exc:
+            with self._dir(vm) as where:
+                return None if where is None else self._load_in(where, vm, nic)
+        except Unusable as exc:
             self._refuse(f"{self.root}/{vm}/{nic}.json", str(exc))
             return None
 
@@ -137,21 +128,21 @@ class RecordStore:
             with self._dir(None) as root:
                 if root is None:
                     return []
-                vms = sorted(_listdir(root, self.root))
+                vms = sorted(_names(root))
                 for vm in vms:
                     found += self._all_of(root, vm)
-        except _Unusable as exc:
+        except Unusable as exc:
             self._refuse(self.root, str(exc))
         return found
 
-    def _all_of(self, root: int, vm: str) -> list[NicRecord]:
+    def _all_of(self, root: OwnDir, vm: str) -> list[NicRecord]:
         where = f"{self.root}/{vm}"
         if not _NAME.match(vm):
             self._refuse(where, "not a runtime record netwatch writes")
             return []
         try:
-            fd = _open_dir(root, vm, where)
-        except _Unusable as exc:
+            opened = root.sub(vm)
+        except Unusable as exc:
             self._refuse(where, str(exc))
             return []
         except FileNotFoundError:  # removed meanwhile
@@ -159,46 +150,30 @@ class RecordStore:
         except OSError as exc:
             raise RecordError(f"cannot open {where}: {exc.strerror or exc}") from exc
         found = []
-        try:
-            for name in sorted(_listdir(fd, where)):
+        with opened:
+            for name in sorted(_names(opened)):
                 if not name.endswith(".json"):
                     continue  # a temporary file of a save cut short
                 nic = name[:-len(".json")]
                 if not _NAME.match(nic):
                     self._refuse(f"{where}/{name}", "not a runtime record netwatch writes")
                     continue
-                record = self._load_at(fd, vm, nic)
+                record = self._load_in(opened, vm, nic)
                 if record is not None:
                     found.append(record)
-        finally:
-            os.close(fd)
         return found
 
-    def _load_at(self, fd: int, vm: str, nic: str) -> NicRecord | None:
+    def _load_in(self, where: OwnDir, vm: str, nic: str) -> NicRecord | None:
         path = f"{self.root}/{vm}/{nic}.json"
         try:
-            file = os.open(f"{nic}.json", _READ_FLAGS, dir_fd=fd)
-        except FileNotFoundError:
+            raw = where.read(f"{nic}.json", MAX_RECORD + 1)
+        except Unusable as exc:
+            self._refuse(path, str(exc))
             return None
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENXIO):
-                self._refuse(path, "not a plain file")
-                return None
             raise RecordError(f"cannot read the runtime record {path}: {exc.strerror or exc}") from exc
-        try:
-            info = os.fstat(file)
-            if not stat.S_ISREG(info.st_mode):
-                self._refuse(path, "not a plain file")
-                return None
-            why = _not_own(info)
-            if why:
-                self._refuse(path, why)
-                return None
-            raw = os.read(file, MAX_RECORD + 1)
-        except OSError as exc:
-            raise RecordError(f"cannot read the runtime record {path}: {exc.strerror or exc}") from exc
-        finally:
-            os.close(file)
+        if raw is None:
+            return None
         try:
             return _parse(raw, vm, nic)
         except ValueError as exc:
@@ -213,25 +188,12 @@ class RecordStore:
         _check_names(vm, nic)
         # Not asdict(): it deep-copies every field, a third of a save's cost.
         data = json.dumps({name: getattr(record, name) for name in _FIELD_NAMES}).encode()
-        name, tmp = f"{nic}.json", f"{nic}.json.tmp"
+        name = f"{nic}.json"
         try:
-            with self._dir(vm, create=True) as fd:
-                assert fd is not None
-                # Write and rename: a crash of netwatch never leaves half a
-                # record. No fsync: records describe the running host, which a
-                # reboot resets. O_EXCL|O_NOFOLLOW: a file planted at the
-                # temporary name is never written through; a stale one is removed first.
-                try:
-                    file = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=fd)
-                except FileExistsError:  # left by a netwatch that died mid-save, or planted
-                    os.unlink(tmp, dir_fd=fd)
-                    file = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=fd)
-                try:
-                    os.write(file, data)
-                finally:
-                    os.close(file)
-                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except _Unusable as exc:
+            with self._dir(vm, create=True) as where:
+                assert where is not None
+                where.replace(name, data)
+        except Unusable as exc:
             raise RecordError(f"cannot write the runtime record {self.root}/{vm}/{name}: {exc}") from exc
         except OSError as exc:
             raise RecordError(f"cannot write the runtime record {self.root}/{vm}/{name}: "
@@ -241,44 +203,26 @@ class RecordStore:
     def remove(self, vm: str, nic: str) -> None:
         _check_names(vm, nic)
         try:
-            with self._dir(vm) as fd:
-                if fd is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{nic}.json", dir_fd=fd)
-        except _Unusable as exc:
+            with self._dir(vm) as where:
+                if where is not None:
+                    where.remove(f"{nic}.json")
+        except Unusable as exc:
             self._refuse(f"{self.root}/{vm}/{nic}.json", str(exc), "not removing")
 
     # -- the directories ------------------------------------------------------
 
     @contextlib.contextmanager
-    def _dir(self, vm: str | None, create: bool = False) -> Iterator[int | None]:
-        """An fd of ``nics/<vm>`` (``nics`` for None), each step opened without following; None if not there."""
-        fds: list[int] = []
+    def _dir(self, vm: str | None, create: bool = False) -> Iterator[OwnDir | None]:
+        """``nics/<vm>`` (``nics`` for None), open; None if not there."""
         try:
-            yield self._open(vm, create, fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _open(self, vm: str | None, create: bool, fds: list[int]) -> int | None:
-        # state_dir is the admin's (the service checks it is its own at start): followed.
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        try:
-            try:
-                fds.append(os.open(self.state_dir, flags))
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-                fds.append(os.open(self.state_dir, flags))
-            fds.append(_open_dir(fds[-1], "nics", self.root, create))
-            if vm is not None:
-                fds.append(_open_dir(fds[-1], vm, f"{self.root}/{vm}", create))
-        except FileNotFoundError:
-            return None
+            opened = self.tree.open(vm, create)
         except OSError as exc:
             raise RecordError(f"cannot use {self.root}: {exc.strerror or exc}") from exc
-        return fds[-1]
+        if opened is None:
+            yield None
+            return
+        with opened:
+            yield opened
 
     def _refuse(self, path: str, why: str, doing: str = "ignoring") -> None:
         text = f"{doing} runtime record {path}: {why}"
@@ -292,56 +236,11 @@ def _check_names(vm: str, nic: str) -> None:
         raise RecordError(f"refusing a runtime record path for {vm!r}/{nic!r}")
 
 
-def _not_own(info: os.stat_result) -> str | None:
-    """Why a file or directory with ``info`` may not be netwatch's alone, or None."""
-    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (f"not netwatch's own and writable by it alone (owner uid {info.st_uid}, "
-                f"mode {stat.S_IMODE(info.st_mode):04o})")
-    return None
-
-
-def _open_dir(parent: int, name: str, where: str, create: bool = False) -> int:
-    """``name`` in ``parent``, a directory netwatch owns alone, opened without following a symlink.
-
-    ``create``: made if missing (0700); a symlink or other file in its place
-    (in netwatch's own directory) is removed first: the link itself, never
-    what it points to.
-    """
+def _names(where: OwnDir) -> list[str]:
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-    except FileNotFoundError:
-        if not create:
-            raise
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o700, dir_fd=parent)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        return where.names()
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        what = "a symlink" if exc.errno == errno.ELOOP else "not a directory"
-        if not create:
-            raise _Unusable(f"{where} is {what}") from None
-        os.unlink(name, dir_fd=parent)
-        log.warning("replaced %s with a directory of netwatch's own: it was %s, which is never followed",
-                    where, what)
-        os.mkdir(name, 0o700, dir_fd=parent)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-    try:
-        why = _not_own(os.fstat(fd))
-    except OSError:
-        os.close(fd)
-        raise
-    if why:
-        os.close(fd)
-        raise _Unusable(f"{where} is {why}")
-    return fd
-
-
-def _listdir(fd: int, where: str) -> list[str]:
-    try:
-        return os.listdir(fd)
-    except OSError as exc:
-        raise RecordError(f"cannot list {where}: {exc.strerror or exc}") from exc
+        raise RecordError(f"cannot list {where.path}: {exc.strerror or exc}") from exc
 
 
 MAX_RECORD = 64 * 1024
