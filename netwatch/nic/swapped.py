@@ -1,54 +1,33 @@
 """Hub and direct wirings: a backend that dies with its lower and is made
 anew under the running QEMU.
 
-Each backend is a kernel link (netwatch/nic/backendlinks.py) plus its pair
-in QEMU, handed over as fds (netwatch/qemu/hub.py: the guest never sees a
-swap; netwatch/qemu/direct.py: a swap is a replug). The NIC controller
-decides when one is made, moved, detached or removed; this does it, keeps
-the runtime record, and asks the hook plan which context each hook gets.
+Each backend is a kernel link plus its pair in QEMU, handed over as fds
+(netwatch/qemu/hub.py: the guest never sees a swap; netwatch/qemu/direct.py:
+a swap is a replug); the two halves are made and taken apart together by
+netwatch/nic/halves.py. The NIC controller decides when a backend is made,
+moved, detached or removed; this does it, keeps the runtime record, asks
+the hook plan which context each hook gets, and says what happened.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from netwatch import events
 from netwatch.config import NicConfig
-from netwatch.errors import LinkError, QmpError
 from netwatch.host.backends import Created, Placement
 from netwatch.host.links import Link
-from netwatch.nic.backendlinks import BackendLinks, ForeignLink
 from netwatch.nic.env import NicEnv
 from netwatch.nic.guestlink import GuestLink
+from netwatch.nic.halves import BackendHalves, pair_of
 from netwatch.nic.hookplan import HookPlan
 from netwatch.nic.records import NicRecord
-from netwatch.nic.wiring import guest_side
-from netwatch.qemu.direct import DirectWiring
-from netwatch.qemu.hub import HubWiring
 from netwatch.qemu.peer import still_runs
 from netwatch.qemu.qmp import VmSession
 from netwatch.qemu.wiring import Pair, Survey, Wiring
-
-log = logging.getLogger(__name__)
-
-# Seconds a NIC's removal waits for QEMU before it removes the kernel side anyway.
-REMOVE_DEADLINE = 2.0
-
-
-def qemu_side(vm_name: str, nic: NicConfig, vm: VmSession, unplug_timeout: float) -> Wiring:
-    if nic.wiring == "direct":
-        return DirectWiring(vm_name, nic, vm, unplug_timeout)
-    return HubWiring(vm_name, nic, vm, unplug_timeout)
-
-
-def pair_of(record: NicRecord) -> Pair:
-    return Pair(tap=record.tap_netdev, port=record.hub_netdev)
 
 
 class SwappedBackend:
@@ -62,9 +41,8 @@ class SwappedBackend:
         self.env = env
         self.hooks = hooks
         self.lower_name = lower_name
-        self.links = BackendLinks(vm_name, nic, env)
-        # How the backend reaches the guest, on QEMU's side.
-        self.qemu: Wiring = qemu_side(vm_name, nic, vm, env.unplug_timeout)
+        # The backend's link in the kernel and its pair in QEMU.
+        self.halves = BackendHalves(vm_name, nic, vm, env)
         self.backend: NicRecord | None = None
         self.generation = 0
         self.swaps = 0
@@ -77,19 +55,18 @@ class SwappedBackend:
     # -- what the controller asks -------------------------------------------
 
     def configure(self, nic: NicConfig) -> None:
-        old, self.nic = self.nic, nic
-        self.links.nic = nic
-        if guest_side(old) != guest_side(nic):
-            # The guest's side changes: QEMU's view is read again and what
-            # no longer agrees is replaced (a replug the guest sees).
-            self.qemu = qemu_side(self.vm_name, nic, self.vm, self.env.unplug_timeout)
-            self.synced_session = 0
-        self.qemu.nic = nic
-        self.qemu.unplug_timeout = self.env.unplug_timeout
+        self.nic = nic
+        if self.halves.configure(nic):
+            self.synced_session = 0  # QEMU's side is new: its view is read again
+
+    @property
+    def qemu(self) -> Wiring:
+        """How the backend reaches the guest, on QEMU's side."""
+        return self.halves.qemu
 
     @property
     def driver(self) -> Any:
-        return self.links.driver
+        return self.halves.links.driver
 
     async def prepare(self) -> None:
         return None  # nothing of a swapped backend exists before QEMU
@@ -103,7 +80,7 @@ class SwappedBackend:
         return self.nic.backend_names
 
     def expected(self, old: Link | None, new: Link | None) -> bool:
-        return self.links.expected(self.backend, old, new)
+        return self.halves.links.expected(self.backend, old, new)
 
     def matches_config(self, record: NicRecord) -> bool:
         nic = self.nic
@@ -133,23 +110,17 @@ class SwappedBackend:
                             vm=self.vm_name, nic=self.nic.id, lower=keep.lower)
             self.hooks.adopted(keep, first=self.backend is None)
             self.backend, self.swaps = keep, keep.swaps
-            # Made by a netwatch before backends were silent, it may not be.
-            await self.best_effort(self.driver.silence(keep, self.env.links, self.env.ops), f"silencing {keep.ifname}")
-            # Cut short mid-rebind, the kept pair may have been left quiet.
-            await self.best_effort(self.qemu.reopen(pair_of(keep)), f"opening {keep.tap_netdev}")
+            await self.halves.keep(keep)
         else:
             if record is not None:
                 self.hooks.replaced(record, self.matches_config(record))
-            for name in self.nic.backend_names:
-                with contextlib.suppress(ForeignLink):  # said when the NIC next makes a backend under that name
-                    await self.links.clear_name(name)
+            await self.halves.clear_names()
             self.env.records.remove(self.vm_name, self.nic.id)
             self.backend = None
         self.synced_session = session
 
     def _adoptable(self, record: NicRecord, survey: Survey) -> bool:
-        return (record.qemu_pid == self.vm.pid and self.qemu.holds(pair_of(record), survey)
-                and self.matches_config(record) and self.links.proven(record))
+        return record.qemu_pid == self.vm.pid and self.matches_config(record) and self.halves.hold(record, survey)
 
     async def set_guest_link(self, up: bool, cause: str) -> None:
         await self.guest.set(up, cause, self.qemu.guest_present)
@@ -168,19 +139,7 @@ class SwappedBackend:
         until it is switched on.
         """
         gen = self.generation + 1
-        try:
-            created = await self.links.create(name, placement)
-            pair = self.qemu.pair(gen)
-            try:
-                await self.qemu.plug(created.fds, pair, inert)
-            except BaseException:
-                await self.best_effort(self.env.ops.delete(created.index), f"removing {name} after a failed attach")
-                raise
-            finally:
-                created.close()
-        finally:
-            # attach() records it before it next awaits (a swap after its switch: one more pass at worst).
-            self.links.making = None
+        created, pair = await self.halves.make(name, placement, gen, inert)
         self.generation, self.swaps = gen, self.swaps + 1
         return created, pair, gen
 
@@ -226,18 +185,11 @@ class SwappedBackend:
         created, pair, gen = await self._create(name, placement, inert=True)
         self.last_attach_seconds = round(time.monotonic() - started, 6)
         new = self._record(name, created, placement, pair, gen)
-        try:
-            await self.qemu.switch(pair_of(old), pair)
-        except BaseException:
-            await self.best_effort(self.qemu.unplug(pair), f"removing {pair.tap}")
-            await self.best_effort(self.env.ops.delete(created.index), f"removing {name}")
-            raise
+        await self.halves.switch(old, name, created, pair)
         self.backend = new
         self.env.records.save(new)
         self.vm.announce(self.nic.id)
-        await self.best_effort(self.qemu.unplug(pair_of(old)), f"removing {old.tap_netdev}")
-        if self.links.made(old):
-            await self.best_effort(self.env.ops.delete(old.ifindex), f"removing {old.ifname}")
+        await self.halves.retire(old)
         self.hooks.down("rebind", old)
         self.hooks.up("rebind", new)
         events.emit("rebind", f"{cause}: {old.tap_netdev} on {old.lower} -> {pair.tap} on {new.lower}",
@@ -275,9 +227,7 @@ class SwappedBackend:
         backend = self.backend
         assert backend is not None
         await self.set_guest_link(False, cause)
-        await self.qemu.unplug(pair_of(backend))
-        if self.links.made(backend):
-            await self.env.ops.delete(backend.ifindex)
+        await self.halves.take_down(backend)
         self.env.records.remove(self.vm_name, self.nic.id)
         self.backend = None
         if context == "lower-lost":
@@ -292,8 +242,7 @@ class SwappedBackend:
         """QEMU is gone: its netdevs went with it; drop the backend unless QEMU lives on."""
         self.guest.forget()
         self.synced_session = 0
-        # What was known of QEMU's side is read again from the next QEMU.
-        self.qemu = qemu_side(self.vm_name, self.nic, self.vm, self.env.unplug_timeout)
+        self.halves.forget_qemu()
         backend = self.backend
         if self.vm.qemu_alive():
             return
@@ -305,7 +254,7 @@ class SwappedBackend:
                                    and still_runs(backend.qemu_pid, backend.qemu_start)):
                 return
         self.backend = None
-        ours = await self.links.delete_recorded(backend)
+        ours = await self.halves.withdraw(backend, unplug=False)  # its netdevs went with QEMU
         self.env.records.remove(self.vm_name, self.nic.id)
         if not ours:
             return  # not what netwatch attached: no if-up ran for it, none is owed
@@ -328,8 +277,7 @@ class SwappedBackend:
             await self.qemu.remove_guest()
         backend, self.backend = self.backend, None
         if backend is not None:
-            await self.best_effort(self.qemu.unplug(pair_of(backend)), "removing the backend from QEMU")
-            ours = await self.links.delete_recorded(backend)
+            ours = await self.halves.withdraw(backend)
             self.env.records.remove(self.vm_name, self.nic.id)
             if ours:
                 self.hooks.down("hot-remove", backend)
@@ -342,18 +290,7 @@ class SwappedBackend:
         if backend is None:
             return
         self.backend = None
-        if self.vm.connected:
-            # Best effort, briefly: a QEMU that does not answer must not hold
-            # up a reload (each command would wait out qmp_timeout).
-            try:
-                async with asyncio.timeout(REMOVE_DEADLINE):
-                    await self.best_effort(self.qemu.unplug(pair_of(backend)), "removing the backend from QEMU")
-                    await self.best_effort(self.vm.execute("set_link", {"name": self.nic.id, "up": False}),
-                                           "set_link")
-            except TimeoutError:
-                log.warning("%s/%s: QEMU did not answer within %g s while the NIC was removed; its netdevs stay "
-                            "in QEMU, the backend link goes", self.vm_name, self.nic.id, REMOVE_DEADLINE)
-        ours = await self.links.delete_recorded(backend)
+        ours = await self.halves.withdraw(backend, unplug=self.vm.connected, briefly=True)
         self.env.records.remove(self.vm_name, self.nic.id)
         if not ours:
             return
@@ -380,9 +317,3 @@ class SwappedBackend:
             "last_attach_seconds": self.last_attach_seconds,
             "generation": self.generation,
         }
-
-    async def best_effort(self, action: Awaitable[Any], what: str) -> None:
-        try:
-            await action
-        except (LinkError, QmpError) as exc:
-            log.warning("%s/%s: %s failed: %s", self.vm_name, self.nic.id, what, exc)
