@@ -187,10 +187,10 @@ def test_a_nics_own_macvtap_shown_as_made_costs_no_pass(tmp_path: Path) -> None:
             reconciler.on_link_change(old, new)
             outcomes.append("kick" if nic.kicked else "none")
 
-        nic.wiring.links.making = ("nw-v-n1", 7)  # being made on ifindex 7
+        nic.wiring.halves.links.making = ("nw-v-n1", 7)  # being made on ifindex 7
         kicked_by(None, macvtap())  # its creation, before the kernel's answer is read
         kicked_by(None, macvtap(parent=8))  # the same name on another lower: not the one being made
-        nic.wiring.links.making = None
+        nic.wiring.halves.links.making = None
         nic.wiring.backend = NicRecord(vm="v", nic="n1", backend="macvtap", ifname="nw-v-n1", ifindex=50,
                                      lower="eth1", lower_ifindex=7, tap_netdev="nw-n1-tap1", hub_netdev="nw-n1-up1",
                                      generation=1, mac="52:54:00:00:00:01", mode="bridge", bridge=None, qemu_pid=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from netwatch.config import NicConfig
 from netwatch.nic.env import NicEnv
@@ -21,5 +22,4 @@ def make_wiring(vm_name: str, nic: NicConfig, vm: QemuVm, env: NicEnv, hooks: Ho
         return RedirectWiring(vm_name, nic, vm, env, hooks, lower_name)
     # "hub" and "direct": a backend per lower, handed to QEMU over netwatch's monitor (config.py makes
     # every VM with such a NIC have one).
-    assert isinstance(vm, VmSession), f"{vm_name}/{nic.id}: a {nic.wiring} NIC needs netwatch's monitor"
-    return SwappedBackend(vm_name, nic, vm, env, hooks, lower_name)
+    return SwappedBackend(vm_name, nic, cast(VmSession, vm), env, hooks, lower_name)
