@@ -131,7 +131,7 @@ def test_libvirt_hook_starts_stops_and_migrates_a_domain_out(world: World) -> No
         assert vm_status(world, "vm1")["qemu_pid"] == qemu.pid
         # libvirt stops it: QEMU exits, then "stopped end".
         qemu.close()
-        hook(world, domain, "stopped", "end", uuid=domain_uuid, migrated=False)
+        hook(world, domain, "stopped", "end", uuid=domain_uuid)
         world.wait_state("vm1", "net0", "waiting-vm")
         assert world.ns.links("macvlan") == [] and world.ns.link_exists(TAP)
         # Started again, then migrated away: its NIC goes down as migrate-out, not stop.
@@ -141,7 +141,7 @@ def test_libvirt_hook_starts_stops_and_migrates_a_domain_out(world: World) -> No
         hook(world, domain, "started", "begin", uuid=domain_uuid, pid=qemu.pid)
         world.wait_state("vm1", "net0", "attached")
         qemu.close()
-        hook(world, domain, "stopped", "end", uuid=domain_uuid, migrated=True)
+        hook(world, domain, "stopped", "end", uuid=domain_uuid, migration="out")
         world.wait_state("vm1", "net0", "waiting-vm")
         # And back: libvirt's migrate hook comes first on the target, so the NIC comes up as migrate-in.
         hook(world, domain, "migrate", "begin", uuid=domain_uuid)
@@ -152,7 +152,7 @@ def test_libvirt_hook_starts_stops_and_migrates_a_domain_out(world: World) -> No
         hook(world, domain, "started", "begin", uuid=domain_uuid, pid=qemu.pid)
         frame_reaches_tap(world, "wi0")
         qemu.close()
-        hook(world, domain, "stopped", "end", uuid=domain_uuid, migrated=False)
+        hook(world, domain, "stopped", "end", uuid=domain_uuid)
         world.wait_state("vm1", "net0", "waiting-vm")
     wait_until(lambda: len(world.hook_runs()) >= 6, 10, "the hooks to run", world.dump)
     # Up at prepare (kept when QEMU came, and across the restart), down at each stop, as the hook said.

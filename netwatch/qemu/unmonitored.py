@@ -33,7 +33,7 @@ from netwatch import events
 from netwatch.errors import QmpError
 from netwatch.qemu.peer import Identity, QemuClaims, libvirt_problem, start_time, still_runs
 from netwatch.qemu.qmp import NetworkInfo
-from netwatch.qemu.runstate import POSTMIGRATE, RUNNING, RunStateWatch
+from netwatch.qemu.runstate import INMIGRATE, POSTMIGRATE, RUNNING, RunStateWatch
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ class LibvirtEvent:
     uuid: str | None = None
     # QEMU's pid as libvirt's pid file gives it (started, reconnect, attach).
     pid: int | None = None
-    # stopped: whether libvirt ended the domain because it migrated away (None: the hook could not tell).
-    migrated: bool | None = None
+    # stopped: the migration libvirt's status file says the domain was in ("out": the guest went to another
+    # host; "in": it was coming here and did not arrive; None: neither, or the hook could not tell).
+    migration: str | None = None
 
 
 class UnmonitoredVm:
@@ -192,7 +193,7 @@ class UnmonitoredVm:
                 return refused
             self._adopt(event.pid, RUNNING)
         elif event.op in ENDED_OPS:
-            self._ended(event.migrated)
+            self._ended(event.migration)
         return None
 
     def _refusal(self, pid: int) -> str | None:
@@ -241,12 +242,13 @@ class UnmonitoredVm:
         self._forget()
         self.on_change()
 
-    def _ended(self, migrated: bool | None) -> None:
-        """libvirt stopped the domain: its QEMU is gone (``migrated``: the guest runs on another host now)."""
+    def _ended(self, migration: str | None) -> None:
+        """libvirt stopped the domain: its QEMU is gone; ``migration`` as LibvirtEvent says."""
         self._starting = False
-        if self._pid is not None and self.runstate.state is not None and migrated:
-            # The source's last state, as a monitor would have seen it: its NICs go down as migrate-out.
-            self.runstate.told(POSTMIGRATE)
+        if self._pid is not None and self.runstate.state is not None and migration is not None:
+            # The last state, as a monitor would have seen it: the NICs go down as migrate-out on a source,
+            # as migrate-failed on a target the guest never ran on.
+            self.runstate.told(POSTMIGRATE if migration == "out" else INMIGRATE)
         self.runstate.incoming = False
         self._forget()
         self.on_change()

@@ -49,16 +49,16 @@ def event_from_request(request: dict[str, Any]) -> LibvirtEvent:
         raise BadRequest("libvirt-hook needs a domain name")
     if op not in HOOK_OPS or subop not in SUBOPS:
         raise BadRequest(f"libvirt-hook: unknown operation {clean(str(op), 20)} {clean(str(subop), 20)}")
-    uuid, pid, migrated = request.get("uuid"), request.get("pid"), request.get("migrated")
+    uuid, pid, migration = request.get("uuid"), request.get("pid"), request.get("migration")
     if uuid is not None and not (isinstance(uuid, str) and _UUID.match(uuid)):
         raise BadRequest("libvirt-hook: 'uuid' is not a UUID")
     if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2 ** 22 + 1):
         raise BadRequest("libvirt-hook: 'pid' is not a process id")
-    if migrated is not None and not isinstance(migrated, bool):
-        raise BadRequest("libvirt-hook: 'migrated' is not true or false")
+    if migration not in (None, "in", "out"):
+        raise BadRequest("libvirt-hook: 'migration' is not \"in\" or \"out\"")
     assert isinstance(op, str) and isinstance(subop, str)
     return LibvirtEvent(domain=domain, op=op, subop=subop, uuid=uuid.lower() if uuid else None, pid=pid,
-                        migrated=migrated)
+                        migration=migration)
 
 
 def _domain_xml(data: bytes) -> tuple[str | None, str | None]:
@@ -71,19 +71,44 @@ def _domain_xml(data: bytes) -> tuple[str | None, str | None]:
 
 
 def _pid_file(domain: str, run_dir: str = LIBVIRT_QEMU_RUN) -> int | None:
-    """QEMU's pid from libvirt's pid file: root's, a regular file, read without following a link."""
+    """QEMU's pid from libvirt's pid file (root's, a regular file, read without following a link)."""
+    data = _root_file(os.path.join(run_dir, f"{domain}.pid"), 32)
+    text = data.decode("ascii", "replace").strip() if data is not None else ""
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _root_file(path: str, limit: int) -> bytes | None:
+    """A file of libvirt's: root's, regular, opened without following a link; at most ``limit`` bytes."""
     try:
-        fd = os.open(os.path.join(run_dir, f"{domain}.pid"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != 0:
             return None
-        text = os.read(fd, 32).decode("ascii", "replace").strip()
+        return os.read(fd, limit)
     finally:
         os.close(fd)
-    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _migration_job(domain: str, run_dir: str = LIBVIRT_QEMU_RUN) -> str | None:
+    """The migration libvirt's status file says the domain was in when it stopped: "out" (the guest went
+    to another host), "in" (it was coming here, and did not arrive), or None.
+
+    libvirt writes its async job into the status file, which is still there at ``stopped end``
+    (seen with libvirt 9.0: ``<job ... async='migration out' phase='confirm3'>`` after a migration,
+    ``async='none'`` after a destroy or shutdown, ``async='save'`` for managedsave).
+    """
+    data = _root_file(os.path.join(run_dir, f"{domain}.xml"), MAX_XML)
+    if data is None:
+        return None
+    try:
+        job = ElementTree.fromstring(data).find("job")
+    except ElementTree.ParseError:
+        return None
+    kind = job.get("async") if job is not None else None
+    return {"migration out": "out", "migration in": "in"}.get(kind or "")
 
 
 def run_hook(state_dir: str, argv: list[str], stdin: bytes, run_dir: str = LIBVIRT_QEMU_RUN) -> str | None:
@@ -101,6 +126,8 @@ def run_hook(state_dir: str, argv: list[str], stdin: bytes, run_dir: str = LIBVI
         request["uuid"] = uuid
     if op in RUNNING_OPS and _DOMAIN.match(domain):
         request["pid"] = _pid_file(domain, run_dir)
+    if op == "stopped" and _DOMAIN.match(domain):
+        request["migration"] = _migration_job(domain, run_dir)
     timeout = PREPARE_WAIT if op == "prepare" else OTHER_WAIT
     try:
         result = control.request(state_dir, "libvirt-hook", timeout=timeout, **request)
@@ -114,8 +141,14 @@ def run_hook(state_dir: str, argv: list[str], stdin: bytes, run_dir: str = LIBVI
 
 
 def main(state_dir: str, argv: list[str]) -> int:
-    data = sys.stdin.buffer.read(MAX_XML + 1) if not sys.stdin.isatty() else b""
-    line = run_hook(state_dir, argv, data)
+    """Exit 0 whatever happens: a non-zero exit fails libvirt's start, and at ``reconnect`` (a libvirtd
+    restart) kills the running domain. Nothing goes to stdout: at ``migrate`` and ``restore`` libvirt takes
+    what a hook prints there for the domain's new XML."""
+    try:
+        data = sys.stdin.buffer.read(MAX_XML + 1) if not sys.stdin.isatty() else b""
+        line = run_hook(state_dir, argv, data)
+    except Exception as exc:  # noqa: BLE001 - one line for libvirt's log; libvirt goes on
+        line = f"netwatch libvirt-hook: {type(exc).__name__}: {exc}"
     if line is not None:
         print(line, file=sys.stderr)
-    return 0  # never fail libvirt's operation for netwatch's sake
+    return 0
