@@ -195,3 +195,16 @@ def test_qemu_args_of_a_vm_without_monitor(world: World) -> None:
     unmonitored_vm(world, "vm1")
     args = world.cli("qemu-args", "vm1")
     assert args.returncode == 0 and "-qmp" not in args.stdout and "ifname=nw-vm1-net0" in args.stdout, args
+
+
+def test_the_hook_reads_the_migration_from_libvirts_status_file(tmp_path: Path) -> None:
+    from netwatch.service.libvirthook import _migration_job
+    status = "<domstatus state='paused' reason='migration' pid='42'><job type='none' async='{}' phase='x'/>" \
+             "<domain type='qemu'><name>web1</name></domain></domstatus>"
+    for job, expected in (("migration out", "out"), ("migration in", "in"), ("save", None), ("none", None)):
+        (tmp_path / "web1.xml").write_text(status.format(job))
+        assert _migration_job("web1", str(tmp_path)) == expected, job
+    assert _migration_job("gone", str(tmp_path)) is None
+    (tmp_path / "web1.xml").write_text(status.format("migration out"))
+    os.chown(tmp_path / "web1.xml", 65534, 65534)
+    assert _migration_job("web1", str(tmp_path)) is None, "a status file another account owns is not believed"
