@@ -154,10 +154,21 @@ def test_libvirt_hook_starts_stops_and_migrates_a_domain_out(world: World) -> No
         qemu.close()
         hook(world, domain, "stopped", "end", uuid=domain_uuid)
         world.wait_state("vm1", "net0", "waiting-vm")
-    wait_until(lambda: len(world.hook_runs()) >= 6, 10, "the hooks to run", world.dump)
+        # An incoming migration that failed: libvirt's status file said "migration in" at stopped.
+        hook(world, domain, "migrate", "begin", uuid=domain_uuid)
+        hook(world, domain, "prepare", "begin", uuid=domain_uuid)
+        qemu = world.start_qemu("vm1")
+        (group / "cgroup.procs").write_text(str(qemu.pid))
+        hook(world, domain, "started", "begin", uuid=domain_uuid, pid=qemu.pid)
+        world.wait_state("vm1", "net0", "attached")
+        qemu.close()
+        hook(world, domain, "stopped", "end", uuid=domain_uuid, migration="in")
+        world.wait_state("vm1", "net0", "waiting-vm")
+    wait_until(lambda: len(world.hook_runs()) >= 8, 10, "the hooks to run", world.dump)
     # Up at prepare (kept when QEMU came, and across the restart), down at each stop, as the hook said.
     contexts = [run["argv"][1] for run in world.hook_runs()]
-    assert contexts == ["start", "stop", "start", "migrate-out", "migrate-in", "stop"], contexts
+    assert contexts == ["start", "stop", "start", "migrate-out", "migrate-in", "stop", "migrate-in",
+                        "migrate-failed"], contexts
 
 
 def test_only_root_may_send_libvirt_hook_events(tmp_path: Path) -> None:
