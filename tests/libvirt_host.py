@@ -44,9 +44,10 @@ import shutil
 import signal
 import subprocess
 import uuid as uuid_mod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from netwatch.sandbox.testbed import Deadline, Netns, _die_with_parent, wait_until
 
@@ -123,6 +124,33 @@ if control.get("say"):
     sys.stderr.write(control["say"])
 sys.exit(int(control.get("exit", 0)))
 """
+
+
+class Startable(Protocol):
+    def start(self) -> Any: ...
+
+    def close(self) -> list[str]: ...
+
+
+S = TypeVar("S", bound=Startable)
+
+
+@contextlib.contextmanager
+def running(host: S, test: str) -> Iterator[S]:
+    """``host`` (a LibvirtHost or a pair of them) started for ``test``: a libvirt that cannot start fails
+    the test loudly with why; whatever it left behind fails it too (after being removed)."""
+    import pytest
+    try:
+        host.start()
+    except LibvirtUnavailable as exc:
+        problems = host.close()
+        print(f"\n*** {test} CANNOT RUN: {exc} ***", *problems, sep="\n")
+        pytest.fail(f"libvirt unavailable: {exc}", pytrace=False)
+    try:
+        yield host
+    finally:
+        problems = host.close()
+        assert not problems, "left behind (now removed):\n" + "\n".join(problems)
 
 
 class LibvirtUnavailable(RuntimeError):

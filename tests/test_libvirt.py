@@ -26,7 +26,7 @@ import pytest
 from netwatch.sandbox.guest import GuestError, Serial, build
 from netwatch.sandbox.testbed import unique, wait_until
 
-from .libvirt_host import QEMU_GROUP, QEMU_NS, QEMU_USER, LibvirtHost, LibvirtUnavailable
+from .libvirt_host import QEMU_GROUP, QEMU_NS, QEMU_USER, LibvirtHost, running
 from .world import World
 
 pytestmark = pytest.mark.integration
@@ -43,17 +43,8 @@ FLAPS = 3
 def libvirt(world: World) -> Iterator[LibvirtHost]:
     os.chmod(world.tmp, 0o711)  # QEMU runs as libvirt-qemu and must reach its files in here
     host = LibvirtHost(world.tmp / "libvirt", world.ns)
-    try:
-        host.start()
-    except LibvirtUnavailable as exc:
-        problems = host.close()
-        print(f"\n*** test_libvirt CANNOT RUN: {exc} ***", *problems, sep="\n")
-        pytest.fail(f"libvirt unavailable: {exc}", pytrace=False)
-    try:
+    with running(host, "test_libvirt"):
         yield host
-    finally:
-        problems = host.close()
-        assert not problems, "left behind (now removed):\n" + "\n".join(problems)
 
 
 def peer_network(world: World) -> str:

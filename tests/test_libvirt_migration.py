@@ -32,7 +32,7 @@ from netwatch.sandbox.guest import GuestError
 from netwatch.sandbox.testbed import Netwatch, wait_until, write_config
 from netwatch.service import control
 
-from .libvirt_host import LibvirtUnavailable
+from .libvirt_host import running
 from .libvirt_pair import LOWER, EchoProbe, LibvirtPair, direct_nic, longest_silence
 from .test_libvirt_native import interfaces
 from .world import run_netwatch
@@ -92,22 +92,15 @@ def setup(short_tmp: Path) -> Iterator[tuple[LibvirtPair, dict[str, Host], str]]
                                                       for label, host in hosts.items()})
     (short_tmp / "p").mkdir()
     os.chmod(short_tmp, 0o711)
-    try:
-        pair.start()
-    except LibvirtUnavailable as exc:
-        problems = pair.close()
-        print(f"\n*** test_libvirt_migration CANNOT RUN: {exc} ***", *problems, sep="\n")
-        pytest.fail(f"libvirt unavailable: {exc}", pytrace=False)
-    try:
-        for label, host in hosts.items():
-            host.netwatch = Netwatch(pair[label].ns, str(host.config), str(host.dir / "netwatch.log")).start()
-        yield pair, hosts, domain_uuid
-    finally:
-        for host in hosts.values():
-            if host.netwatch is not None:
-                host.netwatch.kill()
-        problems = pair.close()
-        assert not problems, "left behind (now removed):\n" + "\n".join(problems)
+    with running(pair, "test_libvirt_migration"):
+        try:
+            for label, host in hosts.items():
+                host.netwatch = Netwatch(pair[label].ns, str(host.config), str(host.dir / "netwatch.log")).start()
+            yield pair, hosts, domain_uuid
+        finally:
+            for host in hosts.values():
+                if host.netwatch is not None:
+                    host.netwatch.kill()
 
 
 def test_live_migration_between_two_libvirt_hosts_loses_no_more_than_libvirts_direct_nic(

@@ -28,7 +28,7 @@ import pytest
 from netwatch.sandbox.guest import GuestError, Serial, build
 from netwatch.sandbox.testbed import _die_with_parent, unique, wait_until
 
-from .libvirt_host import LibvirtHost, LibvirtUnavailable
+from .libvirt_host import LibvirtHost, running
 from .test_libvirt import LOWER, cable, domain_xml, peer_network
 from .world import World
 
@@ -75,17 +75,8 @@ class HookedLibvirt(LibvirtHost):
 def libvirt(world: World) -> Iterator[HookedLibvirt]:
     os.chmod(world.tmp, 0o711)  # QEMU runs as libvirt-qemu and must reach its files in here
     host = HookedLibvirt(world.tmp / "libvirt", world)
-    try:
-        host.start()
-    except LibvirtUnavailable as exc:
-        problems = host.close()
-        print(f"\n*** test_libvirt_native CANNOT RUN: {exc} ***", *problems, sep="\n")
-        pytest.fail(f"libvirt unavailable: {exc}", pytrace=False)
-    try:
+    with running(host, "test_libvirt_native"):
         yield host
-    finally:
-        problems = host.close()
-        assert not problems, "left behind (now removed):\n" + "\n".join(problems)
 
 
 def interfaces(printed: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ import pytest
 
 from netwatch.sandbox.guest import GuestError
 
-from .libvirt_host import LibvirtUnavailable
+from .libvirt_host import running
 from .libvirt_pair import LibvirtPair, direct_nic
 
 pytestmark = pytest.mark.integration
@@ -30,17 +30,8 @@ MAC = "52:54:00:79:00:02"
 @pytest.fixture
 def pair(short_tmp: Path) -> Iterator[LibvirtPair]:
     pair = LibvirtPair(short_tmp)
-    try:
-        pair.start()
-    except LibvirtUnavailable as exc:
-        problems = pair.close()
-        print(f"\n*** test_libvirt_pair_env CANNOT RUN: {exc} ***", *problems, sep="\n")
-        pytest.fail(f"libvirt unavailable: {exc}", pytrace=False)
-    try:
+    with running(pair, "test_libvirt_pair_env"):
         yield pair
-    finally:
-        problems = pair.close()
-        assert not problems, "left behind (now removed):\n" + "\n".join(problems)
 
 
 def test_a_direct_nic_domain_migrates_live_from_a_to_b_and_answers_there(pair: LibvirtPair) -> None:

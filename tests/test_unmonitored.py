@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from netwatch.qemu.peer import cgroup_of
-from netwatch.sandbox.testbed import wait_until
+from netwatch.sandbox.testbed import Qemu, wait_until
 from netwatch.service import control
 from netwatch.service.control import ControlServer
 from netwatch.service.libvirthook import _pid_file, run_hook
@@ -65,6 +65,25 @@ def libvirt_cgroup(domain: str, domain_id: int = 7) -> Iterator[Path]:
         if made_machine:
             with contextlib.suppress(OSError):
                 machine.rmdir()
+
+
+def libvirt_starts(world: World, domain: str, domain_uuid: str, group: Path, incoming: bool = False) -> Qemu:
+    """What libvirt does and tells its hook: (migrate,) prepare, QEMU started in the domain's cgroup, started."""
+    if incoming:
+        hook(world, domain, "migrate", "begin", uuid=domain_uuid)
+    hook(world, domain, "prepare", "begin", uuid=domain_uuid)
+    world.wait_state("vm1", "net0", "attached")  # joined before QEMU opens the tap
+    qemu = world.start_qemu("vm1")
+    (group / "cgroup.procs").write_text(str(qemu.pid))
+    hook(world, domain, "started", "begin", uuid=domain_uuid, pid=qemu.pid)
+    return qemu
+
+
+def libvirt_stops(world: World, domain: str, domain_uuid: str, qemu: Qemu, migration: str | None = None) -> None:
+    """libvirt ends QEMU, then calls its hook's stopped (with the migration its status file says)."""
+    qemu.close()
+    hook(world, domain, "stopped", "end", uuid=domain_uuid, migration=migration)
+    world.wait_state("vm1", "net0", "waiting-vm")
 
 
 def test_a_vm_without_monitor_is_wired_and_never_spoken_to(world: World) -> None:
@@ -130,40 +149,18 @@ def test_libvirt_hook_starts_stops_and_migrates_a_domain_out(world: World) -> No
         world.wait_state("vm1", "net0", "attached")
         assert vm_status(world, "vm1")["qemu_pid"] == qemu.pid
         # libvirt stops it: QEMU exits, then "stopped end".
-        qemu.close()
-        hook(world, domain, "stopped", "end", uuid=domain_uuid)
-        world.wait_state("vm1", "net0", "waiting-vm")
+        libvirt_stops(world, domain, domain_uuid, qemu)
         assert world.ns.links("macvlan") == [] and world.ns.link_exists(TAP)
         # Started again, then migrated away: its NIC goes down as migrate-out, not stop.
-        hook(world, domain, "prepare", "begin", uuid=domain_uuid)
-        qemu = world.start_qemu("vm1")
-        (group / "cgroup.procs").write_text(str(qemu.pid))
-        hook(world, domain, "started", "begin", uuid=domain_uuid, pid=qemu.pid)
-        world.wait_state("vm1", "net0", "attached")
-        qemu.close()
-        hook(world, domain, "stopped", "end", uuid=domain_uuid, migration="out")
-        world.wait_state("vm1", "net0", "waiting-vm")
+        qemu = libvirt_starts(world, domain, domain_uuid, group)
+        libvirt_stops(world, domain, domain_uuid, qemu, migration="out")
         # And back: libvirt's migrate hook comes first on the target, so the NIC comes up as migrate-in.
-        hook(world, domain, "migrate", "begin", uuid=domain_uuid)
-        hook(world, domain, "prepare", "begin", uuid=domain_uuid)
-        world.wait_state("vm1", "net0", "attached")
-        qemu = world.start_qemu("vm1")
-        (group / "cgroup.procs").write_text(str(qemu.pid))
-        hook(world, domain, "started", "begin", uuid=domain_uuid, pid=qemu.pid)
+        qemu = libvirt_starts(world, domain, domain_uuid, group, incoming=True)
         frame_reaches_tap(world, "wi0")
-        qemu.close()
-        hook(world, domain, "stopped", "end", uuid=domain_uuid)
-        world.wait_state("vm1", "net0", "waiting-vm")
+        libvirt_stops(world, domain, domain_uuid, qemu)
         # An incoming migration that failed: libvirt's status file said "migration in" at stopped.
-        hook(world, domain, "migrate", "begin", uuid=domain_uuid)
-        hook(world, domain, "prepare", "begin", uuid=domain_uuid)
-        qemu = world.start_qemu("vm1")
-        (group / "cgroup.procs").write_text(str(qemu.pid))
-        hook(world, domain, "started", "begin", uuid=domain_uuid, pid=qemu.pid)
-        world.wait_state("vm1", "net0", "attached")
-        qemu.close()
-        hook(world, domain, "stopped", "end", uuid=domain_uuid, migration="in")
-        world.wait_state("vm1", "net0", "waiting-vm")
+        qemu = libvirt_starts(world, domain, domain_uuid, group, incoming=True)
+        libvirt_stops(world, domain, domain_uuid, qemu, migration="in")
     wait_until(lambda: len(world.hook_runs()) >= 8, 10, "the hooks to run", world.dump)
     # Up at prepare (kept when QEMU came, and across the restart), down at each stop, as the hook said.
     contexts = [run["argv"][1] for run in world.hook_runs()]
