@@ -9,15 +9,16 @@ macvlan is made and the tap's filter replaced in place (a mirred action
 whose target unregistered drops every frame). Nothing is sent to QEMU on a
 flap but the guest's carrier; the guest's MAC is announced from the host.
 
-The NIC controller decides; this acts (netwatch/nic/wiring.py).
+The tap, the macvlan and the filters are made, checked and taken apart by
+netwatch/nic/tapjoin.py; this keeps the NIC's account of them: its record,
+generation and swaps, the earlier run's wiring it adopts, its hooks and
+what is said. The NIC controller decides; this acts (netwatch/nic/wiring.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import pwd
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,14 +28,14 @@ from netwatch import events
 from netwatch.config import NicConfig
 from netwatch.errors import LinkError, QmpError
 from netwatch.host import rarp
-from netwatch.host.backends import LinkVanished, MacvtapDriver, Placement
+from netwatch.host.backends import MacvtapDriver, Placement
 from netwatch.host.links import Link, LinkTable
-from netwatch.host.tc import U32_FIRST_HANDLE
 from netwatch.nic import migration
 from netwatch.nic.env import NicEnv
 from netwatch.nic.guestlink import GuestLink
 from netwatch.nic.hookplan import HookPlan
 from netwatch.nic.records import NicRecord
+from netwatch.nic.tapjoin import TapJoin
 from netwatch.qemu.vm import QemuVm
 from netwatch.qemu.wiring import QemuSide, vhost_available
 
@@ -73,8 +74,8 @@ class RedirectWiring:
         self.hooks = hooks
         self.lower_name = lower_name
         self.qemu = QemuSide(vm_name, nic, vm, env.unplug_timeout)
+        self.kernel = TapJoin(nic, vm, env)  # the tap and what joins it to the lower
         self.backend: NicRecord | None = None
-        self.tap_index: int | None = None
         self.generation = 0
         self.swaps = 0
         # The guest's carrier, as last set.
@@ -87,12 +88,11 @@ class RedirectWiring:
     # -- what the controller asks -------------------------------------------
 
     def configure(self, nic: NicConfig) -> None:
-        old, self.nic = self.nic, nic
+        self.nic = nic
         self.qemu.nic = nic
         self.qemu.unplug_timeout = self.env.unplug_timeout
-        if (old.ifname, old.queues, old.mac) != (nic.ifname, nic.queues, nic.mac):
-            self.tap_index = None  # another tap: made (or found) on the next pass
-            self.synced_session = 0
+        if self.kernel.configure(nic):
+            self.synced_session = 0  # another tap: made (or found) on the next pass
 
     @property
     def guest_present(self) -> bool:
@@ -110,31 +110,18 @@ class RedirectWiring:
                 and record.mode == nic.mode and record.wiring == nic.wiring and record.queues == nic.queues
                 and record.macvlan in nic.macvlan_names)
 
-    def _owner(self) -> int | None:
-        user = self.vm.identity.qemu_user
-        if user is None:
-            return None  # only a process with CAP_NET_ADMIN may then open the tap
-        try:
-            return pwd.getpwnam(user).pw_uid
-        except KeyError as exc:
-            raise LinkError(f"user {user} (the VM's qemu_user) does not exist") from exc
-
     async def prepare(self) -> None:
         """The persistent tap, whether or not the VM or the lower is there: QEMU opens it by name at start."""
-        tap = self.env.links.named(self.nic.ifname)
-        if tap is not None and tap.index == self.tap_index:
-            return
-        self.tap_index = await self.env.ops.ensure_tap(self.nic.ifname, self.nic.queues, self._owner(), self.nic.mac)
-        if self.backend is None and self.env.records.load(self.vm_name, self.nic.id) is None:
+        if await self.kernel.ensure_tap() and self.backend is None \
+                and self.env.records.load(self.vm_name, self.nic.id) is None:
             self._keep_tap_record()
 
     def _keep_tap_record(self) -> None:
         """Recorded while nothing is joined: the tap is netwatch's, and a later run that finds the NIC gone
         removes it (after a crash as after a clean stop)."""
-        assert self.tap_index is not None
         nic = self.nic
         self.env.records.save(NicRecord(
-            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=self.tap_index, lower="",
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=self.kernel.tap, lower="",
             lower_ifindex=0, tap_netdev=nic.netdev_id, hub_netdev="", generation=max(self.generation, 1),
             mac=nic.mac, mode=nic.mode, bridge=None, qemu_pid=None, swaps=self.swaps,
             guest_pci=str(nic.guest_pci) if nic.guest_pci else None, wiring=nic.wiring, queues=nic.queues,
@@ -157,7 +144,7 @@ class RedirectWiring:
         if record is not None:
             self.generation, self.swaps = max(self.generation, record.generation), max(self.swaps, record.swaps)
         if record is not None and self._same_qemu(record) and self.matches_config(record) \
-                and await self._joined(record):
+                and await self.kernel.joined(record):
             if record.qemu_pid != self.vm.pid:
                 # Joined for a QEMU libvirt was about to start: this is it.
                 record = replace(record, qemu_pid=self.vm.pid, qemu_start=self.vm.pid_start)
@@ -171,8 +158,7 @@ class RedirectWiring:
         else:
             if record is not None and record.macvlan:  # a tap kept with nothing joined had no if-up
                 self.hooks.replaced(record, self.matches_config(record))
-            for name in self.nic.macvlan_names:
-                await self._delete_macvlan(name)
+            await self.kernel.delete_macvlans()
             self.backend = None
             self._keep_tap_record()
         self.synced_session = session
@@ -204,28 +190,6 @@ class RedirectWiring:
         events.emit("hot-add", f"added NIC {self.nic.id} to the running guest at {self.nic.guest_pci}",
                     vm=self.vm_name, nic=self.nic.id)
 
-    async def _joined(self, record: NicRecord) -> bool:
-        """Whether the kernel still has ``record``'s wiring as netwatch made it: macvlan, tap and both filters."""
-        macvlan, tap = self.env.links.get(record.macvlan_ifindex), self.env.links.get(record.ifindex)
-        if macvlan is None or tap is None or tap.index != self.tap_index or not self._ours(macvlan):
-            return False
-        if macvlan.name != record.macvlan or macvlan.parent != record.lower_ifindex:
-            return False
-        return (await self.env.ops.redirects(tap.index) == [(U32_FIRST_HANDLE, macvlan.index)]
-                and [target for _handle, target in await self.env.ops.redirects(macvlan.index)] == [tap.index])
-
-    def _ours(self, link: Link) -> bool:
-        return link.kind == "macvlan" and link.mac == self.nic.mac and link.name in self.nic.macvlan_names
-
-    async def _delete_macvlan(self, name: str) -> None:
-        link = self.env.links.named(name)
-        if link is None:
-            return
-        if not self._ours(link):
-            raise LinkError(f"{name} (ifindex {link.index}, {link.kind or 'no kind'}, MAC {link.mac or 'none'}) is not "
-                            "a macvlan netwatch made for this NIC: it is left alone", errno.EEXIST)
-        await self.env.ops.delete(link.index)
-
     async def set_guest_link(self, up: bool, cause: str) -> None:
         await self.guest.set(up, cause, self._guest)
 
@@ -235,45 +199,10 @@ class RedirectWiring:
 
     # -- joining --------------------------------------------------------------
 
-    async def _join(self, name: str, lower: Link, tap: int, cut: NicRecord | None = None) -> int:
-        """A macvlan ``name`` on ``lower`` made and joined to ``tap`` both ways; its ifindex.
-
-        The macvlan stays down until both filters are in place: up before,
-        the guest's frames would reach the host's own stack. The tap's
-        filter is replaced, never added: an old one may point at a macvlan
-        that is gone, and drops everything. ``cut`` (a rebind): the old
-        lower's macvlan goes (its filter with it) before the tap sends to the
-        new one, which only then comes up: the guest is on neither network
-        for a moment, never on both.
-        """
-        ops = self.env.ops
-        await self._delete_macvlan(name)
-        try:
-            index = await ops.add_macvlan(name, lower.index, self.nic.mac, self.nic.mode, up=False)
-        except LinkError as exc:
-            if exc.errno == errno.ENODEV:
-                raise LinkVanished(str(exc)) from exc
-            raise
-        try:
-            await ops.ensure_ingress(index)
-            await ops.redirect(index, tap, replace=False)
-            old = self.env.links.get(cut.macvlan_ifindex) if cut is not None else None
-            if old is not None and self._ours(old):
-                await ops.delete(old.index)
-            await ops.ensure_ingress(tap)
-            await ops.redirect(tap, index, replace=True)
-            await ops.bring_up(index)
-        except BaseException:
-            with contextlib.suppress(LinkError):
-                await ops.delete(index)
-            raise
-        return index
-
     def _record(self, name: str, index: int, lower: Link) -> NicRecord:
         nic = self.nic
-        assert self.tap_index is not None
         return NicRecord(
-            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=self.tap_index,
+            vm=self.vm_name, nic=nic.id, backend=nic.backend, ifname=nic.ifname, ifindex=self.kernel.tap,
             lower=lower.name, lower_ifindex=lower.index, tap_netdev=nic.netdev_id, hub_netdev="",
             generation=self.generation, mac=nic.mac, mode=nic.mode, bridge=None, qemu_pid=self.vm.pid,
             swaps=self.swaps, guest_pci=str(nic.guest_pci) if nic.guest_pci else None, qemu_start=self.vm.pid_start,
@@ -284,10 +213,9 @@ class RedirectWiring:
         lower = placement.lower
         assert lower is not None
         await self.prepare()
-        assert self.tap_index is not None
         name = self.nic.macvlan_names[0]
         started = time.monotonic()
-        index = await self._join(name, lower, self.tap_index)
+        index = await self.kernel.join(name, lower)
         self.last_attach_seconds = round(time.monotonic() - started, 6)
         self.generation, self.swaps = self.generation + 1, self.swaps + 1
         self.backend = self._record(name, index, lower)
@@ -304,10 +232,10 @@ class RedirectWiring:
         """Rebind: the old macvlan is cut before the new one passes a frame, so nothing crosses between lowers."""
         old = self.backend
         lower = placement.lower
-        assert old is not None and lower is not None and self.tap_index is not None
+        assert old is not None and lower is not None
         name = next(n for n in self.nic.macvlan_names if n != old.macvlan)
         started = time.monotonic()
-        index = await self._join(name, lower, self.tap_index, cut=old)
+        index = await self.kernel.join(name, lower, cut=old)
         self.last_attach_seconds = round(time.monotonic() - started, 6)
         self.generation, self.swaps = self.generation + 1, self.swaps + 1
         new = self._record(name, index, lower)
@@ -342,25 +270,8 @@ class RedirectWiring:
     async def maintain(self, placement: Placement) -> None:
         """Put back what something else took away: the filters (libvirt's <bandwidth> deletes the qdisc)."""
         backend = self.backend
-        assert backend is not None and self.tap_index is not None
-        tap, macvlan = self.tap_index, backend.macvlan_ifindex
-        ops = self.env.ops
-        restored = []
-        try:
-            if await ops.redirects(tap) != [(U32_FIRST_HANDLE, macvlan)]:
-                await ops.ensure_ingress(tap)
-                await ops.redirect(tap, macvlan, replace=True)
-                restored.append(self.nic.ifname)
-            if [target for _handle, target in await ops.redirects(macvlan)] != [tap]:
-                await ops.ensure_ingress(macvlan)
-                await ops.redirect(macvlan, tap, replace=True)
-                restored.append(backend.macvlan)
-        except LinkError as exc:
-            if exc.errno == errno.ENODEV:
-                # The macvlan (or its lower) is going: its removal event is on its way, and the pass it
-                # brings detaches it. No failure (every lower flap said "No such device" before).
-                raise LinkVanished(str(exc)) from exc
-            raise
+        assert backend is not None
+        restored = await self.kernel.repair(backend)
         if restored:
             events.emit("filters-restored", f"the redirect filter of {' and '.join(restored)} was gone or changed: "
                         "made again", vm=self.vm_name, nic=self.nic.id, lower=backend.lower)
@@ -369,8 +280,7 @@ class RedirectWiring:
         backend = self.backend
         assert backend is not None
         await self.set_guest_link(False, cause)
-        with contextlib.suppress(LinkError):  # the tap's filter is replaced at the next join
-            await self._delete_macvlan(backend.macvlan)
+        await self.kernel.delete_macvlan(backend.macvlan, strict=False)  # the tap's filter: replaced at the next join
         self.backend = None
         self._keep_tap_record()
         if context == "lower-lost":
@@ -392,9 +302,8 @@ class RedirectWiring:
         if backend is None or not backend.macvlan:
             return
         self.backend = None
-        with contextlib.suppress(LinkError):
-            await self._delete_macvlan(backend.macvlan)
-        if self.tap_index is not None:
+        await self.kernel.delete_macvlan(backend.macvlan, strict=False)
+        if self.kernel.tap_index is not None:
             self._keep_tap_record()
         else:
             self.env.records.remove(self.vm_name, self.nic.id)
@@ -419,17 +328,14 @@ class RedirectWiring:
     async def remove(self, context: str | None = None) -> None:
         """The NIC left the config: its macvlan and its tap go (a tap QEMU still holds is left, said once)."""
         backend, self.backend = self.backend, None
-        for name in self.nic.macvlan_names:
-            with contextlib.suppress(LinkError):
-                await self._delete_macvlan(name)
+        await self.kernel.delete_macvlans(strict=False)
         try:
-            await self.env.ops.delete_tap(self.nic.ifname, self.nic.mac)
+            await self.kernel.delete_tap()
         except LinkError as exc:
             # QEMU still holds it: its record stays, and a later start removes it once QEMU let go.
             log.warning("%s/%s: tap %s stays: %s", self.vm_name, self.nic.id, self.nic.ifname, exc)
             self._keep_tap_record()
         else:
-            self.tap_index = None
             self.env.records.remove(self.vm_name, self.nic.id)
         if backend is not None:
             if context is None:
@@ -443,7 +349,7 @@ class RedirectWiring:
         backend = self.backend
         return {
             "ifname": self.nic.ifname,
-            "ifindex": self.tap_index,
+            "ifindex": self.kernel.tap_index,
             "netdev": self.nic.netdev_id,
             "hub_netdev": None,
             "hub": None,
