@@ -49,7 +49,8 @@ class HubQemu:
     ports: dict[str, str] = field(default_factory=dict)  # hubport -> the tap netdev it joins to the hub
     ran: list[str] = field(default_factory=list)
     both_open: list[str] = field(default_factory=list)  # each command after which two pairs were open
-    runstate: Any = field(default_factory=lambda: SimpleNamespace(arrived=set(), phase_of=lambda pid: None, incoming=False))
+    runstate: Any = field(default_factory=lambda: SimpleNamespace(arrived=set(), phase_of=lambda pid: None,
+                                                                  incoming=False))
 
     async def pass_fd(self, fd: int, fdname: str) -> None:
         os.fstat(fd)
