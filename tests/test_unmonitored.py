@@ -207,12 +207,20 @@ def test_qemu_args_of_a_vm_without_monitor(world: World) -> None:
 
 def test_the_hook_reads_the_migration_from_libvirts_status_file(tmp_path: Path) -> None:
     from netwatch.service.libvirthook import _migration_job
-    status = "<domstatus state='paused' reason='migration' pid='42'><job type='none' async='{}' phase='x'/>" \
+    status = "<domstatus state='{}' reason='{}' pid='42'><job type='none' async='{}' phase='x'/>" \
              "<domain type='qemu'><name>web1</name></domain></domstatus>"
-    for job, expected in (("migration out", "out"), ("migration in", "in"), ("save", None), ("none", None)):
-        (tmp_path / "web1.xml").write_text(status.format(job))
+    for state, reason, job, expected in (("paused", "migration", "migration out", "out"),
+                                         ("paused", "migration", "migration in", "in"),
+                                         ("paused", "save", "save", None), ("running", "booted", "none", None)):
+        (tmp_path / "web1.xml").write_text(status.format(state, reason, job))
         assert _migration_job("web1", str(tmp_path)) == expected, job
+    aborted = "<domstatus state='paused' reason='migration' pid='42'><job type='destroy' async='none'/></domstatus>"
+    (tmp_path / "web1.xml").write_text(aborted)
+    assert _migration_job("web1", str(tmp_path)) == "in", "an aborted incoming migration"
+    destroyed = "<domstatus state='shutdown' reason='unknown' pid='42'><job type='destroy' async='none'/></domstatus>"
+    (tmp_path / "web1.xml").write_text(destroyed)
+    assert _migration_job("web1", str(tmp_path)) is None
     assert _migration_job("gone", str(tmp_path)) is None
-    (tmp_path / "web1.xml").write_text(status.format("migration out"))
+    (tmp_path / "web1.xml").write_text(status.format("paused", "migration", "migration out"))
     os.chown(tmp_path / "web1.xml", 65534, 65534)
     assert _migration_job("web1", str(tmp_path)) is None, "a status file another account owns is not believed"

@@ -98,17 +98,26 @@ def _migration_job(domain: str, run_dir: str = LIBVIRT_QEMU_RUN) -> str | None:
 
     libvirt writes its async job into the status file, which is still there at ``stopped end``
     (seen with libvirt 9.0: ``<job ... async='migration out' phase='confirm3'>`` after a migration,
-    ``async='none'`` after a destroy or shutdown, ``async='save'`` for managedsave).
+    ``async='migration in'`` on a target whose QEMU died receiving, ``paused``/``migration`` with
+    ``async='none'`` on a target whose migration was aborted, ``running``/``shutdown`` with ``async='none'``
+    after a destroy or shutdown, ``async='save'`` for managedsave).
     """
     data = _root_file(os.path.join(run_dir, f"{domain}.xml"), MAX_XML)
     if data is None:
         return None
     try:
-        job = ElementTree.fromstring(data).find("job")
+        status = ElementTree.fromstring(data)
     except ElementTree.ParseError:
         return None
+    job = status.find("job")
     kind = job.get("async") if job is not None else None
-    return {"migration out": "out", "migration in": "in"}.get(kind or "")
+    if kind in ("migration out", "migration in"):
+        return "out" if kind == "migration out" else "in"
+    # A target whose incoming migration was aborted: libvirt's destroy job replaced the migration's, and
+    # the domain never left the paused state it arrived in (a migrated source says "migration out" above).
+    if (status.get("state"), status.get("reason")) == ("paused", "migration"):
+        return "in"
+    return None
 
 
 def run_hook(state_dir: str, argv: list[str], stdin: bytes, run_dir: str = LIBVIRT_QEMU_RUN) -> str | None:
