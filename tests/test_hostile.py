@@ -289,13 +289,13 @@ def test_a_pidfd_above_1024_is_watched(tmp_path: Path) -> None:
     try:
         session = VmSession("v", str(tmp_path / "v.qmp"), on_change=lambda: None)
         pidfd = os.pidfd_open(child.pid)
-        session._pidfd = os.dup2(pidfd, 1500)
+        session.process._pidfd = os.dup2(pidfd, 1500)
         os.close(pidfd)
         assert session.qemu_alive()
         child.kill()
         child.wait(10)
         assert not session.qemu_alive()
-        os.close(session._pidfd)
+        os.close(session.process._pidfd)
     finally:
         child.kill()
         child.wait(10)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import select
 import socket
 import struct
 import time
@@ -24,16 +22,16 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import SocketAddrT
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 from tenacity.wait import wait_base
 
 from netwatch import events, tasks
-from netwatch.errors import NetwatchError, QmpError
+from netwatch.errors import QmpError
 from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.deletions import DeviceDeletions
-from netwatch.qemu.peer import Claims, Identity, Peer, QemuClaims, file_id, peer_problem, start_time
+from netwatch.qemu.peer import Identity, Peer, QemuClaims
+from netwatch.qemu.process import QemuProcess
+from netwatch.qemu.redial import NoListener, PeerFailed, Redial
 from netwatch.qemu.runstate import POSTMIGRATE, RUN_EVENTS, RunStateWatch, parse_status
-from netwatch.qemu.sockwatch import SocketWatch
 from netwatch.untrusted import clean
 
 log = logging.getLogger(__name__)
@@ -126,14 +124,6 @@ class PeerStalled(QmpError):
     """QEMU stopped reading what netwatch sends: the session is dropped."""
 
 
-class NoListener(QmpError):
-    """Nothing accepted a connection on the socket (absent, or nobody listening yet)."""
-
-
-class PeerFailed(QmpError):
-    """Something accepted the connection and then failed QMP's greeting or negotiation."""
-
-
 class LeanClient(QMPClient):
     """qemu.qmp's client with a bounded read and a per-session budget, and
     without pretty-printing every message for a debug log (the base hooks
@@ -188,19 +178,13 @@ class LeanClient(QMPClient):
 STABLE_SESSION = 5.0
 
 
-def default_connect_wait() -> wait_base:
-    return wait_exponential(multiplier=0.05, min=0.05, max=2.0)
-
-
-def default_short_session_wait() -> wait_base:
-    # A QEMU whose sessions keep ending at once (crash-looping, or a peer
-    # that accepts and drops) is tried less and less often, up to twice a
-    # minute, instead of filling the journal: 92 lines/s before.
-    return wait_exponential(multiplier=0.1, min=0.1, max=30.0)
-
-
 class VmSession:
-    """The QMP connection to one VM; an async context manager owning its task."""
+    """The QMP connection to one VM; an async context manager owning its task.
+
+    The QEMU at the other end (which process, whether it runs, its claim)
+    is ``process``'s (process.py); when the socket is tried again is
+    ``redial``'s (redial.py).
+    """
 
     def __init__(self, name: str, path: str, on_change: Callable[[], None], timeout: float = 5.0,
                  connect_wait: wait_base | None = None, short_session_wait: wait_base | None = None,
@@ -214,29 +198,20 @@ class VmSession:
         self._own_gate = announce_gate is None
         self.announce_gate = announce_gate or AnnounceGate()
         self.identity = identity or Identity()
-        # Which VM each QEMU process is, shared by all sessions: one QEMU serves one VM while it runs.
-        self.peers = peers if peers is not None else QemuClaims()
-        # (pid, start time) of the QEMUs the runtime records say served this VM.
-        self.recorded = recorded or list
+        # The QEMU last connected (its exit is a change too), and which VM each QEMU is.
+        self.process = QemuProcess(name, on_change, peers, recorded)
         # Why the last peer was refused (None: it was not).
         self.refused: str | None = None
-        self._socket_watch = SocketWatch(path)
-        self.pid_start: int | None = None
+        self.redial = Redial(name, path, connect_wait, short_session_wait)
         self.path = path
         self.on_change = on_change
         self.timeout = timeout
-        self.connect_wait = connect_wait or default_connect_wait()
-        self.short_session_wait = short_session_wait or default_short_session_wait()
         self.session = 0
-        self.pid: int | None = None
         # Why the last connection attempt failed, for status while not connected.
         self.last_error: str | None = None
         self._client: QMPClient | None = None
         self._fd_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._pidfd: int | None = None
-        # Which file the socket last tried was (peer.file_id): a new QEMU's is another.
-        self._tried_socket: tuple[int, int, int] | None = None
         self._connected_at = 0.0
         # device id -> futures told when QEMU reports it deleted (DEVICE_DELETED).
         self._deleted = DeviceDeletions()
@@ -263,44 +238,21 @@ class VmSession:
         """QEMU runs as far as netwatch can act on it: its monitor is connected."""
         return self.connected
 
+    @property
+    def pid(self) -> int | None:
+        """The QEMU last connected (it may have exited since)."""
+        return self.process.pid
+
+    @property
+    def pid_start(self) -> int | None:
+        return self.process.start
+
     def qemu_alive(self) -> bool:
-        """Whether the QEMU last connected still runs (False if unknown).
-
-        A pidfd becomes readable when its process exits, zombie or not, and
-        cannot be fooled by pid reuse.
-        """
-        if self._pidfd is None:
-            return False
-        # poll, not select: select() cannot watch an fd numbered 1024 or more.
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)
-        return not poller.poll(0)
-
-    def _watch_pid(self, pid: int | None) -> None:
-        self._unwatch_pid()
-        if pid is None:
-            return
-        try:
-            self._pidfd = os.pidfd_open(pid)
-        except OSError as exc:
-            log.warning("%s: cannot watch QEMU pid %s: %s", self.name, pid, exc)
-            return
-        # Its exit may come after the QMP socket closed: report it too.
-        asyncio.get_running_loop().add_reader(self._pidfd, self._qemu_exited)
-
-    def _qemu_exited(self) -> None:
-        if self._pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-        self.on_change()
-
-    def _unwatch_pid(self) -> None:
-        if self._pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
+        """Whether the QEMU last connected still runs (False if unknown)."""
+        return self.process.alive()
 
     async def __aenter__(self) -> VmSession:
-        self._socket_watch.start()
+        self.redial.start()
         self._task = asyncio.create_task(self._run(), name=f"netwatch-qmp-{self.name}")
         return self
 
@@ -309,8 +261,8 @@ class VmSession:
         if self._own_gate:
             await self.announce_gate.close()
         await self._drop()
-        self._unwatch_pid()
-        self._socket_watch.close()
+        self.process.unwatch()
+        self.redial.close()
 
     async def _run(self) -> None:
         # Supervised: whatever ends a session (QEMU, qemu.qmp, or a bug here)
@@ -322,7 +274,7 @@ class VmSession:
         shortcut = True  # whether a new socket may still end this streak's delay early
         while True:
             if failures:
-                shortcut = await self._back_off(delay, shortcut)
+                shortcut = await self.redial.back_off(delay, shortcut)
             session = self.session
             failed: Exception | None = None
             try:
@@ -344,49 +296,17 @@ class VmSession:
             lasted = connected and (time.monotonic() - self._connected_at >= STABLE_SESSION or migrated)
             failures = 0 if lasted else failures + 1
             shortcut = shortcut or lasted
-            delay = self._delay(failures) if failures else 0.0
+            delay = self.redial.delay(failures) if failures else 0.0
             if failed is not None:
                 after = f"; next try in {delay:.3g} s" if failures else ""
                 events.emit("error", f"QMP session on {self.path} failed: {clean(failed)}{after}", vm=self.name)
                 self.on_change()
 
-    def _delay(self, failures: int) -> float:
-        state = RetryCallState(AsyncRetrying(), None, (), {})
-        state.attempt_number = failures
-        return float(self.short_session_wait(state))
-
-    async def _back_off(self, seconds: float, shortcut: bool) -> bool:
-        """Wait ``seconds`` before trying again; whether a new socket may still cut a later wait short.
-
-        Only a socket file other than the one last connected to (a new
-        QEMU) ends the wait early, and only once a streak: touching the
-        socket, or a peer that keeps making new ones and failing, meets the
-        growing delay in full (before, a peer touching its socket once a
-        second was tried 42 times a second).
-        """
-        if not shortcut:
-            await asyncio.sleep(seconds)
-            return False
-        deadline = time.monotonic() + seconds
-        appeared = self._socket_watch.appeared
-        while True:
-            appeared.clear()
-            now = file_id(self.path)
-            if now is not None and now != self._tried_socket:
-                log.info("%s: a new socket at %s: trying it now, not %.3g s later", self.name, self.path,
-                         deadline - time.monotonic())
-                return False
-            try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    await appeared.wait()
-            except TimeoutError:
-                return True
-
     async def _session(self) -> None:
         client = await self._connect()
         peer = _peer(client)
         refusal = await self._refusal(client, peer)
-        if refusal is None and peer is not None and (other := self.peers.other_than(peer.pid, self.name)):
+        if refusal is None and peer is not None and (other := self.process.other_vm(peer.pid)):
             # Claimed for another VM while this one waited for QEMU (query-uuid).
             refusal = f"pid {peer.pid} is the QEMU of VM '{other}'"
         if refusal is not None:
@@ -404,7 +324,7 @@ class VmSession:
         # Claimed in the same step as the check (no await between): two VMs'
         # sessions to one QEMU must not both pass it. The claim outlives the
         # session: it ends when the process does.
-        self.peers.claim(peer.pid, self.name)
+        self.process.claim(peer.pid)
         # Registered before the first query-status: a change after it is not missed.
         listener = EventListener(("DEVICE_DELETED", *RUN_EVENTS))
         client.register_listener(listener)
@@ -421,9 +341,7 @@ class VmSession:
             self._client = client
             self.session += 1
             self._connected_at = time.monotonic()
-            self.pid = peer.pid
-            self.pid_start = start_time(peer.pid)
-            self._watch_pid(self.pid)
+            self.process.follow(peer.pid)
             events.emit("vm-connected", f"connected to QEMU (pid {self.pid}, {run_state}) on {self.path}", vm=self.name,
                         run_state=run_state)
             self.first_attempt.set()
@@ -481,12 +399,7 @@ class VmSession:
 
     async def _refusal(self, client: QMPClient, peer: Peer | None) -> str | None:
         """Why ``peer`` is not provably this VM's QEMU, or None (peer.py has the reasoning)."""
-        try:
-            recorded = self.recorded()
-        except NetwatchError as exc:
-            return f"its runtime records cannot be read ({exc})"
-        claims = Claims(self.name, self.peers, self.pid, self.pid is not None and self.qemu_alive(), recorded)
-        problem = peer_problem(peer, self.path, self.identity, claims)
+        problem = self.process.refusal(peer, self.path, self.identity)
         if problem is not None or self.identity.uuid is None:
             return problem
         try:
@@ -500,18 +413,11 @@ class VmSession:
         return None
 
     async def _connect(self) -> QMPClient:
-        # Retried here: nothing listening yet, each delay ending early when
-        # the socket appears (a QEMU starting). A peer that accepted and then
-        # failed is _run's to retry, after the growing delay.
-        async for attempt in AsyncRetrying(wait=self.connect_wait, retry=retry_if_exception_type(NoListener),
-                                           sleep=self._socket_watch.sleep, reraise=True,
-                                           before_sleep=lambda _state: self.first_attempt.set()):
-            with attempt:
-                return await self._connect_once()
-        raise AssertionError("unreachable: retries never stop")
+        # A peer that accepted and then failed is _run's to retry, after the growing delay.
+        return await self.redial.connect(self._connect_once, self.first_attempt.set)
 
     async def _connect_once(self) -> QMPClient:
-        self._tried_socket = file_id(self.path)
+        self.redial.trying()
         client = LeanClient(self.name)
         # The default listener keeps every event it accepts forever (and
         # cannot be removed); netwatch needs no events, so it accepts none.

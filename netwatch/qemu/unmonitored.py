@@ -31,7 +31,8 @@ from typing import Any
 
 from netwatch import events
 from netwatch.errors import QmpError
-from netwatch.qemu.peer import Identity, QemuClaims, libvirt_problem, start_time, still_runs
+from netwatch.qemu.peer import Identity, QemuClaims, libvirt_problem, still_runs
+from netwatch.qemu.process import QemuProcess
 from netwatch.qemu.qmp import NetworkInfo
 from netwatch.qemu.runstate import INMIGRATE, POSTMIGRATE, RUNNING, RunStateWatch
 
@@ -81,15 +82,12 @@ class UnmonitoredVm:
         self.machine = machine
         self.identity = identity or Identity()
         self.on_change = on_change
-        self.peers = peers if peers is not None else QemuClaims()
-        self.recorded = recorded or list
+        # The QEMU libvirt said runs (or that was found running), and which VM each QEMU is.
+        self.process = QemuProcess(name, self._exited, peers, recorded)
         self.first_attempt = asyncio.Event()
         self.runstate = RunStateWatch(name, self._no_query, on_change)
         self.errors = 0
         self.path: str | None = None
-        self._pid: int | None = None
-        self._pid_start: int | None = None
-        self._pidfd: int | None = None
         # Set from QEMU's exit until libvirt's stopped hook (bounded): see _exited.
         self._grace: asyncio.TimerHandle | None = None
         self._session = 1
@@ -117,18 +115,18 @@ class UnmonitoredVm:
 
     @property
     def pid(self) -> int | None:
-        return self._pid
+        return self.process.pid
 
     @property
     def pid_start(self) -> int | None:
-        return self._pid_start
+        return self.process.start
 
     @property
     def run_state(self) -> str | None:
         return self.runstate.state
 
     def qemu_alive(self) -> bool:
-        return self._pid is not None and still_runs(self._pid, self._pid_start)
+        return self.process.runs()
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         raise NoMonitor(f"netwatch has no monitor for VM {self.name} (no qmp in its config): cannot {command}")
@@ -162,13 +160,13 @@ class UnmonitoredVm:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._unwatch()
+        self.process.unwatch()
         if self._grace is not None:
             self._grace.cancel()
 
     def _recorded_qemu(self) -> int | None:
         assert self.domain is not None
-        for pid, started in self.recorded():
+        for pid, started in self.process.recorded():
             if still_runs(pid, started) and libvirt_problem(pid, self.domain) is None:
                 return pid
         return None
@@ -201,28 +199,21 @@ class UnmonitoredVm:
         problem = libvirt_problem(pid, self.domain)
         if problem is not None:
             return f"pid {pid} is not libvirt's QEMU of that domain: {problem}"
-        other = self.peers.other_than(pid, self.name)
+        other = self.process.other_vm(pid)
         if other is not None:
             return f"pid {pid} is the QEMU of VM '{other}'"
         return None
 
     def _adopt(self, pid: int, state: str, found: bool = False) -> None:
-        if pid == self._pid and start_time(pid) == self._pid_start:
+        if self.process.is_(pid):
             self._starting = False
             return
-        self._unwatch()
-        self._pid, self._pid_start = pid, start_time(pid)
-        self.peers.claim(pid, self.name)
+        self.process.follow(pid)
+        self.process.claim(pid)
         self._session += 1
         self._starting = False
         self.last_error = None
         self.runstate.start(state, pid)
-        try:
-            self._pidfd = os.pidfd_open(pid)
-        except OSError as exc:
-            log.warning("%s: cannot watch QEMU pid %s: %s", self.name, pid, exc)
-        else:
-            asyncio.get_running_loop().add_reader(self._pidfd, self._exited)
         how = "found running" if found else "started"
         events.emit("vm-connected", f"libvirt domain {self.domain}: QEMU (pid {pid}) {how}; no monitor: the "
                     "guest's carrier does not follow the lower", vm=self.name)
@@ -231,8 +222,8 @@ class UnmonitoredVm:
     def _exited(self) -> None:
         """QEMU exited. libvirt's stopped hook comes right after (libvirt ends QEMU, then calls it) and says
         whether the guest migrated away: its NICs' if-down context. It is waited for, a bounded while."""
-        self._unwatch()
-        if self.domain is None or self._pid is None:
+        self.process.unwatch()
+        if self.domain is None or self.process.pid is None:
             return
         self._grace = asyncio.get_running_loop().call_later(STOPPED_HOOK_WAIT, self._no_stopped_hook)
 
@@ -245,7 +236,7 @@ class UnmonitoredVm:
     def _ended(self, migration: str | None) -> None:
         """libvirt stopped the domain: its QEMU is gone; ``migration`` as LibvirtEvent says."""
         self._starting = False
-        if self._pid is not None and self.runstate.state is not None and migration is not None:
+        if self.process.pid is not None and self.runstate.state is not None and migration is not None:
             # The last state, as a monitor would have seen it: the NICs go down as migrate-out on a source,
             # as migrate-failed on a target the guest never ran on.
             self.runstate.told(POSTMIGRATE if migration == "out" else INMIGRATE)
@@ -255,23 +246,16 @@ class UnmonitoredVm:
 
     def _forget(self) -> None:
         """The QEMU is gone: the next backend is for the next one (its phase stays latched by pid)."""
-        self._unwatch()
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
         if self.runstate.state is not None:
             self.runstate.gone()
-        self._pid = self._pid_start = None
-
-    def _unwatch(self) -> None:
-        if self._pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
+        self.process.forget()
 
     def report(self) -> dict[str, Any]:
         return {"monitor": False, "libvirt_domain": self.domain, "libvirt_hook": self.last_event,
-                "qemu_pid": self._pid if self.qemu_alive() else None}
+                "qemu_pid": self.process.pid if self.qemu_alive() else None}
 
 
 def find_libvirt_qemu(domain: str) -> int | None:
