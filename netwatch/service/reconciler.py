@@ -1,5 +1,5 @@
 """The reconciler: routes link, uevent and VM events to the NICs they concern,
-and applies a new configuration as a difference."""
+and applies a new configuration as a difference (worked out by configchange.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import asyncio
 import functools
 import logging
 from collections import Counter
-from dataclasses import replace
 from typing import Any
 
 from tenacity.wait import wait_base
 
 from netwatch import events, tasks
-from netwatch.config import Config, GuestPci, VmConfig, assign_slots, parse_guest_pci
+from netwatch.config import Config, VmConfig
 from netwatch.errors import BadRequest, ConfigError, LinkError
 from netwatch.host.backends import made_by_netwatch
 from netwatch.host.links import Link
@@ -25,6 +24,8 @@ from netwatch.qemu.announce import AnnounceGate
 from netwatch.qemu.peer import QemuClaims
 from netwatch.qemu.qmp import VmSession
 from netwatch.qemu.unmonitored import LibvirtEvent, UnmonitoredVm
+from netwatch.service.configchange import ConfigChange, GuestSlots
+from netwatch.service.domains import LibvirtDomains
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,11 @@ class UnknownTarget(BadRequest):
 
 
 class Reconciler:
-    """Owns one VmSession per VM and one NicController task per NIC."""
+    """Owns one VmSession per VM and one NicController task per NIC.
+
+    What a reload changes is a ConfigChange's to work out (configchange.py);
+    which VMs libvirt's hook concerns is LibvirtDomains' (domains.py).
+    """
 
     def __init__(self, config: Config, env: NicEnv, connect_wait: wait_base | None = None) -> None:
         self.config = config
@@ -51,6 +56,8 @@ class Reconciler:
         # Which VM each running QEMU is (admitted, or in the records): one QEMU never serves two VMs.
         self._peers = QemuClaims()
         self._announce_gate = AnnounceGate()
+        self._slots = GuestSlots(self.nics, env.records)
+        self._domains = LibvirtDomains(self.vms, self.nics, env.links)
         env.own_links = self.own_links
         env.on_interest_change = self.update_interest
 
@@ -128,32 +135,8 @@ class Reconciler:
         self.vms[name] = session
         self.nics[name] = {}
         await session.__aenter__()
-        for nic in self._keep_slots(vm_config).nics:
+        for nic in self._slots.keep(vm_config, self.config.path).nics:
             self._add_nic(name, NicController(name, nic, session, self.env))
-
-    def _keep_slots(self, vm: VmConfig) -> VmConfig:
-        """``vm`` with each NIC that has no guest_pci in the file at the slot it has now.
-
-        A default slot follows the NIC's place in the file: removing a NIC
-        would move the ones after it. A NIC keeps the slot its running
-        controller (or, after a restart, its runtime record) has; only new
-        NICs take free default slots.
-        """
-        kept: dict[str, GuestPci] = {}
-        running = self.nics.get(vm.name, {})
-        for nic in vm.nics:
-            controller = running.get(nic.id)
-            if controller is not None and controller.nic.guest_pci is not None:
-                kept[nic.id] = controller.nic.guest_pci
-            elif controller is None and (record := self.env.records.load(vm.name, nic.id)) is not None:
-                slot = parse_guest_pci(record.guest_pci)
-                if slot is not None:
-                    kept[nic.id] = slot
-        nics, short = assign_slots(list(vm.nics), kept)
-        if short:
-            raise ConfigError([f"{self.config.path}: vm '{vm.name}' nic '{nic_id}': key 'guest_pci': is required: "
-                               "the default slots are taken by the VM's running NICs" for nic_id in short])
-        return replace(vm, nics=tuple(nics))
 
     def _recorded_qemus(self, vm_config: VmConfig) -> list[tuple[int, int | None]]:
         records = (self.env.records.load(vm_config.name, nic.id) for nic in vm_config.nics)
@@ -202,23 +185,20 @@ class Reconciler:
 
     async def reload(self, new: Config) -> dict[str, Any]:
         """Apply ``new`` as a difference; refuse what only a restart can change."""
-        old = self.config
-        old_vms = {vm.name: vm for vm in old.vms}
-        refused = self.refused_settings(new)
+        change = self._change(new)
+        refused = change.refused()
         if refused:
             raise ConfigError(refused)
         summary: Counter[str] = Counter()
-        new_vms = {vm.name: self._keep_slots(vm) if self._same_vm(old_vms.get(vm.name), vm) else vm
-                   for vm in new.vms}
+        new_vms = change.vms()
         self.config = new
         self.env.hooks.hooks_dir = new.settings.hooks_dir
         self.env.hooks.timeout = new.settings.hook_timeout
         self.env.unplug_timeout = new.settings.unplug_timeout
         self.env.migration_handover = new.settings.migration_handover
-        for name, vm in old_vms.items():
-            if not self._same_vm(vm, new_vms.get(name)):
-                await self._remove_vm(name)
-                summary["VMs removed"] += 1
+        for name in change.removed(new_vms):
+            await self._remove_vm(name)
+            summary["VMs removed"] += 1
         for name, vm in new_vms.items():
             if name not in self.vms:
                 await self._add_vm(vm)
@@ -246,45 +226,15 @@ class Reconciler:
         events.emit("service", f"configuration reloaded from {new.path}: {text}")
         return {"changes": dict(summary), "summary": text}
 
-    def refused_settings(self, new: Config) -> list[str]:
-        return [f"{new.path}: key '{key}': cannot change while netwatch runs (restart it)"
-                for key in ("state_dir", "udev", "control_group", "device_dir")
-                if getattr(self.config.settings, key) != getattr(new.settings, key)]
+    def _change(self, new: Config) -> ConfigChange:
+        return ConfigChange(self.config, new, self.nics, self._slots)
 
-    @staticmethod
-    def _same_vm(old: VmConfig | None, new: VmConfig | None) -> bool:
-        """Whether a reload keeps the VM's session (else the VM is removed and added anew)."""
-        return (old is not None and new is not None
-                and (old.qmp, old.identity, old.machine) == (new.qmp, new.identity, new.machine))
+    def refused_settings(self, new: Config) -> list[str]:
+        return self._change(new).refused()
 
     def plan(self, new: Config) -> list[dict[str, str]]:
         """What a reload to ``new`` would do, one step per VM or NIC; nothing is changed."""
-        steps: list[dict[str, str]] = []
-        old_vms = {vm.name: vm for vm in self.config.vms}
-        for name, vm in old_vms.items():
-            if not self._same_vm(vm, new.vm(name)):
-                steps.append({"vm": name, "nic": "", "action": "remove-vm",
-                              "why": "gone from the config" if new.vm(name) is None
-                              else "its qmp, identity or machine changed"})
-        for vm in new.vms:
-            if not self._same_vm(old_vms.get(vm.name), vm):
-                steps.append({"vm": vm.name, "nic": "", "action": "add-vm", "why": "new in the config"})
-                continue
-            running = self.nics.get(vm.name, {})
-            kept = self._keep_slots(vm)
-            wanted = {nic.id: nic for nic in kept.nics}
-            for nic_id, leaving in running.items():
-                if nic_id not in wanted:
-                    steps.append({"vm": vm.name, "nic": nic_id, "action": "hot-remove",
-                                  "why": f"gone from the config; device_del at {leaving.nic.guest_pci}"})
-            for nic_id, nic in wanted.items():
-                controller = running.get(nic_id)
-                if controller is None:
-                    steps.append({"vm": vm.name, "nic": nic_id, "action": "hot-add",
-                                  "why": f"new in the config; {nic.wiring} wiring at {nic.guest_pci}"})
-                elif (step := controller.plan(nic)) is not None:
-                    steps.append({"vm": vm.name, "nic": nic_id, **step})
-        return steps
+        return self._change(new).steps()
 
     # -- events in ------------------------------------------------------------
 
@@ -352,14 +302,7 @@ class Reconciler:
 
     async def taps_ready(self, vms: list[str], timeout: float) -> list[str]:
         """Wait (at most ``timeout`` s) until the taps QEMU opens by name for ``vms`` are there; what is not."""
-        def missing() -> list[NicController]:
-            return [nic for vm in vms for nic in self.nics.get(vm, {}).values()
-                    if nic.nic.wiring == "redirect" and self.env.links.named(nic.nic.ifname) is None]
-        waiters = [nic.next_pass() for nic in missing()]
-        if waiters:
-            await asyncio.wait(waiters, timeout=timeout)
-        return [f"{nic.vm_name}/{nic.nic.id}: tap {nic.nic.ifname} is not there ({nic.fsm.cause})"
-                for nic in missing()]
+        return await self._domains.taps_ready(vms, timeout)
 
     def nic(self, vm: str, nic: str) -> NicController:
         if vm not in self.nics:
@@ -386,30 +329,8 @@ class Reconciler:
         return {"vms": vms}
 
     def libvirt_event(self, event: LibvirtEvent) -> dict[str, Any]:
-        """One call of libvirt's qemu hook: the VMs whose ``libvirt_domain`` it names follow it.
-
-        The answer comes once those VMs' NICs have had a pass: at ``prepare``
-        the hook (and libvirt) wait for the taps QEMU is about to open.
-        """
-        followed, refused = [], []
-        for name, session in self.vms.items():
-            vm = self.config.vm(name)
-            if vm is None or vm.libvirt_domain != event.domain:
-                continue
-            if vm.uuid is not None and event.uuid is not None and vm.uuid != event.uuid.lower():
-                why = f"the domain's UUID is {event.uuid}, not {vm.uuid} as the config says"
-                events.emit("error", f"libvirt domain {event.domain}: its {event.op} hook is not for VM {name}: "
-                            f"{why}", vm=name)
-                refused.append(f"{name}: {why}")
-                continue
-            if not isinstance(session, UnmonitoredVm):
-                continue  # its monitor says what its QEMU does
-            problem = session.libvirt(event)
-            if problem is not None:
-                refused.append(f"{name}: {problem}")
-            else:
-                followed.append(name)
-        return {"vms": followed, "refused": refused}
+        """One call of libvirt's qemu hook: the VMs whose ``libvirt_domain`` it names follow it."""
+        return self._domains.follow(event, self.config)
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
