@@ -72,9 +72,14 @@ def lower_matches(spec: LowerSpec, link: Link) -> bool:
 
 def _pci_address(ifname: str) -> str | None:
     try:
-        return os.path.basename(os.path.realpath(f"/sys/class/net/{ifname}/device", strict=True))
+        device = os.path.realpath(f"/sys/class/net/{ifname}/device", strict=True)
+        # A virtio-net NIC's device is its virtio device (virtio3), a child of
+        # the PCI function; its number changes when the NIC is plugged again.
+        if os.path.basename(os.path.realpath(f"{device}/subsystem", strict=True)) == "virtio":
+            device = os.path.dirname(device)
     except OSError:
         return None
+    return os.path.basename(device)
 
 
 def matching_lowers(spec: LowerSpec | None, exclude: Container[str], links: LinkTable,
