@@ -170,3 +170,44 @@ def test_live_migration_between_two_libvirt_hosts_loses_no_more_than_libvirts_di
     assert a.contexts() == ["start", *["migrate-out", "migrate-in"] * ROUNDS], (a.contexts(), dump())
     assert b.contexts() == ["migrate-in", "migrate-out"] * ROUNDS, (b.contexts(), dump())
     assert lost[NW] <= lost[DIRECT], f"netwatch's NIC lost {lost[NW]} pings, libvirt's direct NIC {lost[DIRECT]}"
+
+
+def test_an_aborted_migration_leaves_the_guest_on_its_source_and_the_target_says_migrate_failed(
+        setup: tuple[LibvirtPair, dict[str, Host], str]) -> None:
+    pair, hosts, domain_uuid = setup
+    a, b = hosts["A"], hosts["B"]
+    printed = run_netwatch("qemu-args", "-c", str(a.config), "--libvirt", NW)
+    assert printed.returncode == 0, printed
+    try:
+        pair.define("A", NW, pair.domain_xml(NW, f"{ADDRESS[NW]}/24", [interfaces(printed.stdout)[NIC]],
+                                             uuid=domain_uuid))
+    except GuestError as exc:
+        pytest.fail(f"the test guest cannot be built: {exc}", pytrace=False)
+
+    def dump() -> str:
+        return "\n".join([pair.dump(NW), *(f"== netwatch {h.label}\n{h.netwatch.log()[-4000:]}"
+                                           for h in hosts.values() if h.netwatch)])
+
+    pair["A"].virsh("start", NW)
+    wait_until(lambda: a.nic()["state"] == "attached", 30, "A's NIC attached", dump)
+    pair.wait_pings(NW, 3, timeout=120)
+    # A migration slow enough to abort (1 MiB/s): the target's NIC is joined for the guest it expects...
+    migration = pair.migrate_async(NW, "A", "B", "--bandwidth", "1")
+    try:
+        wait_until(lambda: b.nic()["state"] == "attached", 30, "B's NIC joined for the incoming guest", dump)
+        wait_until(lambda: b.contexts() == ["migrate-in"], 10, "B's if-up migrate-in", dump)
+        pair["A"].virsh("domjobabort", NW)
+        _out, err = migration.communicate(timeout=60)
+    finally:
+        if migration.poll() is None:
+            migration.kill()
+            migration.wait(10)
+    assert migration.returncode != 0 and ("abort" in err.lower() or "cancel" in err.lower()), err
+    # ... and taken down as migrate-failed when libvirt ends the target's QEMU; the source never noticed.
+    wait_until(lambda: b.nic()["state"] == "waiting-vm", 15, "B's NIC let go", dump)
+    wait_until(lambda: b.contexts() == ["migrate-in", "migrate-failed"], 10, "B's if-down migrate-failed", dump)
+    assert pair.running_on(NW) == ["A"]
+    serial = pair.serial(NW)
+    serial.set_mark()
+    pair.wait_pings(NW, 3, timeout=30)
+    assert a.nic()["state"] == "attached" and a.contexts() == ["start"], (a.contexts(), dump())
