@@ -84,6 +84,12 @@ class Host:
         return [json.loads(line)["argv"][1] for line in self.hook_log.read_text().splitlines() if line.strip()]
 
 
+def dump_all(pair: LibvirtPair, hosts: dict[str, Host]) -> str:
+    """Both libvirts' view of the netwatch domain, and both netwatches' logs (tails)."""
+    return "\n".join([pair.dump(NW), *(f"== netwatch {h.label}\n{h.netwatch.log()[-4000:]}"
+                                       for h in hosts.values() if h.netwatch)])
+
+
 @pytest.fixture
 def setup(short_tmp: Path) -> Iterator[tuple[LibvirtPair, dict[str, Host], str]]:
     domain_uuid = str(uuid_mod.uuid4())
@@ -118,8 +124,7 @@ def test_live_migration_between_two_libvirt_hosts_loses_no_more_than_libvirts_di
         pytest.fail(f"the test guest cannot be built: {exc}", pytrace=False)
 
     def dump() -> str:
-        return "\n".join([pair.dump(NW), *(f"== netwatch {h.label}\n{h.netwatch.log()[-4000:]}"
-                                           for h in hosts.values() if h.netwatch)])
+        return dump_all(pair, hosts)
 
     # netwatch ran first on both hosts: the tap libvirt opens by name is on each; joined only where it runs.
     wait_until(lambda: b.nic()["state"] == "waiting-vm" and b.nic()["ifindex"] is not None, 15,
@@ -185,8 +190,7 @@ def test_an_aborted_migration_leaves_the_guest_on_its_source_and_the_target_says
         pytest.fail(f"the test guest cannot be built: {exc}", pytrace=False)
 
     def dump() -> str:
-        return "\n".join([pair.dump(NW), *(f"== netwatch {h.label}\n{h.netwatch.log()[-4000:]}"
-                                           for h in hosts.values() if h.netwatch)])
+        return dump_all(pair, hosts)
 
     pair["A"].virsh("start", NW)
     wait_until(lambda: a.nic()["state"] == "attached", 30, "A's NIC attached", dump)
