@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pyudev
 
@@ -62,9 +62,64 @@ def resolve_source(mode: str) -> str | None:
     return mode
 
 
-def udev_initialized(ifindex: int) -> bool:
-    """Whether udevd has processed the link (its database entry exists)."""
-    return os.path.exists(f"{UDEV_DATA}/n{ifindex}")
+def udev_initialized(ifindex: int, data_dir: str = UDEV_DATA) -> bool:
+    """Whether udevd's database says it is done with the link: an entry, not marked as still being processed."""
+    try:
+        with open(f"{data_dir}/n{ifindex}", "rb") as entry:
+            # A few hundred bytes; newer udevd marks an entry it rewrites while it processes the device.
+            return b"E:ID_PROCESSING=1\n" not in entry.read(65536)
+    except OSError:
+        return False
+
+
+class UdevReadiness:
+    """Which links udevd is done with, so that netwatch uses a new link only under its final name.
+
+    The proof is udevd's own event for the link: udevd sends it after the
+    rename, the database entry and its RUN programs, and it names the link
+    as it is then. Its database entry alone is not: on a Debian 12 host
+    (systemd 252) whose two NICs came back together on a driver reload, the
+    entry of the second one was there 36-89 ms before udevd renamed it from
+    eth1, and a NIC whose lower was matched by MAC got its macvtap on eth1
+    (issue 24). Links that were there before netwatch listened (``prime``:
+    at start, and after missed uevents) have no event to come, and go by
+    the database entry; once a link was ready it stays so (an admin's later
+    rename moves nothing).
+    """
+
+    def __init__(self, data_dir: str = UDEV_DATA) -> None:
+        self.data_dir = data_dir
+        self._named: dict[int, str | None] = {}  # ifindex -> the name udevd's last event gave (None: unreadable)
+        self._primed: set[int] = set()
+        self._settled: set[int] = set()
+
+    def prime(self, ifindexes: Iterable[int]) -> None:
+        """These links may have been handled by udevd before netwatch listened: their database entry decides."""
+        self._primed.update(ifindexes)
+
+    def on_event(self, action: str, name: str, ifindex: int | None) -> None:
+        if ifindex is None:
+            return
+        if action == "remove":
+            self._named.pop(ifindex, None)
+            self._primed.discard(ifindex)
+            self._settled.discard(ifindex)
+        else:
+            self._named[ifindex] = name or None
+
+    def __call__(self, index: int, name: str) -> bool:
+        """Whether the link ``index``, named ``name`` in netwatch's table now, may be used."""
+        if index in self._settled:
+            return True
+        if index in self._named:
+            said = self._named[index]
+            # A rename's netlink message may be read after udevd's event: until then the table's name is the old one.
+            ready = said is None or said == name
+        else:
+            ready = index in self._primed and udev_initialized(index, self.data_dir)
+        if ready:
+            self._settled.add(index)
+        return ready
 
 
 class UdevMonitor:

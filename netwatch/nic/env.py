@@ -25,7 +25,8 @@ class NicEnv:
     records: RecordStore
     hooks: HookRunner
     node_dir: str
-    udev_gate: bool = False
+    # With udevd: whether a link (ifindex, name now) is one udevd is done with (netwatch/host/udev.py).
+    lower_ready: Callable[[int, str], bool] | None = None
     retry_wait: wait_base | None = None
     unplug_timeout: float = 15.0
     migration_handover: float = 0.25

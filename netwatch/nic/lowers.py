@@ -8,7 +8,6 @@ from collections.abc import Container
 from netwatch.config import LowerSpec, NicConfig
 from netwatch.host.backends import find_lower, matching_lowers
 from netwatch.host.links import Link
-from netwatch.host.udev import udev_initialized
 from netwatch.nic.env import NicEnv
 from netwatch.nic.records import NicRecord
 
@@ -52,7 +51,7 @@ class LowerChoice:
 
     def ready(self, link: Link) -> bool:
         # With udevd, a link is used only once udev is done with it (renames).
-        return not self.env.udev_gate or udev_initialized(link.index)
+        return self.env.lower_ready is None or self.env.lower_ready(link.index, link.name)
 
     def spec_name(self) -> str:
         spec = self.spec

@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tenacity.wait import wait_base
@@ -24,7 +25,7 @@ from netwatch.host.kernelcheck import KernelSupport
 from netwatch.host.linkops import LinkOps
 from netwatch.host.links import LinkMonitor, LinkTable
 from netwatch.host.linkstats import dump_counters
-from netwatch.host.udev import UdevMonitor, resolve_source
+from netwatch.host.udev import UdevMonitor, UdevReadiness, resolve_source
 from netwatch.nic.env import NicEnv
 from netwatch.nic.records import RecordStore
 from netwatch.qemu.unmonitored import STARTING_OPS
@@ -83,20 +84,25 @@ class Service:
             stack.callback(self.notifier.close)
             ops = await stack.enter_async_context(LinkOps())
             hooks = await stack.enter_async_context(HookRunner(settings.hooks_dir, settings.hook_timeout))
+            readiness = UdevReadiness() if source == "udev" else None
             env = NicEnv(links=table, ops=ops, records=RecordStore(settings.state_dir), hooks=hooks,
-                         node_dir=settings.node_dir, udev_gate=source == "udev",
+                         node_dir=settings.node_dir, lower_ready=readiness,
                          retry_wait=self.retry_wait, on_state_change=self._status_changed,
                          unplug_timeout=settings.unplug_timeout,
                          migration_handover=settings.migration_handover, refusal=self._refusal)
             self.env = env
             reconciler = Reconciler(self.config, env, connect_wait=self.connect_wait)
             self.reconciler = reconciler
+            if source is not None:
+                # Listening before the links are read: a link made meanwhile has its uevents still to come.
+                await stack.enter_async_context(
+                    UdevMonitor(source, self._uevent_handler(readiness, reconciler.on_uevent),
+                                lambda: self._resync(readiness)))
             links = await stack.enter_async_context(
                 LinkMonitor(table, reconciler.on_link_change, reconciler.kick_all, rcvbuf=settings.netlink_rcvbuf))
             self.links = links
-            if source is not None:
-                await stack.enter_async_context(
-                    UdevMonitor(source, reconciler.on_uevent, lambda: self._resync(links)))
+            if readiness is not None:
+                readiness.prime(link.index for link in table)
             await stack.enter_async_context(reconciler)
             if settings.metrics_file is not None:
                 self.metrics = await stack.enter_async_context(MetricsWriter(settings.metrics_file, self._collect))
@@ -286,11 +292,30 @@ class Service:
                 await self._reload({})
         self._start(reload(), "netwatch-sighup-reload")
 
-    def _resync(self, links: LinkMonitor) -> None:
+    @staticmethod
+    def _uevent_handler(readiness: UdevReadiness | None,
+                        on_uevent: Callable[[str, str, int | None], None]) -> Callable[[str, str, int | None], None]:
+        if readiness is None:
+            return on_uevent
+
+        def handle(action: str, name: str, ifindex: int | None) -> None:
+            readiness.on_event(action, name, ifindex)
+            on_uevent(action, name, ifindex)
+        return handle
+
+    def _resync(self, readiness: UdevReadiness | None) -> None:
         if self._refresh is not None and not self._refresh.done():
             return  # one refresh at a time covers every overflow so far
-        self._refresh = asyncio.get_running_loop().create_task(links.refresh("uevent overflow"))
+        if self.links is None:
+            return  # the first read of the links is still to come
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_after_overflow(self.links, readiness))
         self._refresh.add_done_callback(self._refresh_done)
+
+    async def _refresh_after_overflow(self, links: LinkMonitor, readiness: UdevReadiness | None) -> None:
+        await links.refresh("uevent overflow")
+        if readiness is not None:
+            # udevd's events for these may be among those lost: their database entries decide.
+            readiness.prime(link.index for link in links.table)
 
     def _refresh_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
