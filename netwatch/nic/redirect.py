@@ -262,10 +262,11 @@ class RedirectWiring:
         """
         if self.hooks.phase != migration.NONE:
             return
+        nic_id, mac = self.nic.id, self.nic.mac
         if self.vm.connected:
-            self.vm.announce(self.nic.id)
+            self.guest.announce_when_up(lambda: self.vm.announce(nic_id), from_guest=True)
         else:
-            rarp.announce(macvlan, self.nic.mac)
+            self.guest.announce_when_up(lambda: rarp.announce(macvlan, mac), from_guest=False)
 
     async def maintain(self, placement: Placement) -> None:
         """Put back what something else took away: the filters (libvirt's <bandwidth> deletes the qdisc)."""

@@ -168,8 +168,8 @@ class SwappedBackend:
                     vm=self.vm_name, nic=self.nic.id, lower=lower.name if lower else None, netdev=pair.tap,
                     ifindex=created.index)
         self.hooks.up(self.hooks.attach_context(), self.backend)
-        # Switches relearn where the guest MAC lives now.
-        self.vm.announce(self.nic.id)
+        # Switches relearn where the guest MAC lives now, once the guest can be heard.
+        self._announce()
 
     async def swap(self, placement: Placement, cause: str) -> None:
         """Make-before-break: the new backend joins the hub before the old one leaves."""
@@ -188,12 +188,16 @@ class SwappedBackend:
         await self.halves.switch(old, name, created, pair)
         self.backend = new
         self.env.records.save(new)
-        self.vm.announce(self.nic.id)
+        self._announce()
         await self.halves.retire(old)
         self.hooks.down("rebind", old)
         self.hooks.up("rebind", new)
         events.emit("rebind", f"{cause}: {old.tap_netdev} on {old.lower} -> {pair.tap} on {new.lower}",
                     vm=self.vm_name, nic=self.nic.id, lower=new.lower, netdev=pair.tap, previous=old.lower)
+
+    def _announce(self) -> None:
+        nic_id = self.nic.id
+        self.guest.announce_when_up(lambda: self.vm.announce(nic_id), from_guest=True)
 
     async def maintain(self, placement: Placement) -> None:
         """Keep the attached backend wired where ``placement`` says (a tap's bridge and uplink)."""
