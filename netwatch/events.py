@@ -50,6 +50,7 @@ EVENT_KINDS: dict[str, EventKind] = {
     "migration-failed": EventKind("176448c20294472d8ded1e964cea2e9f", logging.WARNING),
     "run-state-flood": EventKind("671eed9253294930bfdcabcc3191ec63", logging.WARNING),
     "filters-restored": EventKind("5f0d8c5be2c44f5a9c8f3a1e6b7d2c94", logging.WARNING),
+    "lower-replaced": EventKind("5da672fd335c49da8d8af96a2a090ca7", logging.WARNING),
     "service": EventKind("a90120ef32f54a34aabb5e9cd4d3f8de", logging.INFO),
 }
 

@@ -67,10 +67,11 @@ def lower_matches(spec: LowerSpec, link: Link) -> bool:
         return False
     if spec.mac is not None and (link.mac or "").lower() != spec.mac:
         return False
-    return spec.pci is None or _pci_address(link.name) == spec.pci
+    return spec.pci is None or pci_address(link.name) == spec.pci
 
 
-def _pci_address(ifname: str) -> str | None:
+def pci_address(ifname: str) -> str | None:
+    """The PCI function of a NIC (the one of its virtio device), or None (not a PCI NIC, or gone)."""
     try:
         device = os.path.realpath(f"/sys/class/net/{ifname}/device", strict=True)
         # A virtio-net NIC's device is its virtio device (virtio3), a child of

@@ -18,6 +18,7 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential
 from tenacity.wait import wait_base
 
+from netwatch import events
 from netwatch.config import LowerSpec, NicConfig, ifname_problem
 from netwatch.errors import BadRequest, NetwatchError
 from netwatch.host.backends import LinkVanished, Placement, ambiguity
@@ -253,6 +254,7 @@ class NicController:
             await self._check_backend(placement)
         if self.backend is None:
             if not placement.ready:
+                self._replaced_lower()
                 await wiring.set_guest_link(False, placement.missing)
                 self.fsm.on(NicEvent.LOWER_MISSING, placement.missing)
                 return
@@ -275,6 +277,14 @@ class NicController:
         await wiring.set_guest_link(self.driver.carrier(placement), "lower carrier")
         self.fsm.on(event, f"backend {self.backend.ifname if self.backend else '?'}: {placement.describe()}",
                     lower=lower.name if lower else None)
+
+    def _replaced_lower(self) -> None:
+        """A lower given by MAC whose card was replaced by one with another MAC: said once, and shown in status."""
+        found = self.lowers.replaced()
+        if found is not None and found[1]:
+            link = found[0]
+            events.emit("lower-replaced", self.lowers.replaced_note or "", vm=self.vm_name, nic=self.nic.id,
+                        lower=link.name, mac=link.mac)
 
     async def _check_backend(self, placement: Placement) -> None:
         """Detach a dead or outdated backend; move a live one make-before-break."""
@@ -351,6 +361,8 @@ class NicController:
         cause = self.fsm.cause
         if self.fsm.state is NicState.WAITING_VM and self.vm.monitored and self.vm.last_error:
             cause = f"QEMU is not connected: {self.vm.last_error}"  # attempts fail without a transition
+        elif self.fsm.state is NicState.WAITING_LOWER and self.lowers.replaced_note:
+            cause = self.lowers.replaced_note  # seen after the NIC began waiting: no transition
         elif self.fsm.state is NicState.WAITING_VM and not self.vm.monitored and not self.vm.present:
             cause = f"libvirt domain {self.vm.identity.libvirt_domain} is not running"  # since the service started
         status: dict[str, Any] = {

@@ -40,5 +40,6 @@ def keys(names: Iterable[str], bridge: str | None, specs: Iterable[LowerSpec | N
     if backend is not None:
         found.update((("index", backend.ifindex), ("index", backend.lower_ifindex)))
     if lower is not None:
-        found.add(("index", lower.index))
+        # By name too: a card replaced in its slot comes back under the old one's predictable name.
+        found.update((("index", lower.index), ("name", lower.name)))
     return found

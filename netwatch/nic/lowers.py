@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Container
 
 from netwatch.config import LowerSpec, NicConfig
-from netwatch.host.backends import find_lower, matching_lowers
+from netwatch.host.backends import find_lower, matching_lowers, pci_address
 from netwatch.host.links import Link
 from netwatch.nic.env import NicEnv
 from netwatch.nic.records import NicRecord
@@ -19,7 +19,40 @@ class LowerChoice:
         self.nic = nic
         self.env = env
         self.override: LowerSpec | None = None  # set by rebind until the next reload/restart
-        self.last: Link | None = None  # the lower last found
+        self._last: Link | None = None  # the lower last found
+        # A lower given by MAC: the PCI slot it was last found at, and the card found there since with
+        # another MAC (netwatch's sentence about it), so that the NIC says why it waits (``replaced``).
+        self._slot: str | None = None
+        self.replaced_note: str | None = None
+        self._reported: int | None = None
+
+    @property
+    def last(self) -> Link | None:
+        return self._last
+
+    @last.setter
+    def last(self, link: Link | None) -> None:
+        if link is not None and (self._last is None or link.index != self._last.index):
+            spec = self.spec
+            self._slot = pci_address(link.name) if spec is not None and spec.mac and not spec.pci else None
+        if link is not None:
+            self.replaced_note = None
+        self._last = link
+
+    def replaced(self) -> tuple[Link, bool] | None:
+        """The card now at the slot of a lower given by MAC, when it has another MAC (the lower was replaced),
+        and whether this is the first pass to see it; it is never used as the lower."""
+        spec, last = self.spec, self._last
+        if spec is None or not spec.mac or spec.pci or self._slot is None or last is None:
+            return None
+        # Predictable names come from the slot: the new card has the old one's name once udev is done.
+        link = self.env.links.named(last.name)
+        if link is None or link.mac == spec.mac or not self.ready(link) or pci_address(link.name) != self._slot:
+            return None
+        self.replaced_note = (f"{link.name} at PCI {self._slot}, where lower {spec.mac} was, now has MAC {link.mac}: "
+                              "not used, as the lower is given by MAC (give it by pci to follow the slot)")
+        first, self._reported = self._reported != link.index, link.index
+        return link, first
 
     @property
     def spec(self) -> LowerSpec | None:
