@@ -12,7 +12,7 @@ never written (each boot writes to a throwaway overlay: ``snapshot=on``).
 
 The outer QEMU (TCG, ``-machine pc``: ACPI PCI hotplug on any slot) gives it:
 
-* two virtio-net NICs on fixed, pluggable slots, whose backends are
+* three virtio-net NICs on fixed, pluggable slots (4, 5, 6), whose backends are
   ``-netdev dgram`` unix sockets: the test's end of each is the "switch"
   (a child process of the test, :class:`Switch`), which sends tagged frames
   to the inner VMs' MACs and records what the host sends out. No link is
@@ -422,7 +422,11 @@ class HostNic:
                 "addr": f"0x{self.slot:x}", "romfile": ""}
 
 
-NICS = (HostNic("hsnic0", "52:54:00:aa:00:04", 4, "a"), HostNic("hsnic1", "52:54:00:aa:00:05", 5, "b"))
+# The first two are the lowers of the inner VMs' NICs by name, VLAN, MAC and PCI address; the third is a
+# bond's slave (a bond rewrites its slaves' MAC: never one of the first two, whose MAC a lower names).
+NICS = (HostNic("hsnic0", "52:54:00:aa:00:04", 4, "a"), HostNic("hsnic1", "52:54:00:aa:00:05", 5, "b"),
+        HostNic("hsnic2", "52:54:00:aa:00:06", 6, "c"))
+SERIAL_SLOT = 0x10  # the guest agent's virtio-serial: clear of the NICs' slots
 SWITCH_MAC = "02:00:00:00:00:01"
 # Test frames to the inner VMs: "NWHS", a sequence number and the switch's
 # CLOCK_MONOTONIC at sending (ns), so that the first frame an inner VM gets
@@ -640,7 +644,7 @@ class HotswapHost:
                 "-serial", f"file:{self.console_path}",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-chardev", f"socket,id=qga0,path={self.agent_path},server=on,wait=off",
-                "-device", "virtio-serial-pci,addr=0x6",
+                "-device", f"virtio-serial-pci,addr={SERIAL_SLOT:#x}",
                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
         for nic in self.nics:
             qemu_end, switch_end = segment_paths(self.workdir, nic.segment)

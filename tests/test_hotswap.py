@@ -4,42 +4,59 @@ tests/hotswap_host.py boots a Debian 12 VM under TCG (cached image; one
 boot for the whole module): systemd, udevd, systemd-networkd, netwatch
 installed inside as docs/service.md says and running as its service
 (``udev = "udev"``: it uses a new link only once udevd has handled it),
-and an inner QEMU (no guest OS, running) whose four macvtap NICs netwatch
-keeps attached:
+three virtio-net NICs on pluggable slots (ens4, ens5, ens6) and an inner
+QEMU (no guest OS, running) whose seven macvtap NICs netwatch keeps
+attached:
 
 * nw0: lower ``ens4``, the host's first NIC by its predictable name;
 * nw1: lower ``ens4.100``, a VLAN systemd-networkd makes on it;
 * nw2: lower ``{ mac = <the second NIC's MAC> }``;
-* nw3: lower ``{ pci = "0000:00:05.0" }``, the second NIC's slot.
+* nw3: lower ``{ pci = "0000:00:05.0" }``, the second NIC's slot;
+* nw4: ``wiring = "redirect"``, lower ``ens4``;
+* nw5: ``wiring = "redirect"``, lower ``{ pci = "0000:00:05.0" }``;
+* nw6: lower ``bond0``, an active-backup bond networkd makes with ens6 (the
+  third NIC, on a segment of its own) as its slave.
 
-Each inner NIC's hub has an observer port (``-netdev dgram``) read by a
-small program inside the host, which logs the first test frame after a
-silence with the time it was sent (this machine's clock, carried in the
-frame) and received (the host VM's). The switch (a process of the test)
-sends the frames on the host's segments every 10 ms, VLAN-tagged for nw1,
-and records the inner VMs' own frames (netwatch's announce-self after a
-reattach: RARP from the guest's MAC) coming out of the host.
+Each hub NIC's hub has an observer port (``-netdev dgram``) read by a small
+program inside the host, which logs the first test frame after a silence
+with the time it was sent (this machine's clock, carried in the frame) and
+received (the host VM's); for a redirect NIC (no hub) it reads what leaves
+the NIC's persistent tap towards QEMU (an AF_PACKET socket on the tap,
+PACKET_OUTGOING). The switch (a process of the test) sends the frames on
+the host's segments every 10 ms, VLAN-tagged for nw1, and records the
+inner VMs' own frames (netwatch's announce-self after a reattach: RARP from
+the guest's MAC) coming out of the host.
 
 Scenarios (each a test, sharing the boot; NETWATCH_HOTSWAP_ROUNDS rounds,
-1 by default):
+1 by default; each leaves every NIC attached):
 
 * the host's first NIC unplugged (``device_del`` on the outer QMP) and
   plugged back at the same slot with the same MAC: the kernel names it
-  eth0, udev renames it ens4, networkd makes ens4.100 again; nw0 and nw1
-  are attached again, never on eth0, and their frames flow;
-* the same for the second NIC: nw2 (MAC) and nw3 (PCI path) follow it;
+  eth0, udev renames it ens4, networkd makes ens4.100 again; nw0, nw1 and
+  nw4 are attached again, never on eth0, and their frames flow;
+* the same for the second NIC: nw2 (MAC), nw3 and nw5 (PCI path) follow it;
 * the VLAN deleted and made again by networkd (``networkctl reconfigure``);
-* the driver reloaded: ``modprobe -r virtio_net && modprobe virtio_net``.
+* the driver reloaded: ``modprobe -r virtio_net && modprobe virtio_net``
+  (nw6's bond stays, without its slave for a while);
+* the bond deleted and made again by networkd with its slave;
+* the bond's slave unplugged and plugged back (the bond stays);
+* the second NIC replaced by a card with another MAC: nw3 and nw5 follow
+  the slot, nw2 (lower by MAC) waits and netwatch says why, once; then the
+  original card back;
+* the second NIC gone for a while (NETWATCH_HOTSWAP_IDLE_SECONDS, 10 s by
+  default): its NICs wait without a retry loop (netwatch's CPU time and
+  journal over the window).
 
 Each round prints the time from the event to the first frame through,
-and splits it into the host's share (until udev announced the lower:
+and splits it into the host's share (until udevd announced the lower:
 hotplug, probe, rename, networkd) and netwatch's (from there to the first
-frame at the inner VM's hub), from udevadm monitor's and the observer's
-timestamps (both the host VM's CLOCK_MONOTONIC).
+frame at the inner VM's hub, or out of its tap), from udevadm monitor's and
+the observer's timestamps (both the host VM's CLOCK_MONOTONIC).
 
     NETWATCH_HOTSWAP_ROUNDS=5 .venv/bin/pytest -s tests/test_hotswap.py
 
-is the long form (5 rounds, p50 and max per scenario).
+is the long form (5 rounds, p50 and max per scenario);
+NETWATCH_HOTSWAP_IDLE_SECONDS=60 lengthens the absent lower's window.
 """
 
 from __future__ import annotations
@@ -57,6 +74,7 @@ from typing import Any
 
 import pytest
 
+from netwatch.config import alt_ifname, macvlan_ifname
 from netwatch.sandbox.testbed import wait_until
 
 from .hotswap_host import NICS, HostNic, HotswapHost, Switch, booted, missing_tools
@@ -65,9 +83,13 @@ from .test_real_systemd import readme_service_commands
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("NETWATCH_HOTSWAP_ROUNDS", "1"))
-NIC_A, NIC_B = NICS
+IDLE_SECONDS = float(os.environ.get("NETWATCH_HOTSWAP_IDLE_SECONDS", "10"))
+NIC_A, NIC_B, NIC_C = NICS
 VLAN = 100
 VLAN_LINK = f"{NIC_A.predictable}.{VLAN}"
+BOND = "bond0"
+SLAVE_NETWORK = f"/etc/systemd/network/10-nwt-{NIC_C.predictable}.network"
+OTHER_CARD_MAC = "52:54:00:aa:01:05"  # the card that replaces the second NIC in its slot
 QMP_DIR, OBS_DIR = "/run/nwt-qmp", "/run/nwt-obs"
 FRAMES_LOG = f"{OBS_DIR}/frames.log"
 UDEV_LOG = "/run/nwt-udev.log"
@@ -80,23 +102,43 @@ class InnerNic:
     id: str
     mac: str
     lower: str | dict[str, str]
-    host_nic: HostNic
+    host_nic: HostNic  # the host NIC the lower is, or is on (a VLAN, a bond's slave)
     vlan: int | None = None
+    wiring: str = "hub"
 
     @property
     def lower_name(self) -> str:
         """The name the lower has on the host once udev and networkd are done."""
-        return VLAN_LINK if self.vlan else self.host_nic.predictable
+        return self.lower if isinstance(self.lower, str) else self.host_nic.predictable
+
+    @property
+    def lower_described(self) -> str:
+        """What names the lower in the config (a name, a MAC, a PCI address)."""
+        return self.lower if isinstance(self.lower, str) else next(iter(self.lower.values()))
 
     @property
     def observer(self) -> str:
         return f"vm1-{self.id}"
 
+    @property
+    def tap(self) -> str:
+        """netwatch's name for the NIC's macvtap (hub) or persistent tap (redirect)."""
+        return f"nw-vm1-{self.id}"
+
+    @property
+    def backend_names(self) -> tuple[str, ...]:
+        """The names the link netwatch makes on the lower may have: the macvtap (hub), the macvlan (redirect)."""
+        first = macvlan_ifname(self.tap) if self.wiring == "redirect" else self.tap
+        return first, alt_ifname(first)
+
 
 INNER = (InnerNic("nw0", "52:54:00:5e:00:01", NIC_A.predictable, NIC_A),
          InnerNic("nw1", "52:54:00:5e:00:02", VLAN_LINK, NIC_A, vlan=VLAN),
          InnerNic("nw2", "52:54:00:5e:00:03", {"mac": NIC_B.mac}, NIC_B),
-         InnerNic("nw3", "52:54:00:5e:00:04", {"pci": NIC_B.pci}, NIC_B))
+         InnerNic("nw3", "52:54:00:5e:00:04", {"pci": NIC_B.pci}, NIC_B),
+         InnerNic("nw4", "52:54:00:5e:00:05", NIC_A.predictable, NIC_A, wiring="redirect"),
+         InnerNic("nw5", "52:54:00:5e:00:06", {"pci": NIC_B.pci}, NIC_B, wiring="redirect"),
+         InnerNic("nw6", "52:54:00:5e:00:07", BOND, NIC_C))
 
 
 def _toml(value: str | dict[str, str]) -> str:
@@ -115,12 +157,14 @@ CONFIG = "\n".join([
     f'qmp = "{QMP_DIR}/vm1.qmp"',
     *(line for nic in INNER for line in (
         "", "  [[vm.nic]]", f'  id = "{nic.id}"', '  backend = "macvtap"', f"  lower = {_toml(nic.lower)}",
-        f'  mac = "{nic.mac}"')),
+        f'  mac = "{nic.mac}"', f'  wiring = "{nic.wiring}"')),
     ""])
 
 # systemd-networkd: the NICs matched by name (a .network matching the first
 # NIC's MAC would match its VLAN too: the same MAC), no addresses, no IPv6
-# link-local (nothing on the segments but the test's frames), the VLAN on the first.
+# link-local (nothing on the segments but the test's frames), the VLAN on the
+# first, the third enslaved to an active-backup bond (which takes a MAC of
+# networkd's and gives it to its slave: hence not one of the first two).
 NETWORKD = {
     f"/etc/systemd/network/10-nwt-{NIC_A.predictable}.network":
         f"[Match]\nName={NIC_A.predictable}\n\n[Network]\nLinkLocalAddressing=no\nIPv6AcceptRA=no\nVLAN={VLAN_LINK}\n",
@@ -130,10 +174,18 @@ NETWORKD = {
         f"[Match]\nName={VLAN_LINK}\n\n[Network]\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n",
     f"/etc/systemd/network/10-nwt-{NIC_B.predictable}.network":
         f"[Match]\nName={NIC_B.predictable}\n\n[Network]\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n",
+    f"/etc/systemd/network/10-nwt-{BOND}.netdev":
+        f"[NetDev]\nName={BOND}\nKind=bond\n\n[Bond]\nMode=active-backup\nMIIMonitorSec=100ms\n",
+    f"/etc/systemd/network/10-nwt-{BOND}.network":
+        f"[Match]\nName={BOND}\n\n[Network]\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n",
+    SLAVE_NETWORK:
+        f"[Match]\nName={NIC_C.predictable}\n\n[Network]\nBond={BOND}\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n",
 }
 
 # Inside the host VM (its own python3): binds one observer socket per inner
-# NIC (QEMU's dgram port on that NIC's hub sends to it) and logs, per NIC,
+# NIC (QEMU's dgram port on that NIC's hub sends to it; for a redirect NIC,
+# given as NAME=TAP, a packet socket on its tap that keeps what the tap sends
+# to QEMU: PACKET_OUTGOING, which only ETH_P_ALL sockets get) and logs, per NIC,
 # the first test frame after a silence of GAP seconds (its sequence number,
 # when the switch sent it, in this machine's clock, and when it arrived, in
 # the host VM's) and, every CAL seconds while frames come, the least
@@ -147,16 +199,22 @@ OBSERVER = """#!/usr/bin/python3
 import ctypes, json, os, select, socket, struct, sys, time
 GAP_NS, CAL_NS = 200_000_000, 500_000_000
 IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+ETH_P_ALL, PACKET_OUTGOING = 3, 4
 directory, names = sys.argv[1], sys.argv[2:]
 socks = {}
 for name in names:
-    path = os.path.join(directory, name + ".obs")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-    sock.bind(path)
+    name, _, tap = name.partition("=")
+    if tap:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.htons(ETH_P_ALL))
+        sock.bind((tap, ETH_P_ALL))
+    else:
+        path = os.path.join(directory, name + ".obs")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        sock.bind(path)
     socks[sock] = name
 libc = ctypes.CDLL(None, use_errno=True)
 inotify = libc.inotify_init1(os.O_NONBLOCK)
@@ -179,10 +237,12 @@ while True:
         name = socks[sock]
         while True:
             try:
-                frame = sock.recv(65536)
+                frame, address = sock.recvfrom(65536)
             except BlockingIOError:
                 break
             now = time.monotonic_ns()
+            if sock.family == socket.AF_PACKET and address[2] != PACKET_OUTGOING:
+                continue
             if frame[12:14] != b"\\x88\\xb5" or frame[14:18] != b"NWHS":
                 continue
             seq, sent = struct.unpack("!QQ", frame[18:34])
@@ -280,17 +340,24 @@ class Hotswap:
             host.write(path, text)
         # networkd reads .network files (ours, and netwatch's 00-netwatch.network) on a reload.
         host.run("networkctl reload")
-        wait_until(lambda: self.links_up([NIC_A.predictable, NIC_B.predictable, VLAN_LINK]), 60,
-                   "networkd to bring up the NICs and the VLAN", lambda: host.out("ip -br link; networkctl"))
+        wait_until(lambda: self.links_up([NIC_A.predictable, NIC_B.predictable, VLAN_LINK, NIC_C.predictable, BOND])
+                   and self.enslaved(), 60, "networkd to bring up the NICs, the VLAN and the bond",
+                   lambda: host.out("ip -br link; networkctl"))
         script = "set -ex\n" + "\n".join(commands[start_at:])
         host.run(f"cd /root/nwt/src && {script}", timeout=120)
         wait_until(lambda: host.out("systemctl is-active netwatch", check=False).strip() == "active", 60,
                    "netwatch.service to be active", lambda: host.out("journalctl -u netwatch --no-pager -n 30"))
-        names = " ".join(nic.observer for nic in INNER)
+        # netwatch makes the redirect NICs' persistent taps at start, before QEMU opens them by name; the
+        # observer binds a packet socket to each (first: the last hub socket bound says they were).
+        redirect = [nic for nic in INNER if nic.wiring == "redirect"]
+        hub = [nic for nic in INNER if nic.wiring == "hub"]
+        wait_until(lambda: all(host.run(f"ip link show {nic.tap}", check=False).returncode == 0 for nic in redirect),
+                   60, "netwatch's persistent taps", self.dump)
+        names = " ".join([f"{nic.observer}={nic.tap}" for nic in redirect] + [nic.observer for nic in hub])
         host.run(f"mkdir -p {QMP_DIR} {OBS_DIR} && systemd-run --quiet --unit=nwt-observer {REALTIME} "
                  f"/usr/bin/python3 /root/nwt/files/observer.py {OBS_DIR} {names}")
-        wait_until(lambda: host.run(f"test -S {OBS_DIR}/{INNER[-1].observer}.obs", check=False).returncode == 0,
-                   30, "the observer's sockets")
+        wait_until(lambda: host.run(f"test -S {OBS_DIR}/{hub[-1].observer}.obs", check=False).returncode == 0,
+                   30, "the observer's sockets", lambda: host.out("journalctl -u nwt-observer --no-pager -n 20"))
         self.start_inner_vm()
         self.wait_states({nic.id: "attached" for nic in INNER}, 120)
         self.switch.send(self.targets(INNER))
@@ -304,6 +371,10 @@ class Hotswap:
               or ",UP" in line}
         return all(name in up for name in names)
 
+    def enslaved(self) -> bool:
+        """Whether the bond has its slave."""
+        return f" {NIC_C.predictable}:" in self.host.out(f"ip -o link show master {BOND}", check=False)
+
     def start_inner_vm(self) -> None:
         host = self.host
         args = json.loads(host.out("netwatch qemu-args --json vm1"))
@@ -311,7 +382,13 @@ class Hotswap:
                 "-no-user-config", "-m", "32", "-name", "vm1", "-global", "virtio-net-pci.romfile=", *args,
                 "-qmp", f"unix:{QMP_DIR}/vm1.test.qmp,server=on,wait=off"]
         hubs = dict(re.findall(r"hubport,id=[^,]*?(nw\d+)[^,]*,hubid=(\d+)", " ".join(args)))
+        # A redirect NIC's tap netdev names the tap netwatch made (QEMU opens it by name).
+        for nic in INNER:
+            if nic.wiring == "redirect":
+                assert any(re.match(rf"tap,.*\bifname={nic.tap}(,|$)", arg) for arg in args), (nic.id, args)
         for index, nic in enumerate(INNER):
+            if nic.wiring != "hub":
+                continue
             hub = hubs.get(nic.id, str(index))
             qemu += ["-netdev", f"dgram,id=obs{index},local.type=unix,local.path={OBS_DIR}/{nic.observer}.qemu,"
                                 f"remote.type=unix,remote.path={OBS_DIR}/{nic.observer}.obs",
@@ -342,6 +419,7 @@ class Hotswap:
     def dump(self) -> str:
         parts = []
         for command in ("netwatch status", "journalctl -u netwatch -n 40 --no-pager", "ip -br link",
+                        "ip -o -d link show type macvlan | cut -c1-160",
                         "networkctl --no-pager", f"tail -n 30 {UDEV_LOG}", f"tail -n 20 {FRAMES_LOG}",
                         "systemctl is-active nwt-vm1 nwt-observer nwt-udevmon"):
             done = self.host.run(command, check=False, timeout=60)
@@ -427,77 +505,68 @@ class Hotswap:
 
     def split(self, scenario: str, inner: list[InnerNic], first: dict[str, FirstFrame], events: list[UdevEvent],
               total_ms: dict[str, float], since: int, extra: str = "") -> list[Round]:
-        """Each NIC's round: the host's share ends when udevd's database entry for its lower appeared (from
-        then on netwatch, in udev mode, may use it), netwatch's runs from there to the NIC's first frame."""
+        """Each NIC's round: the host's share ends when udevd announced its lower (its own event, the one
+        netwatch in udev mode waits for: udevadm monitor's UDEV line), netwatch's runs from there to the
+        NIC's first frame. udevd's database entry for the lower comes earlier (printed)."""
         status = self.status()
         self.read_frames()
         rounds = []
         for nic in inner:
             index = status[nic.id]["lower_ifindex"]
-            ready = next((t for entry, t in self.udev_db if entry == f"n{index}" and t >= since), None)
-            assert ready is not None, f"no udev database entry for {nic.lower_name} (n{index}): {self.udev_db[-10:]}"
+            entry = next((t for name, t in self.udev_db if name == f"n{index}" and t >= since), None)
             announced = next((e.t for e in events if e.source == "UDEV" and e.subsystem == "net"
                               and e.name == nic.lower_name and e.action in ("add", "move")), None)
-            netwatch_ms = (first[nic.id].recv - ready) / 1e6
+            assert announced is not None, f"udevd never announced {nic.lower_name}: {events}"
+            netwatch_ms = (first[nic.id].recv - announced) / 1e6
             own = status[nic.id].get("last_attach_seconds")
-            detail = (f"udevd's entry for {nic.lower_name} -> frame at the inner VM {netwatch_ms:.0f} ms"
+            where = "out of its tap" if nic.wiring == "redirect" else "at the inner VM"
+            detail = (f"udevd's event for {nic.lower_name} -> frame {where} {netwatch_ms:.0f} ms"
                       + (f" (netwatch's own attach {own * 1000:.0f} ms)" if own is not None else "")
-                      + (f"; udevd announced {nic.lower_name} {(announced - ready) / 1e6:.0f} ms after writing "
-                         "its entry" if announced is not None else "") + extra)
+                      + (f"; udevd wrote its database entry {(announced - entry) / 1e6:.0f} ms before"
+                         if entry is not None else "") + extra)
             rounds.append(Round(scenario, nic.id, total_ms[nic.id], total_ms[nic.id] - netwatch_ms, netwatch_ms,
                                 detail))
+        self.report(rounds)
+        return rounds
+
+    def report(self, rounds: list[Round]) -> None:
         self.rounds += rounds
         for entry in rounds:
             print(f"[hotswap] {entry.scenario} {entry.nic}: frames back after {entry.total_ms:.0f} ms = host "
                   f"{entry.host_ms:.0f} + netwatch {entry.netwatch_ms:.0f}; {entry.detail}", flush=True)
-        return rounds
 
-    def never_on_a_kernel_name(self, inner: list[InnerNic], events: list[UdevEvent], since: int) -> str:
-        """A NIC whose lower is given by its predictable name gets no macvtap before the rename, and netwatch
-        never names a kernel name (eth0) as its lower. For the others (matched by MAC or PCI address) what
-        broke either is returned as a note, and printed: their macvtap is on the right device either way.
+    def never_on_a_kernel_name(self, inner: list[InnerNic], events: list[UdevEvent], since: int) -> None:
+        """No NIC gets its macvtap (or, redirect, its macvlan) before udevd renamed its lower's NIC, and
+        netwatch never names a kernel name (eth0) as a lower, whether the lower is given by name, by MAC or
+        by PCI address.
 
-        Seen on a driver reload (both NICs registered at once, 2 of 6 rounds):
-        nw3, matched by PCI address, got its macvtap 17 ms before the kernel
-        renamed eth1 to ens5, and netwatch logged "lower eth1 (ifindex 55)"
-        (its status says ens5 once it has read the rename).
+        Seen before netwatch waited for udevd's own event (its database entry
+        came first): on a driver reload (both NICs registered at once, 2 of 8
+        rounds) nw3, matched by PCI address, got its macvtap 17 ms before the
+        kernel renamed eth1 to ens5, and netwatch logged "lower eth1 (ifindex 55)".
         """
         self.read_frames()
-        by_name = {nic.id for nic in inner if isinstance(nic.lower, str)}
-        notes: list[str] = []
         wrong: list[str] = []
         for nic in inner:
-            made = [e for e in events if e.source == "KERNEL" and e.action == "add" and e.name == f"nw-vm1-{nic.id}"]
-            assert made, f"no new macvtap for {nic.id} in {events}"
+            made = [e for e in events if e.source == "KERNEL" and e.action == "add" and e.name in nic.backend_names]
+            assert made, f"no new macvtap or macvlan for {nic.id} in {events}"
             rename = [e for e in events if e.source == "KERNEL" and e.action == "move" and e.subsystem == "net"
                       and e.name == nic.host_nic.predictable]
             assert rename, f"{nic.host_nic.predictable} was not renamed from a kernel name: {events}"
             if made[0].t < rename[0].t:
                 entries = [(entry, round((t - rename[0].t) / 1e6)) for entry, t in self.udev_db if t >= since]
-                line = (f"{nic.id}'s macvtap was made {(rename[0].t - made[0].t) / 1e6:.0f} ms before "
-                        f"{nic.host_nic.predictable} was renamed (udevd's entries since the event, ms after the "
-                        f"rename: {entries})")
-                (wrong if nic.id in by_name else notes).append(line)
+                wrong.append(f"{nic.id}'s {made[0].name} was made {(rename[0].t - made[0].t) / 1e6:.0f} ms before "
+                             f"{nic.host_nic.predictable} was renamed (udevd's entries since the event, ms after "
+                             f"the rename: {entries})")
         for entry in self.journal(since):
             if entry.get("NETWATCH_NIC") in {nic.id for nic in inner} and \
                     re.fullmatch(r"eth\d+", entry.get("NETWATCH_LOWER", "")):
-                line = f"{entry.get('NETWATCH_NIC')} {entry.get('NETWATCH_EVENT')}: {entry.get('MESSAGE')}"
-                (wrong if entry.get("NETWATCH_NIC") in by_name else notes).append(line)
-        assert not wrong, "a NIC whose lower is given by name was attached on a kernel name:\n" + "\n".join(wrong)
-        if notes:
-            print("[hotswap] NOTE: netwatch attached a lower matched by hardware before its rename:\n  "
-                  + "\n  ".join(notes), flush=True)
-        return f"; {len(notes)} notes on a kernel name" if notes else ""
+                wrong.append(f"{entry.get('NETWATCH_NIC')} {entry.get('NETWATCH_EVENT')}: {entry.get('MESSAGE')}")
+        assert not wrong, "netwatch used a lower under its kernel name:\n" + "\n".join(wrong)
 
     def announced(self, inner: list[InnerNic], since_ns: int, timeout: float = 3) -> dict[str, tuple[int, float]]:
         """Per NIC: how many of netwatch's announce-self RARPs (3 rounds) from its guest MAC came out of the
-        host after ``since_ns``, and the first one's ms after it (-1: none).
-
-        Observed, not asserted: netwatch asks for the announcement when the
-        backend is attached, and QEMU drops a RARP while the guest NIC's link
-        is still down; under TCG the guest link often comes up later than the
-        first rounds (issue 24: 0 of 3 for a NIC seen here).
-        """
+        host after ``since_ns``, and the first one's ms after it (-1: none); rarps() asserts on it."""
         def count() -> dict[str, tuple[int, float]]:
             found: dict[str, tuple[int, float]] = {nic.id: (0, -1.0) for nic in inner}
             for frame in self.switch.seen(since_ns):
@@ -512,15 +581,48 @@ class Hotswap:
             time.sleep(0.1)
         return count()
 
-    def hotswap_round(self, scenario: str, nic: HostNic) -> list[Round]:
-        """device_del ``nic``, then device_add it back at its slot with its MAC."""
-        inner = [n for n in INNER if n.host_nic is nic]
-        before = self.wait_states({n.id: "attached" for n in inner}, 60)
-        offset = self.flowing(inner)
-        mark = self.vm_now()
-        gone = self.host.unplug(nic)
-        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
-        added = self.host.plug(nic)
+    def rarps(self, inner: list[InnerNic], since_ns: int) -> str:
+        """At least one of each NIC's announce-self RARPs left the host after ``since_ns``: netwatch has the
+        guest's MAC announced once the lower's carrier and the guest link are up (QEMU drops a RARP of a
+        NIC whose link is down: before that, 0 of 3 came out for some NICs plugged back)."""
+        found = self.announced(inner, since_ns)
+        text = "; RARPs outside " + ", ".join(f"{k} {seen} of 3" + (f" (first {ms:.0f} ms)" if seen else "")
+                                              for k, (seen, ms) in sorted(found.items()))
+        missing = sorted(k for k, (seen, _) in found.items() if not seen)
+        assert not missing, f"no RARP of {missing} left the host{text}"
+        return text
+
+    def redirect_kept(self, inner: list[InnerNic], before: dict[str, dict[str, Any]],
+                      after: dict[str, dict[str, Any]], since: int) -> str:
+        """A redirect NIC's persistent tap outlived the round (same ifindex), its new macvlan is on the lower
+        its status names, and QEMU was told nothing but the guest's carrier: netwatch's journal has, for it,
+        besides its state's changes, lower-lost, lower-back and set_link's link-down and link-up only (a
+        hot-add, a netdev or a rebind would have their own entries; the announce-self netwatch asks QEMU
+        for has none)."""
+        redirect = [n for n in inner if n.wiring == "redirect"]
+        if not redirect:
+            return ""
+        macvlans = self.host.out("ip -o link show type macvlan")
+        said: dict[str, list[str]] = {n.id: [] for n in redirect}
+        for entry in self.journal(since):
+            if entry.get("NETWATCH_NIC") in said and "NETWATCH_STATE" not in entry:  # not a change of state
+                said[entry["NETWATCH_NIC"]].append(entry.get("NETWATCH_EVENT") or f"({entry.get('MESSAGE')})")
+        parts = []
+        for n in redirect:
+            now = after[n.id]
+            assert now["ifindex"] == before[n.id]["ifindex"], f"{n.id}'s tap was made again: {before[n.id]} {now}"
+            assert now["macvlan"] in n.backend_names and now["lower"] == n.lower_name, (n.id, now)
+            assert re.search(rf"^\d+: {re.escape(now['macvlan'])}@{re.escape(n.lower_name)}:", macvlans, re.M), \
+                f"{n.id}: no macvlan {now['macvlan']} on {n.lower_name}:\n{macvlans}"
+            others = [kind for kind in said[n.id] if kind not in ("lower-lost", "lower-back", "link-down", "link-up")]
+            assert not others, f"{n.id} (redirect): netwatch did more than set the guest's carrier: {said[n.id]}"
+            parts.append(f"{n.id} {now['macvlan']}@{now['lower']}, tap {n.tap} kept, journal {'/'.join(said[n.id])}")
+        return "; redirect " + ", ".join(parts)
+
+    def back(self, scenario: str, nic: HostNic, inner: list[InnerNic], added: int, offset: int, mark: int,
+             gone: float, before: dict[str, dict[str, Any]]) -> list[Round]:
+        """After ``nic`` was device_add'ed (at ``added``, this machine's clock): ``inner`` attached again on
+        their lowers, their frames through, never on a kernel name, their RARPs out; the round's figures."""
         first = self.wait_frames(inner, since_sent=added, timeout=90)
         after = self.wait_states({n.id: "attached" for n in inner}, 60)
         events = self.udev(mark)
@@ -536,8 +638,7 @@ class Hotswap:
         renamed = next(e for e in events if e.source == "KERNEL" and e.action == "move" and path in e.devpath)
         udev_done = next(e for e in events if e.source == "UDEV" and e.name == nic.predictable
                          and e.action in ("add", "move"))
-        stale = self.never_on_a_kernel_name(inner, events, mark)
-        rarp = self.announced(inner, added)
+        self.never_on_a_kernel_name(inner, events, mark)
         total = {n.id: (first[n.id].recv - offset - added) / 1e6 for n in inner}
         extra = (f"; unplug took {gone * 1000:.0f} ms; {registered.name} renamed {nic.predictable} "
                  f"{(renamed.t - registered.t) / 1e6:.0f} ms after the kernel registered it, udevd done "
@@ -545,9 +646,19 @@ class Hotswap:
         vlan = next((e for e in events if e.source == "UDEV" and e.name == VLAN_LINK and e.action == "add"), None)
         if vlan is not None and any(n.vlan for n in inner):
             extra += f", {VLAN_LINK} made by networkd {(vlan.t - udev_done.t) / 1e6:.0f} ms after that"
-        extra += stale + "; RARPs outside " + ", ".join(
-            f"{k} {seen} of 3" + (f" (first {ms:.0f} ms)" if seen else "") for k, (seen, ms) in sorted(rarp.items()))
+        extra += self.redirect_kept(inner, before, after, mark) + self.rarps(inner, added)
         return self.split(scenario, inner, first, events, total, mark, extra)
+
+    def hotswap_round(self, scenario: str, nic: HostNic) -> list[Round]:
+        """device_del ``nic``, then device_add it back at its slot with its MAC."""
+        inner = [n for n in INNER if n.host_nic is nic]
+        before = self.wait_states({n.id: "attached" for n in inner}, 60)
+        offset = self.flowing(inner)
+        mark = self.vm_now()
+        gone = self.host.unplug(nic)
+        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
+        added = self.host.plug(nic)
+        return self.back(scenario, nic, inner, added, offset, mark, gone, before)
 
     def command_at(self, command: str) -> int:
         """Run ``command`` in the host VM; its CLOCK_MONOTONIC just before (ns, to 10 ms: /proc/uptime)."""
@@ -564,6 +675,7 @@ class Hotswap:
         # 252) neither a reload nor a reconfigure remakes one that exists (a changed .netdev takes this).
         self.host.run(f"ip link del {VLAN_LINK}")
         self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
+        sent = time.monotonic_ns()
         at = self.command_at(f"networkctl reconfigure {NIC_A.predictable}")
         first = self.wait_frames(inner, since_recv=at, timeout=90)
         after = self.wait_states({n.id: "attached" for n in inner}, 60)
@@ -574,32 +686,206 @@ class Hotswap:
                     and e.t >= at)
         total = {n.id: (first[n.id].recv - at) / 1e6 for n in inner}
         return self.split(scenario, inner, first, events, total, mark,
-                          f"; networkd made {VLAN_LINK} {(made.t - at) / 1e6:.0f} ms after the reconfigure began")
+                          f"; networkd made {VLAN_LINK} {(made.t - at) / 1e6:.0f} ms after the reconfigure began"
+                          + self.rarps(inner, sent))
 
     def driver_round(self, scenario: str) -> list[Round]:
-        """``modprobe -r virtio_net``, then ``modprobe virtio_net``: both NICs leave and come back."""
-        inner = list(INNER)
-        before = self.wait_states({n.id: "attached" for n in inner}, 60)
-        self.flowing(inner)
+        """``modprobe -r virtio_net``, then ``modprobe virtio_net``: the three NICs leave and come back.
+        The bond stays (without its slave for a while): nw6 stays attached, its frames come back."""
+        inner = [n for n in INNER if n.host_nic is not NIC_C]
+        bonded = [n for n in INNER if n.host_nic is NIC_C]
+        before = self.wait_states({n.id: "attached" for n in INNER}, 60)
+        self.flowing(list(INNER))
         mark = self.vm_now()
         self.host.run("modprobe -r virtio_net")
-        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
+        self.wait_states({n.id: "waiting-lower" for n in inner} | {n.id: "attached" for n in bonded}, 60)
+        sent = time.monotonic_ns()
         at = self.command_at("modprobe virtio_net")
-        first = self.wait_frames(inner, since_recv=at, timeout=90)
-        after = self.wait_states({n.id: "attached" for n in inner}, 60)
+        first = self.wait_frames(list(INNER), since_recv=at, timeout=90)
+        after = self.wait_states({n.id: "attached" for n in INNER}, 60)
         for n in inner:
             assert after[n.id]["lower"] == n.lower_name, (n.id, after[n.id])
             assert after[n.id]["swaps"] > before[n.id]["swaps"], (n.id, before[n.id], after[n.id])
+        for n in bonded:
+            assert after[n.id]["swaps"] == before[n.id]["swaps"], f"{n.id} reattached though {BOND} stayed: {after}"
+        assert self.enslaved(), self.dump()
         events = self.udev(mark)
-        stale = self.never_on_a_kernel_name(inner, events, mark)
+        self.never_on_a_kernel_name(inner, events, mark)
         loaded = next(e for e in events if e.source == "KERNEL" and e.action == "add" and e.name == "virtio_net")
         registered = [e for e in events if e.source == "KERNEL" and e.action == "add" and e.subsystem == "net"
                       and re.fullmatch(r"eth\d+", e.name)]
-        assert len(registered) == 2, f"the NICs did not come back under kernel names: {events}"
+        assert len(registered) == len(NICS), f"the NICs did not come back under kernel names: {events}"
+        total = {n.id: (first[n.id].recv - at) / 1e6 for n in INNER}
+        extra = (f"; virtio_net loaded {(loaded.t - at) / 1e6:.0f} ms after modprobe began, "
+                 f"{registered[0].name} registered {(registered[0].t - at) / 1e6:.0f} ms after"
+                 + self.redirect_kept(inner, before, after, mark) + self.rarps(inner, sent))
+        rounds = self.split(scenario, inner, first, events, total, mark, extra)
+        return rounds + self.stayed(scenario, bonded, first, total, events, at)
+
+    def stayed(self, scenario: str, bonded: list[InnerNic], first: dict[str, FirstFrame], total: dict[str, float],
+               events: list[UdevEvent], at: int) -> list[Round]:
+        """Rounds of NICs on the bond, which stayed while its slave left: netwatch had nothing to do (the
+        macvtap on the bond never left), so all of the time is the host's (the slave back and enslaved)."""
+        slave = next((e for e in events if e.source == "UDEV" and e.name == NIC_C.predictable and e.t >= at
+                      and e.action in ("add", "move")), None)
+        assert slave is not None, f"udevd never announced {NIC_C.predictable}: {events}"
+        said = [f"{e.get('NETWATCH_NIC')} {e.get('NETWATCH_EVENT')}" for e in self.journal(at)
+                if e.get("NETWATCH_NIC") in {n.id for n in bonded}]
+        rounds = [Round(scenario, n.id, total[n.id], total[n.id], 0.0,
+                        f"{BOND} stayed, its macvtap too; udevd's event for {NIC_C.predictable} -> frame at the inner "
+                        f"VM {(first[n.id].recv - slave.t) / 1e6:.0f} ms (networkd enslaving it); netwatch's "
+                        f"journal: {', '.join(said) or 'nothing'}") for n in bonded]
+        self.report(rounds)
+        return rounds
+
+    def bond_round(self, scenario: str) -> list[Round]:
+        """The bond deleted, then made again by networkd with its slave; nw6 attached again."""
+        inner = [n for n in INNER if n.host_nic is NIC_C]
+        before = self.wait_states({n.id: "attached" for n in inner}, 60)
+        self.flowing(inner)
+        mark = self.vm_now()
+        self.host.run(f"ip link del {BOND}")
+        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
+        # networkd 252 (bookworm) makes a missing bond again when it reloads its .netdev files (`networkctl
+        # reload`; `networkctl reconfigure ens6` alone does not), but enslaves the slave again only if the
+        # slave's .network changed: otherwise ens6 stays "configured" outside the bond (and a reconfigure
+        # leaves it "configuring" for good: its .network still refers to the deleted bond). Touching the
+        # slave's .network has networkd load it again and configure ens6 into the new bond.
+        sent = time.monotonic_ns()
+        at = self.command_at(f"touch {SLAVE_NETWORK} && networkctl reload")
+        first = self.wait_frames(inner, since_recv=at, timeout=90)
+        after = self.wait_states({n.id: "attached" for n in inner}, 60)
+        for n in inner:
+            assert after[n.id]["lower"] == BOND, (n.id, after[n.id])
+            assert after[n.id]["swaps"] > before[n.id]["swaps"], (n.id, before[n.id], after[n.id])
+        assert self.enslaved(), self.dump()
+        events = self.udev(mark)
+        made = next(e for e in events if e.source == "KERNEL" and e.action == "add" and e.name == BOND and e.t >= at)
+        back = {e["NETWATCH_NIC"]: int(e["__MONOTONIC_TIMESTAMP"]) * 1000 for e in self.journal(at)
+                if e.get("NETWATCH_EVENT") == "lower-back"}
         total = {n.id: (first[n.id].recv - at) / 1e6 for n in inner}
-        return self.split(scenario, inner, first, events, total, mark,
-                          f"; virtio_net loaded {(loaded.t - at) / 1e6:.0f} ms after modprobe began, "
-                          f"{registered[0].name} registered {(registered[0].t - at) / 1e6:.0f} ms after{stale}")
+        extra = f"; networkd made {BOND} {(made.t - at) / 1e6:.0f} ms after the reload began" + "".join(
+            f", netwatch logged {n.id}'s lower-back {(back[n.id] - made.t) / 1e6:.0f} ms after that"
+            for n in inner if n.id in back)
+        return self.split(scenario, inner, first, events, total, mark, extra + self.rarps(inner, sent))
+
+    def bond_slave_round(self, scenario: str) -> list[Round]:
+        """The bond's slave unplugged and plugged back: the bond stays, and so does nw6's macvtap on it."""
+        inner = [n for n in INNER if n.host_nic is NIC_C]
+        before = self.wait_states({n.id: "attached" for n in inner}, 60)
+        offset = self.flowing(inner)
+        mark = self.vm_now()
+        gone = self.host.unplug(NIC_C)
+        # DEVICE_DELETED came once the guest ejected it: ens6 has left the bond, which has no slave now.
+        assert not self.enslaved() and self.host.run(f"ip link show {BOND}", check=False).returncode == 0, \
+            self.dump()
+        during = self.wait_states({n.id: "attached" for n in inner}, 60)
+        added = self.host.plug(NIC_C)
+        first = self.wait_frames(inner, since_sent=added, timeout=90)
+        after = self.wait_states({n.id: "attached" for n in inner}, 60)
+        assert self.enslaved(), self.dump()
+        for n in inner:
+            assert after[n.id]["swaps"] == before[n.id]["swaps"], f"{n.id} reattached though {BOND} stayed: {after}"
+        events = self.udev(mark)
+        total = {n.id: (first[n.id].recv - offset - added) / 1e6 for n in inner}
+        print(f"[hotswap] {scenario}: unplug took {gone * 1000:.0f} ms; while {NIC_C.predictable} was away "
+              + ", ".join(f"{n.id} {during[n.id]['state']} on {during[n.id]['lower']}" for n in inner), flush=True)
+        return self.stayed(scenario, inner, first, total, events, mark)
+
+    def replaced_round(self, scenario: str) -> list[Round]:
+        """The second NIC unplugged and another card (another MAC) plugged at its slot: the NICs whose lower
+        is given by PCI address follow the slot; the one given by MAC waits, and netwatch says why once.
+        Then the original card back: all attached again."""
+        nic = NIC_B
+        inner = [n for n in INNER if n.host_nic is nic]
+        by_mac = [n for n in inner if isinstance(n.lower, dict) and "mac" in n.lower]
+        follow = [n for n in inner if n not in by_mac]
+        before = self.wait_states({n.id: "attached" for n in inner}, 60)
+        offset = self.flowing(follow)  # frames to the NICs that will have a path only
+        mark = self.vm_now()
+        gone = self.host.unplug(nic)
+        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
+        added = self.host.plug(nic, mac=OTHER_CARD_MAC)
+        rounds = self.back(f"{scenario}: another card", nic, follow, added, offset, mark, gone, before)
+
+        def said() -> list[dict[str, Any]]:
+            return [e for e in self.journal(mark) if e.get("NETWATCH_EVENT") == "lower-replaced"]
+        wait_until(lambda: {e.get("NETWATCH_NIC") for e in said()} >= {n.id for n in by_mac}, 30,
+                   "netwatch's lower-replaced journal entry", self.dump)
+        status = self.wait_states({n.id: "waiting-lower" for n in by_mac} | {n.id: "attached" for n in follow}, 30)
+        for n in by_mac:
+            cause = status[n.id].get("cause") or ""
+            assert "has MAC" in cause and OTHER_CARD_MAC in cause, f"{n.id}'s cause: {cause!r}"
+            print(f"[hotswap] {scenario}: {n.id} {status[n.id]['state']}: {cause}", flush=True)
+        # Everything after the other card came is said by now: still one entry per NIC, none for the others.
+        entries = said()
+        for n in by_mac:
+            mine = [e for e in entries if e.get("NETWATCH_NIC") == n.id]
+            assert len(mine) == 1, f"{n.id}: {len(mine)} lower-replaced entries: {mine}"
+            assert OTHER_CARD_MAC in mine[0].get("MESSAGE", "") and mine[0].get("NETWATCH_LOWER") == nic.predictable \
+                and mine[0].get("NETWATCH_VM") == "vm1", mine[0]
+            print(f"[hotswap] {scenario}: journal: {n.id} lower-replaced: {mine[0].get('MESSAGE')}", flush=True)
+        assert {e.get("NETWATCH_NIC") for e in entries} == {n.id for n in by_mac}, entries
+        # The original card back at the slot.
+        before = self.status()
+        offset = self.flowing(follow)
+        self.switch.send(self.targets(inner))
+        mark = self.vm_now()
+        gone = self.host.unplug(nic)
+        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
+        added = self.host.plug(nic)
+        return rounds + self.back(f"{scenario}: the original back", nic, inner, added, offset, mark, gone, before)
+
+    def absent_round(self, scenario: str, seconds: float) -> list[Round]:
+        """The second NIC unplugged and left out for ``seconds``: its NICs wait (state and cause), netwatch
+        spends well under 5% of a CPU and writes no journal entry over that window (no retry loop); then
+        it is plugged back and they attach again."""
+        nic = NIC_B
+        inner = [n for n in INNER if n.host_nic is nic]
+        before = self.wait_states({n.id: "attached" for n in inner}, 60)
+        offset = self.flowing(inner)
+        mark = self.vm_now()
+        gone = self.host.unplug(nic)
+        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
+        # What the loss itself makes: each NIC's lower-lost entry (and, around it, its link-down); then the
+        # window starts once netwatch's journal has been quiet for a second (a retry loop never is).
+        def settled() -> bool:
+            entries = self.journal(mark)
+            lost = {e.get("NETWATCH_NIC") for e in entries if e.get("NETWATCH_EVENT") == "lower-lost"}
+            last = max(int(e.get("__MONOTONIC_TIMESTAMP", 0)) * 1000 for e in entries) if entries else 0
+            return lost >= {n.id for n in inner} and self.vm_now() - last > 1_000_000_000
+        wait_until(settled, 60, "netwatch's lower-lost entries, then a quiet journal", self.dump, interval=0.3)
+        # The window, measured inside: netwatch's CPU time (its process's utime + stime, in clock ticks; and
+        # its unit's cgroup) at both ends. Nothing else is asked of netwatch meanwhile.
+        cpu = ("sed 's/^.*) //' /proc/$pid/stat | awk '{print $12 + $13}'; "
+               "systemctl show -p CPUUsageNSec --value netwatch; cut -d' ' -f1 /proc/uptime")
+        out = self.host.out(f"pid=$(systemctl show -p MainPID --value netwatch); echo $pid; getconf CLK_TCK; {cpu}; "
+                            f"sleep {seconds:g}; {cpu}; echo $(systemctl show -p MainPID --value netwatch)",
+                            timeout=seconds + 60).split()
+        pid, hz, ticks0, nsec0, t0, ticks1, nsec1, t1, pid_after = out
+        assert pid == pid_after, f"netwatch restarted during the window: {pid} -> {pid_after}"
+        window = float(t1) - float(t0)
+        cpu_ms = (int(ticks1) - int(ticks0)) * 1000 / int(hz)
+        unit_ms = (int(nsec1) - int(nsec0)) / 1e6 if nsec0.isdigit() and nsec1.isdigit() else None
+        start, end = int(float(t0) * 1e9), int(float(t1) * 1e9)
+        during = [e for e in self.journal(mark) if start <= int(e.get("__MONOTONIC_TIMESTAMP", 0)) * 1000 <= end]
+        print(f"[hotswap] {scenario}: netwatch's CPU {cpu_ms:.0f} ms over {window:.1f} s "
+              f"({cpu_ms / window / 10:.2f}%)" + (f", its unit's {unit_ms:.1f} ms" if unit_ms is not None else "")
+              + f"; {len(during)} journal entries in the window", flush=True)
+        status = self.wait_states({n.id: "waiting-lower" for n in inner}, 10)
+        for n in inner:
+            cause = status[n.id].get("cause") or ""
+            assert n.lower_described in cause or n.lower_name in cause, f"{n.id}'s cause: {cause!r}"
+            print(f"[hotswap] {scenario}: {n.id} waiting-lower: {cause}", flush=True)
+        assert not during, "netwatch's journal during the window:\n" + "\n".join(
+            f"{e.get('NETWATCH_NIC')} {e.get('NETWATCH_EVENT')}: {e.get('MESSAGE')}" for e in during)
+        assert cpu_ms < 0.05 * window * 1000, f"netwatch spent {cpu_ms:.0f} ms of CPU over {window:.1f} s"
+        added = self.host.plug(nic)
+        return self.back(scenario, nic, inner, added, offset, mark, gone, before)
+
+    def all_attached(self) -> None:
+        """What each test leaves: every NIC attached."""
+        self.wait_states({n.id: "attached" for n in INNER}, 60)
 
 
 def summary(rounds: list[Round]) -> str:
@@ -654,17 +940,21 @@ def hotswap() -> Iterator[Hotswap]:
 @pytest.mark.timeout(1800)  # the first run builds the image (debootstrap: minutes on a slow mirror)
 def test_nic_hotswap_lower_by_name_and_vlan(hotswap: Hotswap) -> None:
     """device_del/device_add of the host's first NIC: eth0 renamed ens4 by udev, ens4.100 made again by
-    networkd; nw0 (lower ens4) and nw1 (lower ens4.100) attached again, never on eth0, frames flowing."""
+    networkd; nw0 (lower ens4), nw1 (lower ens4.100) and nw4 (redirect, lower ens4: a new macvlan, the same
+    tap) attached again, never on eth0, frames flowing."""
     for _ in range(ROUNDS):
         hotswap.hotswap_round("NIC unplugged and plugged back", NIC_A)
+    hotswap.all_attached()
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_nic_hotswap_lower_by_mac_and_pci(hotswap: Hotswap) -> None:
-    """The same for the second NIC: nw2 (lower by MAC) and nw3 (lower by PCI address) follow it."""
+    """The same for the second NIC: nw2 (lower by MAC), nw3 and nw5 (redirect; lower by PCI address)
+    follow it."""
     for _ in range(ROUNDS):
         hotswap.hotswap_round("NIC unplugged and plugged back", NIC_B)
+    hotswap.all_attached()
 
 
 @pytest.mark.integration
@@ -673,12 +963,54 @@ def test_vlan_rebuilt_by_networkd(hotswap: Hotswap) -> None:
     """ens4.100 deleted and made again by ``networkctl reconfigure ens4``: nw1 attached again."""
     for _ in range(ROUNDS):
         hotswap.vlan_round("VLAN made again by networkd")
+    hotswap.all_attached()
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_driver_reload(hotswap: Hotswap) -> None:
-    """``modprobe -r virtio_net && modprobe virtio_net``: both NICs gone and back, every inner NIC attached
-    again on the same lowers."""
+    """``modprobe -r virtio_net && modprobe virtio_net``: the three NICs gone and back, every inner NIC on
+    them attached again on the same lowers; nw6's bond stays, and so does its macvtap."""
     for _ in range(ROUNDS):
         hotswap.driver_round("virtio_net reloaded")
+    hotswap.all_attached()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_bond_rebuilt_by_networkd(hotswap: Hotswap) -> None:
+    """bond0 deleted and made again by networkd with its slave ens6: nw6 (lower bond0) attached again."""
+    for _ in range(ROUNDS):
+        hotswap.bond_round("bond made again by networkd")
+    hotswap.all_attached()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_bond_slave_hotswap(hotswap: Hotswap) -> None:
+    """The bond's only slave unplugged and plugged back: bond0 stays, nw6's macvtap on it too (no reattach),
+    and its frames come back once networkd enslaved the NIC again."""
+    for _ in range(ROUNDS):
+        hotswap.bond_slave_round("bond's slave unplugged and plugged back")
+    hotswap.all_attached()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_nic_replaced_by_another_card(hotswap: Hotswap) -> None:
+    """Another card (another MAC) at the second NIC's slot: nw3 and nw5 (lower by PCI address) follow it;
+    nw2 (lower by MAC) waits, with one lower-replaced journal entry and its status cause naming the new MAC.
+    Then the original card back: nw2, nw3 and nw5 attached again."""
+    for _ in range(ROUNDS):
+        hotswap.replaced_round("NIC replaced")
+    hotswap.all_attached()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_lower_that_stays_away(hotswap: Hotswap) -> None:
+    """The second NIC unplugged and not plugged back for NETWATCH_HOTSWAP_IDLE_SECONDS (10 s): nw2, nw3
+    and nw5 wait with a cause naming their lower, netwatch uses under 5% of a CPU and writes nothing to the
+    journal over the window; plugged back, they attach again."""
+    hotswap.absent_round(f"NIC back after {IDLE_SECONDS:g} s away", IDLE_SECONDS)
+    hotswap.all_attached()
