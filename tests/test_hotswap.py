@@ -665,22 +665,30 @@ class Hotswap:
         out = self.host.out(f"cut -d' ' -f1 /proc/uptime && {command}")
         return int(float(out.split()[0]) * 1e9)
 
-    def vlan_round(self, scenario: str) -> list[Round]:
-        """The VLAN deleted and made again by networkd: ``networkctl reconfigure`` of the NIC under it."""
-        inner = [nic for nic in INNER if nic.vlan]
+    def remade(self, inner: list[InnerNic], link: str, remake: str
+               ) -> tuple[dict[str, FirstFrame], int, int, int, dict[str, dict[str, Any]]]:
+        """``link`` deleted, then made again by ``remake`` (networkd): ``inner``'s NICs wait for it and are
+        attached again. Their first frames, the host VM's clock before the deletion and at ``remake``, this
+        machine's before it, and their status after."""
         before = self.wait_states({n.id: "attached" for n in inner}, 60)
         self.flowing(inner)
         mark = self.vm_now()
-        # networkd makes a missing VLAN of a .network when it configures the link; on bookworm (systemd
-        # 252) neither a reload nor a reconfigure remakes one that exists (a changed .netdev takes this).
-        self.host.run(f"ip link del {VLAN_LINK}")
+        self.host.run(f"ip link del {link}")
         self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
         sent = time.monotonic_ns()
-        at = self.command_at(f"networkctl reconfigure {NIC_A.predictable}")
+        at = self.command_at(remake)
         first = self.wait_frames(inner, since_recv=at, timeout=90)
         after = self.wait_states({n.id: "attached" for n in inner}, 60)
         for n in inner:
             assert after[n.id]["swaps"] > before[n.id]["swaps"], (n.id, before[n.id], after[n.id])
+        return first, mark, sent, at, after
+
+    def vlan_round(self, scenario: str) -> list[Round]:
+        """The VLAN deleted and made again by networkd: ``networkctl reconfigure`` of the NIC under it."""
+        inner = [nic for nic in INNER if nic.vlan]
+        # networkd makes a missing VLAN of a .network when it configures the link; on bookworm (systemd
+        # 252) neither a reload nor a reconfigure remakes one that exists (a changed .netdev takes this).
+        first, mark, sent, at, _ = self.remade(inner, VLAN_LINK, f"networkctl reconfigure {NIC_A.predictable}")
         events = self.udev(mark)
         made = next(e for e in events if e.source == "KERNEL" and e.action == "add" and e.name == VLAN_LINK
                     and e.t >= at)
@@ -741,23 +749,14 @@ class Hotswap:
     def bond_round(self, scenario: str) -> list[Round]:
         """The bond deleted, then made again by networkd with its slave; nw6 attached again."""
         inner = [n for n in INNER if n.host_nic is NIC_C]
-        before = self.wait_states({n.id: "attached" for n in inner}, 60)
-        self.flowing(inner)
-        mark = self.vm_now()
-        self.host.run(f"ip link del {BOND}")
-        self.wait_states({n.id: "waiting-lower" for n in inner}, 60)
         # networkd 252 (bookworm) makes a missing bond again when it reloads its .netdev files (`networkctl
         # reload`; `networkctl reconfigure ens6` alone does not), but enslaves the slave again only if the
         # slave's .network changed: otherwise ens6 stays "configured" outside the bond (and a reconfigure
         # leaves it "configuring" for good: its .network still refers to the deleted bond). Touching the
         # slave's .network has networkd load it again and configure ens6 into the new bond.
-        sent = time.monotonic_ns()
-        at = self.command_at(f"touch {SLAVE_NETWORK} && networkctl reload")
-        first = self.wait_frames(inner, since_recv=at, timeout=90)
-        after = self.wait_states({n.id: "attached" for n in inner}, 60)
+        first, mark, sent, at, after = self.remade(inner, BOND, f"touch {SLAVE_NETWORK} && networkctl reload")
         for n in inner:
             assert after[n.id]["lower"] == BOND, (n.id, after[n.id])
-            assert after[n.id]["swaps"] > before[n.id]["swaps"], (n.id, before[n.id], after[n.id])
         assert self.enslaved(), self.dump()
         events = self.udev(mark)
         made = next(e for e in events if e.source == "KERNEL" and e.action == "add" and e.name == BOND and e.t >= at)
