@@ -252,6 +252,28 @@ def test_a_burst_written_at_once_reaches_the_journal_whole(journald: str) -> Non
     assert all(e["NETWATCH_EVENT"] == "state" for e in entries)
 
 
+def test_an_entry_says_when_netwatch_made_it(journald: str) -> None:
+    """journald stamps an entry when it arrives; one held in a burst (logbuffer) arrives late, and its
+    NETWATCH_MONOTONIC_USEC still says when it was made (what the hot-swap figures are read from)."""
+    import logging
+    import time
+
+    from netwatch.service.journal import JournalHandler
+    handler = JournalHandler(f"/run/systemd/journal.{journald}/socket")
+    tag = uuid.uuid4().hex[:8]
+    record = logging.LogRecord("netwatch", logging.INFO, __file__, 1, f"held {tag}", None, None)
+    held = 2.0
+    record.created -= held  # made two seconds ago, written now
+    made = time.monotonic() - held
+    handler.emit(record)
+    handler.close()
+    entries = wait_until(lambda: [e for e in journal(journald) if e.get("MESSAGE") == f"held {tag}"], 10,
+                         "the held entry")
+    stamped = int(entries[0]["NETWATCH_MONOTONIC_USEC"])
+    assert abs(stamped - made * 1e6) < 0.5e6, (stamped, made, entries[0])
+    assert stamped < int(entries[0]["__MONOTONIC_TIMESTAMP"]) - 1e6, entries[0]
+
+
 STAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z netwatch\[\d+\]: (\w+): (.*)")
 
 

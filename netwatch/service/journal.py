@@ -93,6 +93,10 @@ class JournalHandler(logging.Handler):
             "CODE_LINE": str(record.lineno),
             "CODE_FUNC": record.funcName or "",
             "LOGGER": record.name,
+            # journald stamps an entry when it receives it, and entries of a burst are held and written
+            # together (logbuffer.py): up to a second late. This is when netwatch made it, on the clock
+            # udevadm monitor and `journalctl -o short-monotonic` use.
+            "NETWATCH_MONOTONIC_USEC": str(int((time.monotonic() - max(0.0, time.time() - record.created)) * 1e6)),
         }
         for attr, key in (("nw_vm", "NETWATCH_VM"), ("nw_nic", "NETWATCH_NIC"), ("nw_lower", "NETWATCH_LOWER"),
                           ("nw_event", "NETWATCH_EVENT"), ("nw_message_id", "MESSAGE_ID")):
