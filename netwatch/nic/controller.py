@@ -19,14 +19,15 @@ from tenacity import AsyncRetrying, RetryCallState, wait_exponential
 from tenacity.wait import wait_base
 
 from netwatch import events
-from netwatch.config import LowerSpec, NicConfig, ifname_problem
-from netwatch.errors import BadRequest, NetwatchError
+from netwatch.config import NicConfig
+from netwatch.errors import NetwatchError
 from netwatch.host.backends import LinkVanished, Placement, ambiguity
-from netwatch.host.links import IFF_LOOPBACK, Link
+from netwatch.host.links import Link
 from netwatch.nic import interest, report
 from netwatch.nic.env import NicEnv
 from netwatch.nic.hookplan import HookPlan
 from netwatch.nic.lowers import LowerChoice
+from netwatch.nic.rebind import Rebinds
 from netwatch.nic.records import NicRecord
 from netwatch.nic.state import NicEvent, NicState, NicStateMachine
 from netwatch.nic.wiring import NicWiring
@@ -35,14 +36,6 @@ from netwatch.qemu.vm import QemuVm
 from netwatch.untrusted import displayable
 
 log = logging.getLogger(__name__)
-
-
-class RebindError(NetwatchError):
-    """A rebind could not be done; the NIC kept its path."""
-
-
-class BadRebind(RebindError, BadRequest):
-    """A rebind to something that is not a usable lower."""
 
 
 def default_retry_wait() -> wait_base:
@@ -62,7 +55,6 @@ class NicController:
         self.lowers = LowerChoice(nic, env)
         self.first_pass = asyncio.Event()
         self._pass_waiters: list[asyncio.Future[None]] = []
-        self._requests: list[tuple[LowerSpec, asyncio.Future[dict[str, Any]]]] = []
         self.pending_config: NicConfig | None = None
         self._kick = asyncio.Event()
         self._kick.set()
@@ -70,6 +62,9 @@ class NicController:
         self.hooks = HookPlan(nic, vm, env, hot_added)
         # The backend itself: what is attached, and how to make, swap and drop it.
         self.wiring: NicWiring = make_wiring(vm_name, nic, vm, env, self.hooks, self._lower_name)
+        # An admin's moves to another lower, served between passes.
+        self.rebinds = Rebinds(vm_name, vm, env, self.lowers, self.wiring, self.kick,
+                               lambda: env.on_interest_change(self))
         # Set when the NIC left the config of a running VM: the loop hot-removes it and ends.
         self.retiring = False
 
@@ -120,14 +115,8 @@ class NicController:
         self.kick()
 
     async def rebind(self, lower: str) -> dict[str, Any]:
-        """Move the NIC to ``lower`` now (make-before-break); its status after."""
-        why = ifname_problem(lower)
-        if why:
-            raise BadRebind(f"'{lower}' {why}")
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._requests.append((LowerSpec(name=lower), future))
-        self.kick()
-        return await future
+        """Move the NIC to ``lower`` now (make-before-break); its status after (netwatch/nic/rebind.py)."""
+        return await self.rebinds.request(lower)
 
     # -- the loop -----------------------------------------------------------
 
@@ -143,12 +132,7 @@ class NicController:
                 self.lowers.configure(self.nic)
                 self.hooks.nic = self.nic
                 self.wiring.configure(self.nic)
-            while self._requests:
-                spec, future = self._requests.pop(0)
-                if self.retiring:
-                    future.set_exception(RebindError(f"{self.vm_name}/{self.nic.id} is being removed"))
-                else:
-                    await self._serve_rebind(spec, future)
+            await self.rebinds.serve(self.retiring, self.status)
             try:
                 await self._reconcile_or_fail()
             except Exception:  # noqa: BLE001 - reported by _reconcile_or_fail; not BaseException: cancellation ends the loop
@@ -308,46 +292,6 @@ class NicController:
     async def remove(self) -> None:
         """The NIC left the config: take its backend out of QEMU and the kernel."""
         await self.wiring.remove()
-
-    async def _serve_rebind(self, spec: LowerSpec, future: asyncio.Future[dict[str, Any]]) -> None:
-        name = spec.name or "?"
-        try:
-            await self._rebind_now(spec)
-        except NetwatchError as exc:
-            current = self.backend.lower if self.backend else "no lower"
-            kind = BadRebind if isinstance(exc, BadRequest) else RebindError
-            if not future.done():
-                future.set_exception(kind(f"cannot rebind {self.vm_name}/{self.nic.id} to {name}: {exc}; "
-                                          f"it stays on {current}"))
-            return
-        if not future.done():
-            future.set_result(self.status())
-
-    async def _rebind_now(self, spec: LowerSpec) -> None:
-        if not self.vm.present:
-            raise RebindError(f"QEMU of {self.vm_name} is not connected" if self.vm.monitored
-                              else f"libvirt domain {self.vm.identity.libvirt_domain} is not running")
-        target = self.lowers.target(spec)
-        if target is None:
-            raise BadRebind(f"there is no link named {spec.name}")
-        if target.name in self.env.own_links() | set(self.wiring.names()):
-            raise BadRebind(f"{target.name} is a netwatch backend")
-        if target.flags & IFF_LOOPBACK:
-            raise BadRebind(f"{target.name} is a loopback device")
-        backend = self.backend
-        previous, self.lowers.override = self.lowers.override, spec
-        self.env.on_interest_change(self)
-        try:
-            if backend is None or backend.lower_ifindex == target.index:
-                return  # the next pass attaches it there, or it is there already
-            placement = self.driver.place(self.nic, target, self.env.links)
-            if self.driver.moves_by_swap:
-                await self.wiring.swap(placement, f"rebind to {target.name} requested")
-            else:
-                await self.wiring.maintain(placement)
-        except BaseException:
-            self.lowers.override = previous
-            raise
 
     # -- what it reports --------------------------------------------------------
 
