@@ -608,6 +608,9 @@ class Hotswap:
                            if e.get("NETWATCH_NIC") == nic.id and e.get("NETWATCH_EVENT") in BACK
                            and int(e["NETWATCH_MONOTONIC_USEC"]) * 1000 >= since), None)
             assert handed is not None, f"no {BACK} entry for {nic.id} in {said}"
+            began = next((int(e["NETWATCH_MONOTONIC_USEC"]) * 1000 for e in said
+                          if e.get("NETWATCH_NIC") == nic.id and e.get("NETWATCH_STATE") == "attaching"
+                          and int(e["NETWATCH_MONOTONIC_USEC"]) * 1000 >= announced), None)
             carrier = next((t for name, on, t in self.link_flags if name == nic.lower_name and on and t >= since),
                            None)
             assert carrier is not None, f"{nic.lower_name} never up with carrier: {self.link_flags[-20:]}"
@@ -618,7 +621,9 @@ class Hotswap:
             own = status[nic.id].get("last_attach_seconds")
             where = "out of its tap" if nic.wiring == "redirect" else "at the inner VM"
             detail = (f"udevd's event for {nic.lower_name} -> frame {where} {(recv - announced) / 1e6:.0f} ms, "
-                      f"lower's carrier {(carrier - announced) / 1e6:+.0f} ms, netwatch's entry {BACK[0]}/"
+                      f"lower's carrier {(carrier - announced) / 1e6:+.0f} ms, "
+                      + (f"netwatch attaching {(began - announced) / 1e6:+.0f} ms, " if began is not None else "")
+                      + f"netwatch's entry {BACK[0]}/"
                       f"{BACK[1]} {(handed - announced) / 1e6:+.0f} ms"
                       + (f" (its attach {own * 1000:.0f} ms)" if own is not None else "")
                       + (f"; udevd wrote its database entry {(announced - entry) / 1e6:.0f} ms before its event"
