@@ -440,6 +440,44 @@ def segment_paths(workdir: Path, segment: str) -> tuple[Path, Path]:
     return workdir / f"{segment}.qemu", workdir / f"{segment}.switch"
 
 
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def answer_frame(frame: bytes, ip: bytes, mac: bytes) -> tuple[str, bytes] | None:
+    """The switch's answer as the host ``ip`` (4 bytes) with ``mac`` (6) to an untagged ``frame``: an ARP
+    reply to a request for ``ip``, an ICMP echo reply to an echo request to it; None for anything else."""
+    import struct
+
+    kind = frame[12:14]
+    if kind == b"\x08\x06" and len(frame) >= 42:
+        htype, ptype, hlen, plen, op = struct.unpack("!HHBBH", frame[14:22])
+        sha, spa, tpa = frame[22:28], frame[28:32], frame[38:42]
+        if (htype, ptype, hlen, plen, op) != (1, 0x0800, 6, 4, 1) or tpa != ip:
+            return None
+        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) + mac + ip + sha + spa
+        return "arp", sha + mac + b"\x08\x06" + arp
+    if kind == b"\x08\x00" and len(frame) >= 34 and frame[14] >> 4 == 4:
+        header = (frame[14] & 0xF) * 4
+        total = struct.unpack("!H", frame[16:18])[0]
+        packet = frame[14:14 + total]
+        if (header < 20 or len(packet) != total or total < header + 8 or packet[9] != 1 or packet[16:20] != ip
+                or packet[header] != 8 or _checksum(packet[:header]) != 0):
+            return None
+        icmp = b"\0\0\0\0" + packet[header + 4:]
+        icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+        head = packet[:8] + b"\x40" + packet[9:10] + b"\0\0" + ip + packet[12:16] + packet[20:header]
+        head = head[:10] + struct.pack("!H", _checksum(head)) + head[12:]
+        return "icmp", frame[6:12] + mac + b"\x08\x00" + head + icmp
+    return None
+
+
 def switch_main(config_json: str) -> None:
     """The switch (a child process in the test's namespace): sends and records frames on each segment.
 
@@ -447,11 +485,20 @@ def switch_main(config_json: str) -> None:
     replaces what is sent (an empty list stops it); EOF ends it. Every frame
     the host VM sends from a MAC in "watch" is logged (JSON lines, flushed) with
     this machine's CLOCK_MONOTONIC: the inner VMs' frames seen on the outside.
+    With "answer": {"segment", "ip", "mac"}, it is also a host with that IPv4
+    address and MAC on that segment (only), once told {"answer": true} (and
+    until {"answer": false}): it answers ARP requests for the address and ICMP
+    echo requests to it (the log line of a frame it answered says "answered":
+    "arp" or "icmp"), the peer a real guest pings.
     """
     import select
     import struct
 
     config = json.loads(config_json)
+    answer, answering = config.get("answer"), False
+    if answer:
+        answer_segment, answer_ip = answer["segment"], socket.inet_aton(answer["ip"])
+        answer_mac = bytes.fromhex(answer["mac"].replace(":", ""))
     socks: dict[socket.socket, str] = {}
     theirs: dict[str, str] = {}
     for segment, (qemu_end, ours) in config["segments"].items():
@@ -480,13 +527,22 @@ def switch_main(config_json: str) -> None:
                 except BlockingIOError:
                     break
                 at = time.monotonic_ns()
+                answered = None
+                if answering and socks[sock] == answer_segment:
+                    reply = answer_frame(frame, answer_ip, answer_mac)
+                    if reply is not None:
+                        answered, data = reply
+                        with contextlib.suppress(OSError):
+                            out.sendto(data.ljust(60, b"\0"), theirs[answer_segment])
                 if frame[6:12] not in watch:
                     continue
                 kind, vlan = struct.unpack("!H", frame[12:14])[0], None
                 if kind == 0x8100:
                     vlan, kind = struct.unpack("!H", frame[14:16])[0] & 0xFFF, struct.unpack("!H", frame[16:18])[0]
-                log.write(json.dumps({"segment": socks[sock], "t": at, "src": frame[6:12].hex(":"),
-                                      "type": kind, "vlan": vlan}) + "\n")
+                entry = {"segment": socks[sock], "t": at, "src": frame[6:12].hex(":"), "type": kind, "vlan": vlan}
+                if answered:
+                    entry["answered"] = answered
+                log.write(json.dumps(entry) + "\n")
         if sys.stdin in ready:
             chunk = os.read(sys.stdin.fileno(), 65536)
             if not chunk:
@@ -495,9 +551,12 @@ def switch_main(config_json: str) -> None:
             while b"\n" in pending:
                 line, _, pending = pending.partition(b"\n")
                 command = json.loads(line)
+                answering = bool(answer) and bool(command.get("answer", answering))
+                if "send" not in command:
+                    continue
                 interval = float(command.get("interval", interval))
                 targets = []
-                for target in command.get("send", []):
+                for target in command["send"]:
                     header = bytes.fromhex(target["dst"].replace(":", "")) + src
                     if target.get("vlan") is not None:
                         header += struct.pack("!HH", 0x8100, int(target["vlan"]))
@@ -523,16 +582,18 @@ class Seen:
     src: str
     type: int
     vlan: int | None
+    answered: str | None = None  # "arp" or "icmp": the switch answered it (switch_main's "answer")
 
 
 class Switch:
     """The test's end of every segment, in the test's namespace: a child process (switch_main)."""
 
-    def __init__(self, netns: Netns, workdir: Path, segments: Sequence[str], watch: Sequence[str]) -> None:
+    def __init__(self, netns: Netns, workdir: Path, segments: Sequence[str], watch: Sequence[str],
+                 answer: dict[str, str] | None = None) -> None:
         self.log = workdir / "switch.log"
         config = {"segments": {segment: [str(path) for path in segment_paths(workdir, segment)]
                                for segment in segments},
-                  "watch": list(watch), "log": str(self.log)}
+                  "watch": list(watch), "log": str(self.log), "answer": answer}
         with open(workdir / "switch.err", "wb") as errors:
             self.proc = subprocess.Popen(
                 netns.exec_argv(sys.executable, "-c", "import sys; from tests.hotswap_host import switch_main; "
@@ -552,6 +613,12 @@ class Switch:
         self.proc.stdin.write(json.dumps(command).encode() + b"\n")
         self.proc.stdin.flush()
 
+    def answer(self, on: bool) -> None:
+        """Answer ARP and pings as the host given by ``answer`` (True), or no longer (False)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"answer": on}).encode() + b"\n")
+        self.proc.stdin.flush()
+
     def seen(self, since_ns: int = 0) -> list[Seen]:
         try:
             lines = self.log.read_text().splitlines()
@@ -562,7 +629,8 @@ class Switch:
             with contextlib.suppress(ValueError, KeyError):
                 entry = json.loads(line)
                 if entry["t"] >= since_ns:
-                    found.append(Seen(entry["segment"], entry["t"], entry["src"], entry["type"], entry["vlan"]))
+                    found.append(Seen(entry["segment"], entry["t"], entry["src"], entry["type"], entry["vlan"],
+                                      entry.get("answered")))
         return found
 
     def close(self) -> None:
@@ -586,9 +654,9 @@ def _die_with_parent() -> None:
 # -- the booted host VM ---------------------------------------------------------
 
 
-def payload_tar(dest: Path, trees: dict[str, Path], files: dict[str, str]) -> Path:
-    """A tar archive of ``trees`` (name inside -> directory here) and ``files`` (path inside -> text),
-    the host VM's second disk. Version control, venvs and caches are left out."""
+def payload_tar(dest: Path, trees: dict[str, Path], files: dict[str, str | Path]) -> Path:
+    """A tar archive of ``trees`` (name inside -> directory here) and ``files`` (path inside -> text, or a
+    file here to copy), the host VM's second disk. Version control, venvs and caches are left out."""
     skip = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "build", "dist"}
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -603,6 +671,9 @@ def payload_tar(dest: Path, trees: dict[str, Path], files: dict[str, str]) -> Pa
         for name, directory in trees.items():
             tar.add(directory, arcname=name, filter=keep)
         for name, text in files.items():
+            if isinstance(text, Path):
+                tar.add(text, arcname=name, filter=keep)
+                continue
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o755 if text.startswith("#!") else 0o644, int(time.time())
@@ -788,16 +859,18 @@ class HotswapHost:
 
 
 @contextlib.contextmanager
-def booted(wheels: Path, payload_trees: dict[str, Path], payload_files: dict[str, str], watch: Sequence[str] = (),
+def booted(wheels: Path, payload_trees: dict[str, Path], payload_files: dict[str, str | Path],
+           watch: Sequence[str] = (), answer: dict[str, str] | None = None, memory_mb: int = 1024,
            progress: Callable[[str], None] = print) -> Iterator[tuple[HotswapHost, Switch]]:
-    """Build (or reuse) the image, boot it with the payload disk, the switch on its segments."""
+    """Build (or reuse) the image, boot it with the payload disk, the switch on its segments (``watch``
+    and ``answer``: switch_main's)."""
     image = build_image(wheels, progress=progress)
     workdir = Path(tempfile.mkdtemp(prefix="nwt-hs-"))
     try:
         payload = payload_tar(workdir / "payload.tar", payload_trees, payload_files)
-        host = HotswapHost(image, payload, workdir)
+        host = HotswapHost(image, payload, workdir, memory_mb=memory_mb)
         try:
-            switch = Switch(host.start_netns(), workdir, sorted({nic.segment for nic in host.nics}), watch)
+            switch = Switch(host.start_netns(), workdir, sorted({nic.segment for nic in host.nics}), watch, answer)
             try:
                 with host:
                     yield host, switch
