@@ -6,7 +6,7 @@ installed inside as docs/service.md says and running as its service
 (``udev = "udev"``: it uses a new link only once udevd has handled it),
 three virtio-net NICs on pluggable slots (ens4, ens5, ens6) and an inner
 QEMU (no guest OS, running) whose seven macvtap NICs netwatch keeps
-attached:
+attached (and three more on a veth, the baseline):
 
 * nw0: lower ``ens4``, the host's first NIC by its predictable name;
 * nw1: lower ``ens4.100``, a VLAN systemd-networkd makes on it;
@@ -15,7 +15,17 @@ attached:
 * nw4: ``wiring = "redirect"``, lower ``ens4``;
 * nw5: ``wiring = "redirect"``, lower ``{ pci = "0000:00:05.0" }``;
 * nw6: lower ``bond0``, an active-backup bond networkd makes with ens6 (the
-  third NIC, on a segment of its own) as its slave.
+  third NIC, on a segment of its own) as its slave;
+
+and a second inner QEMU, vm2, booting a real Linux guest (netwatch/sandbox/
+guest.py: the cloud kernel and a busybox init, about 45 s nested under TCG,
+begun during the set-up) with one NIC:
+
+* nd0: ``wiring = "direct"``, lower ``ens4``: netwatch plugs the guest's
+  virtio-net device itself and replugs it (device_del, device_add) when the
+  lower comes back. The guest pings 10.77.0.1, which the switch answers on
+  ens4's segment during the direct test only (answered, the guest pings
+  every 0.2 s, and its QEMU takes most of a host VM CPU).
 
 Each hub NIC's hub has an observer port (``-netdev dgram``) read by a small
 program inside the host, which logs the first test frame after a silence
@@ -30,6 +40,11 @@ the guest's MAC) coming out of the host.
 Scenarios (each a test, sharing the boot; NETWATCH_HOTSWAP_ROUNDS rounds,
 1 by default; each leaves every NIC attached):
 
+* the host's first NIC unplugged and plugged back under vm2's guest (first:
+  it waits for the guest's boot): the guest loses its NIC, then gets the
+  same one back (MAC, PCI address; no reboot), never on eth0, and its pings
+  are answered again; from device_add to its first frame at the switch and
+  to GUEST-PING ok on its console;
 * the host's first NIC unplugged (``device_del`` on the outer QMP) and
   plugged back at the same slot with the same MAC: the kernel names it
   eth0, udev renames it ens4, networkd makes ens4.100 again; nw0, nw1 and
@@ -78,6 +93,8 @@ from typing import Any
 import pytest
 
 from netwatch.config import alt_ifname, macvlan_ifname
+from netwatch.sandbox.guest import GuestError, GuestImage
+from netwatch.sandbox.guest import build as build_guest
 from netwatch.sandbox.testbed import wait_until
 
 from .hotswap_host import NICS, HostNic, HotswapHost, Switch, booted, missing_tools
@@ -110,6 +127,7 @@ class InnerNic:
     vlan: int | None = None
     wiring: str = "hub"
     guest_pci: str | None = None  # past the seven default slots
+    vm: str = "vm1"
 
     @property
     def lower_name(self) -> str:
@@ -126,12 +144,12 @@ class InnerNic:
 
     @property
     def observer(self) -> str:
-        return f"vm1-{self.id}"
+        return f"{self.vm}-{self.id}"
 
     @property
     def tap(self) -> str:
-        """netwatch's name for the NIC's macvtap (hub) or persistent tap (redirect)."""
-        return f"nw-vm1-{self.id}"
+        """netwatch's name for the NIC's macvtap (hub, direct) or persistent tap (redirect)."""
+        return f"nw-{self.vm}-{self.id}"
 
     @property
     def backend_names(self) -> tuple[str, ...]:
@@ -155,6 +173,18 @@ BASELINE = (InnerNic("nw7", "52:54:00:5e:00:08", VETH, None, guest_pci="0x0a"),
             InnerNic("nw8", "52:54:00:5e:00:09", VETH, None, guest_pci="0x0b"),
             InnerNic("nw9", "52:54:00:5e:00:0a", VETH, None, wiring="redirect", guest_pci="0x0c"))
 ALL = INNER + BASELINE
+# vm2: a real Linux guest (netwatch/sandbox/guest.py: a kernel and a busybox init) whose one NIC is wired
+# direct, so that netwatch replugs it (device_del, device_add) when its lower comes back and the guest sees
+# it leave and come back. Its lower is ens4 by name, like nw0: the first NIC is hot-swapped in two scenarios
+# (its own and the driver reload), the second in four (those, another card in its slot and the long
+# absence, whose window must stay free of netwatch's journal entries), and a lower by name is what udevd's
+# rename is about.
+DIRECT = InnerNic("nd0", "52:54:00:5e:01:01", NIC_A.predictable, NIC_A, wiring="direct", vm="vm2")
+GUEST_DIR, VM2_DIR = "/root/nwt/guest", "/run/nwt-vm2"
+GUEST_SERIAL = f"{VM2_DIR}/serial.log"
+GUEST_ADDRESS, GUEST_MEMORY_MB = "10.77.0.2/24", 128
+# The guest pings this host; the switch is it, on the guest's lower's segment only.
+PEER = {"segment": NIC_A.segment, "ip": "10.77.0.1", "mac": "02:00:00:77:00:01"}
 
 
 def _toml(value: str | dict[str, str]) -> str:
@@ -175,6 +205,17 @@ CONFIG = "\n".join([
         "", "  [[vm.nic]]", f'  id = "{nic.id}"', '  backend = "macvtap"', f"  lower = {_toml(nic.lower)}",
         f'  mac = "{nic.mac}"', f'  wiring = "{nic.wiring}"',
         *([f'  guest_pci = "{nic.guest_pci}"'] if nic.guest_pci else []))),
+    "",
+    "[[vm]]",
+    'name = "vm2"',
+    f'qmp = "{QMP_DIR}/vm2.qmp"',
+    "",
+    "  [[vm.nic]]",
+    f'  id = "{DIRECT.id}"',
+    '  backend = "macvtap"',
+    f"  lower = {_toml(DIRECT.lower)}",
+    f'  mac = "{DIRECT.mac}"',
+    f'  wiring = "{DIRECT.wiring}"',
     ""])
 
 # systemd-networkd: the NICs matched by name (a .network matching the first
@@ -387,11 +428,67 @@ class Round:
     detail: str
 
 
+@dataclass(frozen=True)
+class ConsoleLine:
+    """A line of vm2's serial console and when the test first saw it, this machine's CLOCK_MONOTONIC (ns):
+    it came between the start of the poll before (``after``) and the end of the poll that brought it
+    (``seen``)."""
+
+    text: str
+    after: int
+    seen: int
+
+
+class GuestConsole:
+    """vm2's serial console: a file QEMU writes in the host VM, read on by the test through the agent."""
+
+    def __init__(self, host: HotswapHost, path: str) -> None:
+        self.host, self.path = host, path
+        self.offset, self.last_poll = 0, 0
+        self.lines: list[ConsoleLine] = []
+
+    def poll(self) -> list[ConsoleLine]:
+        started = time.monotonic_ns()
+        try:
+            data = self.host.read(self.path, self.offset)
+        except HostError:  # not there yet
+            data = b""
+        seen = time.monotonic_ns()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        self.lines += [ConsoleLine(line.strip(), self.last_poll, seen)
+                       for line in complete.decode(errors="replace").splitlines() if line.strip()]
+        self.last_poll = started
+        return self.lines
+
+    def wait(self, found: Any, timeout: float, what: str, dump: Any) -> Any:
+        """Poll until ``found(lines)`` is truthy; its value."""
+        value = wait_until(lambda: found(self.poll()), timeout, what,
+                           lambda: "\n".join(line.text for line in self.lines[-15:]) + "\n" + dump(), interval=0.05)
+        assert value
+        return value
+
+    @staticmethod
+    def pinging(lines: list[ConsoleLine], count: int = 3) -> ConsoleLine | None:
+        """The first of ``count`` GUEST-PING ok in a row in ``lines``."""
+        pings = [line for line in lines if line.text.startswith("GUEST-PING ")]
+        return next((pings[i] for i in range(len(pings) - count + 1)
+                     if all(p.text == "GUEST-PING ok" for p in pings[i:i + count])), None)
+
+    @staticmethod
+    def nic(lines: list[ConsoleLine], eth: str = "eth0") -> list[str]:
+        """The guest's GUEST-NIC lines for ``eth`` without the address: "GUEST-NIC eth0 mac=... pci=..."."""
+        return [line.text.rsplit(" addr=", 1)[0] for line in lines if line.text.startswith(f"GUEST-NIC {eth} ")]
+
+
 class Hotswap:
     """The booted host VM with netwatch and the inner VM, and what the scenarios ask of it."""
 
     def __init__(self, host: HotswapHost, switch: Switch) -> None:
         self.host, self.switch = host, switch
+        self.console = GuestConsole(host, GUEST_SERIAL)
+        self.guest_pid: str | None = None  # vm2's QEMU, once its guest was up
+        self.direct: list[tuple[float, float, float]] = []  # per direct round: device_add -> RARP, frame, ping ok
         self.rounds: list[Round] = []
         self.frames_offset = 0
         self.frames: list[FirstFrame] = []
@@ -416,6 +513,9 @@ class Hotswap:
         host.run(f"cd /root/nwt/src && {script}", env=PIP_ENV, timeout=900)
         installed = time.monotonic() - started
         host.run("cp /root/nwt/files/netwatch.toml /etc/netwatch/netwatch.toml")  # "then edit it"
+        # vm2's guest boots (about 45 s, nested under TCG) while the rest is set up; the tests that need it
+        # wait for it (guest_booted). netwatch plugs its NIC once it runs and the lower is there.
+        self.start_guest_vm()
         for path, text in NETWORKD.items():
             host.write(path, text)
         host.run(f"ip link add {VETH} type veth peer name {VETH_PEER} && ip link set {VETH_PEER} up "
@@ -478,6 +578,17 @@ class Hotswap:
         # A transient unit: the host's systemd owns the inner QEMU, as a VM manager's would.
         host.run(f"systemd-run --quiet --unit=nwt-vm1 {shlex.join(qemu)}")
 
+    def start_guest_vm(self) -> None:
+        """vm2: QEMU booting the real guest, its serial console to a file; it starts without its NIC
+        (qemu-args has none for a direct NIC on ``pc``): netwatch plugs it."""
+        args = json.loads(self.host.out("netwatch qemu-args --json vm2"))
+        assert not any(DIRECT.id in arg for arg in args), f"a device for the direct NIC in qemu-args: {args}"
+        guest = GuestImage(Path(GUEST_DIR) / "vmlinuz", Path(GUEST_DIR) / "initrd.cpio")
+        qemu = ["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-display", "none", "-nodefaults",
+                "-no-user-config", "-name", "vm2", "-global", "virtio-net-pci.romfile=", *args,
+                *guest.qemu_args(Path(GUEST_SERIAL), [GUEST_ADDRESS], ping=PEER["ip"], memory_mb=GUEST_MEMORY_MB)]
+        self.host.run(f"mkdir -p {QMP_DIR} {VM2_DIR} && systemd-run --quiet --unit=nwt-vm2 {shlex.join(qemu)}")
+
     # -- looking ------------------------------------------------------------------
 
     def status(self) -> dict[str, dict[str, Any]]:
@@ -503,7 +614,8 @@ class Hotswap:
         for command in ("netwatch status", "journalctl -u netwatch -n 40 --no-pager", "ip -br link",
                         "ip -o -d link show type macvlan | cut -c1-160",
                         "networkctl --no-pager", f"tail -n 30 {UDEV_LOG}", f"tail -n 20 {FRAMES_LOG}",
-                        "systemctl is-active nwt-vm1 nwt-observer nwt-udevmon nwt-sender"):
+                        f"tail -n 12 {GUEST_SERIAL}",
+                        "systemctl is-active nwt-vm1 nwt-vm2 nwt-observer nwt-udevmon nwt-sender"):
             done = self.host.run(command, check=False, timeout=60)
             parts.append(f"--- {command} (exit {done.returncode}) ---\n{done.stdout}{done.stderr}".rstrip())
         return "\n".join(parts)
@@ -755,6 +867,8 @@ class Hotswap:
 
     def hotswap_round(self, scenario: str, nic: HostNic) -> list[Round]:
         """device_del ``nic``, then device_add it back at its slot with its MAC."""
+        if nic is DIRECT.host_nic:
+            self.guest_booted()  # vm2's NIC goes and comes back too
         inner = [n for n in INNER if n.host_nic is nic]
         before = self.wait_states({n.id: "attached" for n in inner}, 60)
         offset = self.flowing(inner)
@@ -806,6 +920,7 @@ class Hotswap:
         The bond stays (without its slave for a while): nw6 stays attached, its frames come back."""
         inner = [n for n in INNER if n.host_nic is not NIC_C]
         bonded = [n for n in INNER if n.host_nic is NIC_C]
+        self.guest_booted()  # vm2's NIC goes and comes back too
         before = self.wait_states({n.id: "attached" for n in INNER}, 60)
         self.flowing(list(INNER))
         mark = self.vm_now()
@@ -1041,9 +1156,118 @@ class Hotswap:
                 f"{here_py * 1000:.0f} ms) and x{vm_ip / here_ip:.1f} for `ip link` add+del ({vm_ip * 50:.1f} vs "
                 f"{here_ip * 50:.1f} ms a pair)")
 
+    def guest_booted(self) -> None:
+        """vm2's guest up (one GUEST-READY) and its NIC attached; checked once: a round that takes the NIC's
+        lower away starts with a guest that can let go of its NIC."""
+        if self.guest_pid is not None:
+            return
+        started = time.monotonic()
+        self.console.wait(lambda lines: any(line.text.startswith("GUEST-READY") for line in lines), 300,
+                          "vm2's guest to boot (GUEST-READY)", self.dump)
+        booted = time.monotonic() - started
+        status = self.wait_states({DIRECT.id: "attached"}, 60)[DIRECT.id]
+        assert status["wiring"] == "direct" and status["lower"] == DIRECT.lower_name, status
+        self.guest_pid = self.host.out("systemctl show -p MainPID --value nwt-vm2").strip()
+        out = self.host.out(f"grep MemAvailable /proc/meminfo; ps -o rss= -p {self.guest_pid}").split()
+        print(f"[hotswap] vm2's guest booted {time.monotonic() - started:.1f} s into this wait (GUEST-READY after "
+              f"{booted:.1f} s of it), {DIRECT.id} attached at {status['guest_pci']}; vm2's QEMU {int(out[3]) // 1024}"
+              f" MB resident, {self.guest_cpu():.0f}% of a host VM CPU with its pings unanswered; the host VM has "
+              f"{int(out[1]) // 1024} MB available", flush=True)
+
+    def guest_cpu(self, seconds: float = 3) -> float:
+        """vm2's QEMU's share of a host VM CPU over ``seconds`` (%)."""
+        ticks = f"awk '{{print $14 + $15}}' /proc/{self.guest_pid}/stat"
+        hz, before, after = self.host.out(f"getconf CLK_TCK; {ticks}; sleep {seconds:g}; {ticks}").split()
+        return (int(after) - int(before)) * 100 / int(hz) / seconds
+
+    @contextlib.contextmanager
+    def peer(self) -> Iterator[None]:
+        """The switch answers the guest's pings while in the block (3 GUEST-PING ok in a row to begin with).
+        Only then: a guest whose pings are answered pings every 0.2 s, which costs the host VM a CPU under
+        TCG; unanswered, it tries once a second."""
+        self.guest_booted()
+        since = len(self.console.poll())
+        self.switch.answer(True)
+        try:
+            self.console.wait(lambda lines: self.console.pinging(lines[since:]), 120,
+                              "vm2's guest's pings answered (3 x GUEST-PING ok)", self.dump)
+            print(f"[hotswap] vm2's guest pings the switch: its QEMU uses {self.guest_cpu():.0f}% of a host VM CPU",
+                  flush=True)
+            yield
+        finally:
+            self.switch.answer(False)
+
+    def direct_round(self, scenario: str) -> None:
+        """The host's first NIC unplugged and plugged back, as seen by vm2's guest through its direct NIC:
+        it leaves the guest (netwatch's device_del once the lower went) and comes back, the same NIC (MAC,
+        PCI address) with the guest still up, and the guest's pings are answered again. vm1's NICs on the
+        same NIC (nw0, nw1, nw4) go and come back with it (their own test is the hot-swap round)."""
+        nic, shared = NIC_A, [n for n in INNER if n.host_nic is NIC_A]
+        self.switch.send([])  # no test frames: the guest's own traffic is what this round looks at
+        before = self.wait_states({n.id: "attached" for n in (DIRECT, *shared)}, 60)
+        start = len(self.console.poll())
+        booted = GuestConsole.nic(self.console.lines[:start])
+        assert booted and f"mac={DIRECT.mac}" in booted[0], booted
+        mark = self.vm_now()
+        unplugged = time.monotonic_ns()
+        gone_ms = self.host.unplug(nic) * 1000
+        left = self.console.wait(
+            lambda lines: next((line for line in lines[start:] if line.text == "GUEST-NIC-GONE eth0"), None), 60,
+            "the guest to lose its NIC (GUEST-NIC-GONE eth0)", self.dump)
+        self.wait_states({n.id: "waiting-lower" for n in (DIRECT, *shared)}, 60)
+        plugged = len(self.console.poll())
+        added = self.host.plug(nic)
+        ok = self.console.wait(lambda lines: self.console.pinging(lines[plugged:]), 120,
+                               "the guest's pings answered again (3 x GUEST-PING ok)", self.dump)
+        first_ok = next(line for line in self.console.lines[plugged:] if line.text == "GUEST-PING ok")
+        back = next(line for line in self.console.lines[plugged:] if line.text.startswith("GUEST-NIC eth0 "))
+        failed = sum(line.text == "GUEST-PING fail" for line in self.console.lines[start:plugged])
+        after = self.wait_states({n.id: "attached" for n in (DIRECT, *shared)}, 60)
+        events = self.udev(mark)
+        # The same NIC back in the same guest: its MAC and PCI address, no second boot, QEMU the same process.
+        lines = self.console.lines
+        again = GuestConsole.nic(lines[start:])
+        assert again == booted[:1], f"the guest's NIC before {booted[:1]}, after the round {again}"
+        assert sum(line.text.startswith("GUEST-READY") for line in lines) == 1, "the guest booted again"
+        assert self.host.out("systemctl show -p MainPID --value nwt-vm2").strip() == self.guest_pid, "vm2 restarted"
+        now = after[DIRECT.id]
+        assert now["lower"] == DIRECT.lower_name and now["wiring"] == "direct", now
+        assert now["swaps"] > before[DIRECT.id]["swaps"], (before[DIRECT.id], now)
+        for n in shared:
+            assert after[n.id]["lower"] == n.lower_name, (n.id, after[n.id])
+        self.never_on_a_kernel_name([DIRECT], events, mark)
+        # The figures: the guest's frames at the switch (this machine's clock, exact) and its console (polled).
+        mine = [f for f in self.switch.seen(added) if f.src == DIRECT.mac and f.segment == nic.segment]
+        rarp = next((f.t for f in mine if f.type == 0x8035), None)
+        own = next((f for f in mine if f.type in (0x0806, 0x0800)), None)
+        echo = next((f.t for f in mine if f.answered == "icmp"), None)
+        assert own is not None and echo is not None, f"no frame of the guest's at the switch after device_add: {mine}"
+        udev_done = next(e.t for e in events if e.source == "UDEV" and e.name == nic.predictable
+                         and e.action in ("add", "move"))
+        said = [f"{e.get('NETWATCH_STATE') if e.get('NETWATCH_EVENT') == 'state' else e.get('NETWATCH_EVENT')} "
+                f"{(int(e['NETWATCH_MONOTONIC_USEC']) * 1000 - udev_done) / 1e6:+.0f} ms"
+                for e in self.journal(mark) if e.get("NETWATCH_NIC") == DIRECT.id and "NETWATCH_MONOTONIC_USEC" in e
+                and int(e["NETWATCH_MONOTONIC_USEC"]) * 1000 >= udev_done]
+
+        def ms(t: int) -> float:
+            return (t - added) / 1e6
+        kind = {0x0806: "ARP", 0x0800: "IPv4"}[own.type]
+        self.direct.append((ms(rarp) if rarp is not None else -1, ms(own.t), ms(first_ok.seen)))
+        print(f"[hotswap] {scenario} {DIRECT.id} (direct, vm2's guest): device_add -> "
+              + (f"its RARP at the switch {ms(rarp):.0f} ms (netwatch's announce-self), " if rarp else "no RARP, ")
+              + f"the guest's first frame at the switch {ms(own.t):.0f} ms ({kind}), its first ping answered "
+              f"{ms(echo):.0f} ms; on its console (the test's poll of the serial log through the agent: when a "
+              f"line was first seen, and not there yet) GUEST-NIC eth0 {ms(back.seen):.0f} ms ({ms(back.after):.0f}),"
+              f" GUEST-PING ok {ms(first_ok.seen):.0f} ms ({ms(first_ok.after):.0f}), 3 in a row "
+              f"{ms(ok.seen):.0f} ms. Unplug took {gone_ms:.0f} ms, GUEST-NIC-GONE seen "
+              f"{(left.seen - unplugged) / 1e6:.0f} ms after device_del, {failed} failed pings while the NIC was away"
+              f"; netwatch's entries for {DIRECT.id} from "
+              f"udevd's event for {nic.predictable}: {', '.join(said) or 'none'}; the guest's NIC back as "
+              f"{again[0].removeprefix('GUEST-NIC ')}", flush=True)
+
     def all_attached(self) -> None:
-        """What each test leaves: every NIC attached."""
-        self.wait_states({n.id: "attached" for n in ALL}, 60)
+        """What each test leaves: every NIC attached, vm2's too."""
+        self.wait_states({n.id: "attached" for n in (*ALL, DIRECT)}, 60)
 
 
 def summary(rounds: list[Round]) -> str:
@@ -1072,11 +1296,14 @@ def hotswap() -> Iterator[Hotswap]:
     started = time.monotonic()
     try:
         wheels = wheelhouse(REPO)
+        guest = build_guest(progress=lambda line: print(f"[hotswap] {line}"))
         context = booted(wheels, {"src": REPO, "wheels": wheels},
-                         {"files/observer.py": OBSERVER, "files/sender.py": SENDER, "files/netwatch.toml": CONFIG},
-                         watch=[nic.mac for nic in INNER], progress=lambda line: print(f"[hotswap] {line}"))
+                         {"files/observer.py": OBSERVER, "files/sender.py": SENDER, "files/netwatch.toml": CONFIG,
+                          "guest/vmlinuz": guest.kernel, "guest/initrd.cpio": guest.initrd},
+                         watch=[nic.mac for nic in (*INNER, DIRECT)], answer=PEER,
+                         progress=lambda line: print(f"[hotswap] {line}"))
         host, switch = context.__enter__()
-    except HostError as exc:
+    except (HostError, GuestError) as exc:
         print(f"\n[hotswap] FAILED to build or boot the host VM: {exc}")
         pytest.fail(str(exc))
     try:
@@ -1089,6 +1316,13 @@ def hotswap() -> Iterator[Hotswap]:
         yield state
         if state.rounds:
             print(f"\n[hotswap] figures (TCG, {ROUNDS} round(s) per scenario):\n{summary(state.rounds)}", flush=True)
+        if state.direct:
+            def stat(values: list[float]) -> str:
+                return f"p50 {statistics.median(values):.0f} max {max(values):.0f}"
+            rarp, frame, ping = ([figures[i] for figures in state.direct] for i in range(3))
+            print(f"  direct {DIRECT.id} (vm2's guest, {len(state.direct)} rounds): device_add -> its RARP "
+                  f"{stat(rarp)} ms; -> the guest's first frame {stat(frame)} ms; -> GUEST-PING ok seen "
+                  f"{stat(ping)} ms", flush=True)
     finally:
         context.__exit__(None, None, None)
         print(f"[hotswap] module done in {time.monotonic() - started:.1f} s", flush=True)
@@ -1096,6 +1330,20 @@ def hotswap() -> Iterator[Hotswap]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(1800)  # the first run builds the image (debootstrap: minutes on a slow mirror)
+def test_direct_wiring_follows_the_hotswap(hotswap: Hotswap) -> None:
+    """vm2's real guest, its NIC wired direct on ens4 (by name): the host's first NIC unplugged, the guest
+    loses its NIC (netwatch's device_del), netwatch waits for the lower; plugged back, netwatch plugs the
+    same NIC (MAC, PCI address) into the same running guest, never on eth0, and its pings are answered.
+    First in the module: it waits for the guest's boot, begun during the set-up, before anything hot-swaps
+    ens4 under it."""
+    with hotswap.peer():
+        for _ in range(ROUNDS):
+            hotswap.direct_round("NIC unplugged and plugged back")
+    hotswap.all_attached()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
 def test_nic_hotswap_lower_by_name_and_vlan(hotswap: Hotswap) -> None:
     """device_del/device_add of the host's first NIC: eth0 renamed ens4 by udev, ens4.100 made again by
     networkd; nw0 (lower ens4), nw1 (lower ens4.100) and nw4 (redirect, lower ens4: a new macvlan, the same
