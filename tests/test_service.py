@@ -142,7 +142,11 @@ def test_reload_returns_a_rebound_nic_to_the_config(world: World) -> None:
     nic = world.wait_state("vm1", "net0", "attached", lower="lo0", netdev="nw-net0-tap3")
     assert "rebound" not in nic
     world.frame_reaches_guest("vm1", "net0", "wi0")
-    assert world.macvtaps() == ["nw-vm1-net0"]
+    # Make-before-break: status names the new backend once it carries the guest, and the old one (the
+    # rebind's nw-vm1-net0-r) leaves after that, out of QEMU and then the kernel (once failed in CI: looked
+    # for while it was still going).
+    wait_until(lambda: world.macvtaps() == ["nw-vm1-net0"], 10,
+               "the rebind's macvtap nw-vm1-net0-r to go, leaving nw-vm1-net0", world.dump)
 
 
 def test_reload_adds_removes_and_changes(world: World) -> None:
