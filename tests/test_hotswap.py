@@ -870,8 +870,6 @@ class Hotswap:
 
     def hotswap_round(self, scenario: str, nic: HostNic) -> list[Round]:
         """device_del ``nic``, then device_add it back at its slot with its MAC."""
-        if nic is DIRECT.host_nic:
-            self.guest_booted()  # vm2's NIC goes and comes back too
         inner = [n for n in INNER if n.host_nic is nic]
         before = self.wait_states({n.id: "attached" for n in inner}, 60)
         offset = self.flowing(inner)
@@ -923,7 +921,6 @@ class Hotswap:
         The bond stays (without its slave for a while): nw6 stays attached, its frames come back."""
         inner = [n for n in INNER if n.host_nic is not NIC_C]
         bonded = [n for n in INNER if n.host_nic is NIC_C]
-        self.guest_booted()  # vm2's NIC goes and comes back too
         before = self.wait_states({n.id: "attached" for n in INNER}, 60)
         self.flowing(list(INNER))
         mark = self.vm_now()
